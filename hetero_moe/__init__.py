@@ -1,0 +1,15 @@
+"""hetero-moe: a heterogeneous CPU/GPU runtime for 4-bit Mixture-of-Experts models."""
+
+from .errors import (ContextLengthError, GGUFFormatError, HeteroMoEError, MissingKeyError,
+                     MissingTensorError, UnsupportedError)
+
+__version__ = "0.1.0"
+
+__all__ = ["load", "HeteroMoEError", "GGUFFormatError", "MissingTensorError", "MissingKeyError",
+           "UnsupportedError", "ContextLengthError", "__version__"]
+
+
+def load(path, threads=None, **options):
+    """Open a GGUF model. See :func:`hetero_moe.api.load`."""
+    from .api import load as _load
+    return _load(path, threads=threads, **options)

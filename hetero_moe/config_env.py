@@ -1,0 +1,27 @@
+"""Environment variables, read in one place."""
+import os
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """Where fetched and generated models live (HETERO_MOE_CACHE, default ~/.cache/hetero-moe)."""
+    root = os.environ.get("HETERO_MOE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "hetero-moe")
+    p = Path(root)
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def default_threads() -> int:
+    """HETERO_MOE_THREADS, else the number of usable cores."""
+    v = os.environ.get("HETERO_MOE_THREADS")
+    if v:
+        return max(1, int(v))
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"

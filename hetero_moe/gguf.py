@@ -1,0 +1,339 @@
+"""Open GGUF files (single or split), memory-mapped, with zero-copy tensor views.
+
+The parser is strict: every read is bounds-checked against the file size, counts are checked
+against what the file could possibly hold, and every failure is a GGUFFormatError that names the
+file, the key or tensor, the value and the limit.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from .errors import GGUFFormatError, MissingKeyError, UnsupportedError
+
+GGUF_MAGIC = b"GGUF"
+SUPPORTED_VERSIONS = (2, 3)
+DEFAULT_ALIGNMENT = 32
+MAX_DIMS = 4
+
+# GGUF metadata value types: id -> (name, struct format or None for variable size)
+_VALUE_TYPES = {
+    0: ("uint8", "<B"), 1: ("int8", "<b"), 2: ("uint16", "<H"), 3: ("int16", "<h"),
+    4: ("uint32", "<I"), 5: ("int32", "<i"), 6: ("float32", "<f"), 7: ("bool", "<?"),
+    8: ("string", None), 9: ("array", None), 10: ("uint64", "<Q"), 11: ("int64", "<q"),
+    12: ("float64", "<d"),
+}
+_NUMPY_OF = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32,
+             6: np.float32, 7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
+
+_SPLIT_RE = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
+def _ggml_type_sizes() -> dict[int, tuple[str, int, int]]:
+    """ggml type id -> (name, block size, bytes per block), for every type ggml defines."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+    return {int(t): (t.name, bs, ts) for t, (bs, ts) in GGML_QUANT_SIZES.items()
+            if isinstance(t, GGMLQuantizationType)}
+
+
+@dataclass
+class TensorInfo:
+    """One tensor of a GGUF file. `shape` is torch order (reversed ggml `ne`)."""
+    name: str
+    ne: tuple[int, ...]          # ggml order: ne[0] is the contiguous dimension
+    ggml_type: int
+    type_name: str
+    offset: int                  # absolute byte offset in its file
+    nbytes: int
+    path: str
+    data: np.ndarray = field(repr=False)   # uint8 [nbytes], read-only view into the mmap
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(reversed(self.ne))
+
+    @property
+    def n_elements(self) -> int:
+        n = 1
+        for d in self.ne:
+            n *= d
+        return n
+
+
+class _Reader:
+    """Bounds-checked little-endian reader over a buffer."""
+
+    def __init__(self, buf, path: str):
+        self.buf = buf
+        self.size = len(buf)
+        self.pos = 0
+        self.path = path
+
+    def need(self, n: int, what: str) -> None:
+        if n < 0 or self.pos + n > self.size:
+            raise GGUFFormatError(
+                f"{self.path}: truncated or corrupt file: reading {what} needs {n} bytes at offset "
+                f"{self.pos}, but the file is {self.size} bytes")
+
+    def unpack(self, fmt: str, what: str):
+        n = struct.calcsize(fmt)
+        self.need(n, what)
+        v = struct.unpack_from(fmt, self.buf, self.pos)[0]
+        self.pos += n
+        return v
+
+    def string(self, what: str) -> str:
+        n = self.unpack("<Q", f"length of {what}")
+        self.need(n, what)
+        raw = bytes(self.buf[self.pos:self.pos + n])
+        self.pos += n
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            # llama.cpp keeps invalid UTF-8 in vocab strings as raw bytes; do the same, losslessly
+            return raw.decode("utf-8", errors="surrogateescape")
+
+
+def _read_value(r: _Reader, vtype: int, key: str, depth: int = 0):
+    if vtype not in _VALUE_TYPES:
+        raise GGUFFormatError(f"{r.path}: key {key!r} has unknown value type {vtype} "
+                              f"(valid: 0..12)")
+    name, fmt = _VALUE_TYPES[vtype]
+    if fmt is not None:
+        return r.unpack(fmt, f"value of key {key!r}")
+    if vtype == 8:
+        return r.string(f"string value of key {key!r}")
+    # array
+    if depth > 0:
+        raise GGUFFormatError(f"{r.path}: key {key!r} holds a nested array, which GGUF does not allow")
+    etype = r.unpack("<I", f"array type of key {key!r}")
+    count = r.unpack("<Q", f"array length of key {key!r}")
+    if etype not in _VALUE_TYPES or etype == 9:
+        raise GGUFFormatError(f"{r.path}: key {key!r} is an array of unknown/invalid type {etype}")
+    efmt = _VALUE_TYPES[etype][1]
+    min_elem = struct.calcsize(efmt) if efmt else 8
+    if count * min_elem > r.size - r.pos:
+        raise GGUFFormatError(
+            f"{r.path}: key {key!r} claims {count} array elements, more than the "
+            f"{r.size - r.pos} bytes left in the file can hold")
+    if efmt is not None:
+        n = count * struct.calcsize(efmt)
+        r.need(n, f"array of key {key!r}")
+        arr = np.frombuffer(r.buf, dtype=_NUMPY_OF[etype], count=count, offset=r.pos)
+        r.pos += n
+        return arr.tolist()
+    return [r.string(f"element {i} of key {key!r}") for i in range(count)]
+
+
+def split_paths(path: str | os.PathLike) -> list[Path]:
+    """All files of a split model given any one of them (a single file maps to itself)."""
+    p = Path(path)
+    m = _SPLIT_RE.match(p.name)
+    if not m:
+        return [p]
+    count = int(m.group("count"))
+    if count < 1:
+        raise GGUFFormatError(f"{p}: split file name says 0 parts")
+    paths = [p.with_name(f"{m.group('prefix')}-{i:05d}-of-{count:05d}.gguf")
+             for i in range(1, count + 1)]
+    missing = [str(q) for q in paths if not q.exists()]
+    if missing:
+        raise GGUFFormatError(f"{p}: split model of {count} files is missing: {', '.join(missing)}")
+    return paths
+
+
+class _GGUFPart:
+    """One physical GGUF file: header, metadata, tensor infos, mmap."""
+
+    def __init__(self, path: Path, type_sizes: dict):
+        self.path = str(path)
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"model file not found: {self.path}") from None
+        except IsADirectoryError:
+            raise GGUFFormatError(f"{self.path}: is a directory, not a GGUF file") from None
+        try:
+            size = os.fstat(fd).st_size
+            if size < 24:
+                raise GGUFFormatError(f"{self.path}: file is {size} bytes, too small for a GGUF "
+                                      f"header (24 bytes)")
+            self.mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+        finally:
+            os.close(fd)
+        self.size = size
+        r = _Reader(self.mm, self.path)
+        magic = bytes(self.mm[0:4])
+        if magic != GGUF_MAGIC:
+            raise GGUFFormatError(f"{self.path}: not a GGUF file (magic {magic!r}, expected "
+                                  f"{GGUF_MAGIC!r})")
+        r.pos = 4
+        self.version = r.unpack("<I", "version")
+        if self.version not in SUPPORTED_VERSIONS:
+            raise GGUFFormatError(f"{self.path}: GGUF version {self.version} is not supported "
+                                  f"(supported: {', '.join(map(str, SUPPORTED_VERSIONS))})")
+        n_tensors = r.unpack("<Q", "tensor count")
+        n_kv = r.unpack("<Q", "metadata count")
+        # a key needs >= 8 (len) + 1 + 4 (type) + 1 bytes; a tensor info >= 8 + 1 + 4 + 8 + 4 + 8
+        if n_kv * 14 > size:
+            raise GGUFFormatError(f"{self.path}: header claims {n_kv} metadata keys, impossible "
+                                  f"in a {size}-byte file")
+        if n_tensors * 33 > size:
+            raise GGUFFormatError(f"{self.path}: header claims {n_tensors} tensors, impossible "
+                                  f"in a {size}-byte file")
+        self.metadata: dict[str, Any] = {}
+        self.value_types: dict[str, int] = {}
+        for i in range(n_kv):
+            key = r.string(f"metadata key #{i}")
+            vtype = r.unpack("<I", f"value type of key {key!r}")
+            if key in self.metadata:
+                raise GGUFFormatError(f"{self.path}: duplicate metadata key {key!r}")
+            self.metadata[key] = _read_value(r, vtype, key)
+            self.value_types[key] = vtype
+        alignment = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+        if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+            raise GGUFFormatError(f"{self.path}: general.alignment = {alignment!r} is not a "
+                                  f"positive power of two")
+        infos = []
+        for i in range(n_tensors):
+            name = r.string(f"name of tensor #{i}")
+            n_dims = r.unpack("<I", f"dimension count of tensor {name!r}")
+            if not 1 <= n_dims <= MAX_DIMS:
+                raise GGUFFormatError(f"{self.path}: tensor {name!r} has {n_dims} dimensions "
+                                      f"(allowed 1..{MAX_DIMS})")
+            ne = tuple(r.unpack("<Q", f"shape of tensor {name!r}") for _ in range(n_dims))
+            ttype = r.unpack("<I", f"type of tensor {name!r}")
+            off = r.unpack("<Q", f"data offset of tensor {name!r}")
+            infos.append((name, ne, ttype, off))
+        data_start = (r.pos + alignment - 1) // alignment * alignment
+        self.tensors: dict[str, TensorInfo] = {}
+        for name, ne, ttype, off in infos:
+            if name in self.tensors:
+                raise GGUFFormatError(f"{self.path}: duplicate tensor name {name!r}")
+            if ttype not in type_sizes:
+                raise UnsupportedError(f"{self.path}: tensor {name!r} has unknown ggml type id "
+                                       f"{ttype}")
+            tname, bs, ts = type_sizes[ttype]
+            if any(d == 0 for d in ne) or any(d > (1 << 40) for d in ne):
+                raise GGUFFormatError(f"{self.path}: tensor {name!r} has invalid shape {list(ne)}")
+            if ne[0] % bs:
+                raise GGUFFormatError(f"{self.path}: tensor {name!r} of type {tname} has a row of "
+                                      f"{ne[0]} elements, not a multiple of its block size {bs}")
+            n_el = 1
+            for d in ne:
+                n_el *= d
+            nbytes = n_el // bs * ts
+            if off % alignment:
+                raise GGUFFormatError(f"{self.path}: tensor {name!r} data offset {off} is not "
+                                      f"aligned to {alignment}")
+            start = data_start + off
+            if start + nbytes > size:
+                raise GGUFFormatError(
+                    f"{self.path}: tensor {name!r} data [{start}, {start + nbytes}) runs past the "
+                    f"end of the file ({size} bytes); the file is truncated or corrupt")
+            view = np.frombuffer(self.mm, dtype=np.uint8, count=nbytes, offset=start)
+            self.tensors[name] = TensorInfo(name, ne, ttype, tname, start, nbytes, self.path, view)
+
+
+class GGUFFile:
+    """A GGUF model: one file or all parts of a split model, opened from any part.
+
+    Attributes:
+        paths: the files, in split order.
+        metadata: key -> plain Python value (str, int, float, bool, or list of those).
+        tensors: name -> TensorInfo, across all parts.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        type_sizes = _ggml_type_sizes()
+        self.paths = split_paths(path)
+        parts = [_GGUFPart(p, type_sizes) for p in self.paths]
+        self._parts = parts
+        self.metadata = dict(parts[0].metadata)
+        self.value_types = dict(parts[0].value_types)
+        self.version = parts[0].version
+        n_split = self.metadata.get("split.count", 1)
+        if len(parts) > 1 or n_split != 1:
+            if n_split != len(parts):
+                raise GGUFFormatError(f"{self.paths[0]}: split.count = {n_split} but "
+                                      f"{len(parts)} split files were found")
+            for i, part in enumerate(parts):
+                no = part.metadata.get("split.no")
+                if no != i:
+                    raise GGUFFormatError(f"{part.path}: split.no = {no!r}, expected {i}")
+        self.tensors: dict[str, TensorInfo] = {}
+        for part in parts:
+            for name, t in part.tensors.items():
+                if name in self.tensors:
+                    raise GGUFFormatError(f"{part.path}: tensor {name!r} also appears in "
+                                          f"{self.tensors[name].path}")
+                self.tensors[name] = t
+        want = self.metadata.get("split.tensors.count")
+        if want is not None and want != len(self.tensors):
+            raise GGUFFormatError(f"{self.paths[0]}: split.tensors.count = {want} but the parts "
+                                  f"hold {len(self.tensors)} tensors")
+
+    @property
+    def path(self) -> str:
+        return str(self.paths[0])
+
+    @property
+    def file_size(self) -> int:
+        return sum(p.size for p in self._parts)
+
+    @property
+    def architecture(self) -> str:
+        return self.require("general.architecture", str)
+
+    def require(self, key: str, kind: type | tuple = (int, float, str, bool, list)):
+        """Metadata value for `key`, checked to be of `kind`; MissingKeyError names the key."""
+        if key not in self.metadata:
+            raise MissingKeyError(f"{self.path}: required metadata key {key!r} is missing")
+        v = self.metadata[key]
+        if kind is float and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        if kind is int and isinstance(v, bool):
+            raise MissingKeyError(f"{self.path}: key {key!r} = {v!r} should be an integer")
+        if not isinstance(v, kind):
+            want = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+            raise MissingKeyError(f"{self.path}: key {key!r} = {v!r} should be of type {want}")
+        return v
+
+    def get(self, key: str, default=None, kind: type | tuple | None = None):
+        """Metadata value for `key` or `default`; type-checked like `require` when present."""
+        if key not in self.metadata:
+            return default
+        return self.require(key, kind) if kind is not None else self.metadata[key]
+
+    def tensor(self, name: str) -> TensorInfo:
+        from .errors import MissingTensorError
+        t = self.tensors.get(name)
+        if t is None:
+            raise MissingTensorError(f"{self.path}: required tensor {name!r} is missing")
+        return t
+
+    def __iter__(self) -> Iterator[TensorInfo]:
+        return iter(self.tensors.values())
+
+    def close(self) -> None:
+        for p in self._parts:
+            try:
+                p.mm.close()
+            except BufferError:
+                pass  # numpy views still alive; the mapping goes when they do
+
+    def __repr__(self) -> str:
+        return (f"GGUFFile({self.path!r}, arch={self.metadata.get('general.architecture')!r}, "
+                f"tensors={len(self.tensors)}, files={len(self.paths)})")
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata of a GGUF file as plain Python values."""
+    return GGUFFile(path).metadata

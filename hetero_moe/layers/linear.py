@@ -1,0 +1,129 @@
+"""QuantLinear: a linear layer whose weight stays in its GGUF blocks.
+
+The layer owns its parameters (raw bytes, type, shape, placement); a method object owns layout and
+math (`process_weights_after_loading`, `apply`). Which method runs is decided from the quant table
+and the placement, so swapping in a faster kernel is a change to the table, not to the layers.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .. import quant
+from ..errors import GGUFFormatError
+from ..gguf import TensorInfo
+from ..runtime.placement import Tier
+
+
+def float_tensor(t: TensorInfo) -> torch.Tensor:
+    """A small float tensor (norm weight, bias, router) as an owned float32 torch tensor."""
+    return quant.dequantize(t.data, t.ggml_type, t.shape).float().contiguous()
+
+
+@dataclass
+class KernelOptions:
+    """Which CPU matmul path to use: "auto" (C++ kernels when built), "torch" (dequantize + matmul)."""
+    cpu_kernels: str = "auto"
+
+
+class DequantMatmulMethod:
+    """Dequantize the whole weight to float32 once at load, then torch matmul.
+
+    Fast for small dense weights; costs 4 bytes per weight of RAM.
+    """
+    name = "torch-f32"
+
+    def process_weights_after_loading(self, layer: "QuantLinear") -> None:
+        layer.w_f32 = quant.dequantize(layer.raw, layer.ggml_type, (layer.n_out, layer.n_in))
+        layer.w_f32 = layer.w_f32.to(layer.device)
+
+    def apply(self, layer: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
+        return x @ layer.w_f32.T
+
+
+class CpuKernelMethod:
+    """Quantized matmul straight from the mmap with the C++ kernels (no float copy of the weight)."""
+    name = "cpu-kernel"
+
+    def process_weights_after_loading(self, layer: "QuantLinear") -> None:
+        pass
+
+    def apply(self, layer: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
+        from .. import cpu_backend
+        return cpu_backend.matmul(layer.raw, layer.ggml_type, layer.n_out, layer.n_in,
+                                  x.float().contiguous())
+
+
+def cpu_kernels_usable(ggml_type: int, options: KernelOptions) -> bool:
+    if options.cpu_kernels == "torch":
+        return False
+    try:
+        from .. import cpu_backend
+    except ImportError:
+        return False
+    return cpu_backend.available() and cpu_backend.supports(ggml_type)
+
+
+def select_method(ggml_type: int, tier: Tier, device: str, options: KernelOptions):
+    if device == "cpu" and cpu_kernels_usable(ggml_type, options):
+        return CpuKernelMethod()
+    return DequantMatmulMethod()
+
+
+class QuantLinear:
+    """y = x @ W.T (+ b) with W [n_out, n_in] in any supported GGUF type."""
+
+    def __init__(self, t: TensorInfo, tier: Tier, device: str, options: KernelOptions,
+                 bias: TensorInfo | None = None):
+        if len(t.ne) != 2:
+            raise GGUFFormatError(f"{t.path}: tensor {t.name!r} should be 2-D, has shape "
+                                  f"{list(t.shape)}")
+        quant.quant_type(t.ggml_type, tensor=t.name, file=t.path)
+        self.name = t.name
+        self.raw = t.data
+        self.ggml_type = t.ggml_type
+        self.n_out, self.n_in = t.shape
+        self.tier, self.device = tier, device
+        self.bias = float_tensor(bias).to(device) if bias is not None else None
+        if self.bias is not None and self.bias.shape != (self.n_out,):
+            raise GGUFFormatError(f"{bias.path}: bias {bias.name!r} has shape {list(bias.shape)}, "
+                                  f"expected [{self.n_out}]")
+        self.method = select_method(t.ggml_type, tier, device, options)
+        self.method.process_weights_after_loading(self)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, n_in] -> [T, n_out]
+        y = self.method.apply(self, x)
+        if self.bias is not None:
+            y = y + self.bias
+        return y
+
+    def __repr__(self) -> str:
+        return (f"QuantLinear({self.name}, {quant.type_name(self.ggml_type)}, "
+                f"[{self.n_out}, {self.n_in}], {self.tier.value}, {self.method.name})")
+
+
+class Embedding:
+    """Row lookup straight from the quantized table: only the rows asked for are dequantized."""
+
+    def __init__(self, t: TensorInfo, device: str):
+        if len(t.ne) != 2:
+            raise GGUFFormatError(f"{t.path}: tensor {t.name!r} should be 2-D")
+        self.n_vocab, self.n_embd = t.shape
+        self.ggml_type = t.ggml_type
+        self.row_bytes = quant.row_bytes(t.ggml_type, self.n_embd)
+        self.rows = t.data.reshape(self.n_vocab, self.row_bytes)
+        self.device = device
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:  # ids: [T] -> [T, n_embd]
+        idx = ids.cpu().numpy()
+        if idx.size and (idx.min() < 0 or idx.max() >= self.n_vocab):
+            bad = int(idx[(idx < 0) | (idx >= self.n_vocab)][0])
+            raise ValueError(f"token id {bad} is out of range for a vocabulary of {self.n_vocab}")
+        raw = np.ascontiguousarray(self.rows[idx])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = quant.dequantize(raw, self.ggml_type, (len(idx), self.n_embd))
+        return out.to(self.device)

@@ -1,0 +1,120 @@
+"""Feed-forward blocks: dense SwiGLU FFN and the MoE layer (route -> place -> experts -> combine).
+
+Dimension key: T tokens, D model width, E routed experts, K experts per token (top-k),
+F expert FFN width.
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import quant
+from ..errors import GGUFFormatError
+from ..gguf import TensorInfo
+from ..models.base import ModelConfig
+from ..runtime.placement import PlacementPlan
+from .linear import KernelOptions, QuantLinear, cpu_kernels_usable
+
+
+class DenseFFN:
+    """down(silu(gate(x)) * up(x)); also used for shared experts."""
+
+    def __init__(self, gate: QuantLinear, up: QuantLinear, down: QuantLinear):
+        self.gate, self.up, self.down = gate, up, down
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:       # [T, D] -> [T, D]
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class ExpertStack:
+    """One projection of all routed experts, [E, rows, cols] in GGUF blocks, never copied."""
+
+    def __init__(self, t: TensorInfo, n_expert: int, rows: int, cols: int):
+        want = (n_expert, rows, cols)
+        if t.shape != want:
+            raise GGUFFormatError(f"{t.path}: tensor {t.name!r} has shape {list(t.shape)}, "
+                                  f"expected {list(want)}")
+        quant.quant_type(t.ggml_type, tensor=t.name, file=t.path)
+        self.name, self.raw, self.ggml_type = t.name, t.data, t.ggml_type
+        self.rows, self.cols = rows, cols
+        self.expert_bytes = rows * quant.row_bytes(t.ggml_type, cols)
+
+    def dequantize(self, e: int) -> torch.Tensor:               # -> [rows, cols] float32
+        raw = self.raw[e * self.expert_bytes:(e + 1) * self.expert_bytes]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return quant.dequantize(raw, self.ggml_type, (self.rows, self.cols))
+
+
+class MoE:
+    """Routed experts (+ optional shared expert).
+
+    route: softmax over E router logits, top-K, optional renormalisation;
+    place: experts promoted to the GPU tier run there, the rest on the CPU tier;
+    combine: weighted sum of expert outputs (+ sigmoid-gated shared expert).
+    """
+
+    def __init__(self, cfg: ModelConfig, layer: int, router: torch.Tensor, gate: ExpertStack,
+                 up: ExpertStack, down: ExpertStack, plan: PlacementPlan, options: KernelOptions,
+                 shared: DenseFFN | None = None, shared_gate: torch.Tensor | None = None):
+        self.cfg, self.layer = cfg, layer
+        self.router = router                                   # [E, D] float32
+        self.gate, self.up, self.down = gate, up, down
+        self.shared, self.shared_gate = shared, shared_gate    # shared_gate: [D]
+        self.gpu_experts = plan.experts_on_gpu(layer)
+        self.use_kernel = (options.cpu_kernels != "torch" and all(
+            cpu_kernels_usable(s.ggml_type, options) for s in (gate, up, down)))
+
+    def route(self, x: torch.Tensor):
+        """-> (weights [T, K] float32, ids [T, K] int64)."""
+        probs = torch.softmax(x @ self.router.T, dim=-1)       # [T, E]
+        w, ids = torch.topk(probs, self.cfg.n_expert_used, dim=-1)
+        if self.cfg.norm_topk:
+            w = w / w.sum(-1, keepdim=True)
+        return w, ids
+
+    def experts_torch(self, x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Reference CPU tier: dequantize each hit expert, SwiGLU, weighted scatter-add."""
+        out = torch.zeros_like(x)
+        flat = ids.flatten()
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.cfg.n_expert).tolist()
+        tok = (order // ids.shape[1])
+        wts = w.flatten()[order]
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            t_idx = tok[start:start + n]
+            xe = x[t_idx]                                      # [n, D]
+            h = F.silu(xe @ self.gate.dequantize(e).T) * (xe @ self.up.dequantize(e).T)
+            y = h @ self.down.dequantize(e).T                  # [n, D]
+            out.index_add_(0, t_idx, y * wts[start:start + n, None])
+            start += n
+        return out
+
+    def experts_kernel(self, x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        from .. import cpu_backend
+        c = self.cfg
+        return cpu_backend.moe_ffn(
+            x.contiguous(), ids.to(torch.int32).contiguous(), w.float().contiguous(),
+            self.gate.raw, self.up.raw, self.down.raw,
+            gate_type=self.gate.ggml_type, up_type=self.up.ggml_type,
+            down_type=self.down.ggml_type, n_expert=c.n_expert, d_model=c.n_embd,
+            d_ff=c.n_ff_exp)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:       # [T, D] -> [T, D]
+        w, ids = self.route(x)
+        if self.use_kernel:
+            out = self.experts_kernel(x, w, ids)
+        else:
+            out = self.experts_torch(x, w, ids)
+        if self.shared is not None:
+            s = self.shared(x)
+            if self.shared_gate is not None:
+                s = s * torch.sigmoid(x @ self.shared_gate)[:, None]
+            out = out + s
+        return out

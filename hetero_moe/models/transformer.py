@@ -1,0 +1,145 @@
+"""The decoder every registered architecture is built into.
+
+Loading is strict: every tensor the config calls for must exist with the right shape, and every
+tensor in the file must be used; either failure names the tensor.
+
+Dimension key: T tokens, D n_embd, V vocabulary.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import GGUFFormatError, MissingTensorError
+from ..gguf import GGUFFile, TensorInfo
+from ..layers.attention import Attention, Rope, rms_norm
+from ..layers.linear import Embedding, KernelOptions, QuantLinear, float_tensor
+from ..layers.moe import DenseFFN, ExpertStack, MoE
+from ..runtime.kv_cache import KVCache
+from ..runtime.placement import PlacementPlan
+from .base import ModelConfig
+
+# tensors llama.cpp may carry that never change the output
+_IGNORED = ("rope_freqs.weight",)
+_IGNORED_SUFFIX = (".attn_rot_embd",)
+
+
+class _Tensors:
+    """Hands out tensors by name and remembers which were used."""
+
+    def __init__(self, g: GGUFFile):
+        self.g = g
+        self.used: set[str] = set()
+
+    def get(self, name: str, shape: tuple[int, ...] | None = None,
+            optional: bool = False) -> TensorInfo | None:
+        t = self.g.tensors.get(name)
+        if t is None:
+            if optional:
+                return None
+            raise MissingTensorError(f"{self.g.path}: required tensor {name!r} is missing")
+        if shape is not None and tuple(t.shape) != tuple(shape):
+            raise GGUFFormatError(f"{t.path}: tensor {name!r} has shape {list(t.shape)}, "
+                                  f"expected {list(shape)} from the metadata")
+        self.used.add(name)
+        return t
+
+    def check_all_used(self) -> None:
+        unused = [n for n in self.g.tensors if n not in self.used and n not in _IGNORED
+                  and not n.endswith(_IGNORED_SUFFIX)]
+        if unused:
+            more = f" (and {len(unused) - 5} more)" if len(unused) > 5 else ""
+            raise MissingTensorError(f"{self.g.path}: tensor(s) not used by architecture "
+                                     f"{self.g.architecture!r}: {', '.join(unused[:5])}{more}")
+
+
+class Block:
+    def __init__(self, attn_norm, attn, ffn_norm, ffn):
+        self.attn_norm, self.attn, self.ffn_norm, self.ffn = attn_norm, attn, ffn_norm, ffn
+
+
+class Transformer:
+    """Embeddings -> blocks (attention + dense FFN or MoE) -> norm -> lm_head."""
+
+    def __init__(self, cfg: ModelConfig, g: GGUFFile, plan: PlacementPlan, n_ctx: int,
+                 options: KernelOptions, progress=None):
+        self.cfg, self.plan, self.n_ctx = cfg, plan, n_ctx
+        ts = _Tensors(g)
+        dev = plan.device_of
+
+        def lin(name, shape, bias=False):
+            t = ts.get(name, shape)
+            b = ts.get(name.replace(".weight", ".bias"), (shape[0],), optional=not bias) \
+                if bias else ts.get(name.replace(".weight", ".bias"), (shape[0],), optional=True)
+            tier = plan.tier_of(name)
+            return QuantLinear(t, tier, dev(tier), options, bias=b)
+
+        def vec(name, n, optional=False):
+            t = ts.get(name, (n,), optional=optional)
+            return None if t is None else float_tensor(t).to(dev(plan.tier_of(name)))
+
+        D, V = cfg.n_embd, cfg.n_vocab
+        q_out, kv_out = cfg.n_head * cfg.head_dim, cfg.n_head_kv * cfg.head_dim
+        tok = ts.get("token_embd.weight", (V, D))
+        self.embed = Embedding(tok, dev(plan.tier_of(tok.name)))
+        self.rope = Rope(cfg, n_ctx, dev(plan.tier_of("rope")))
+        self.blocks: list[Block] = []
+        for i in range(cfg.n_layer):
+            p = f"blk.{i}."
+            qn = kn = None
+            if cfg.qk_norm == "head":
+                qn = vec(p + "attn_q_norm.weight", cfg.head_dim)
+                kn = vec(p + "attn_k_norm.weight", cfg.head_dim)
+            elif cfg.qk_norm == "full":
+                qn = vec(p + "attn_q_norm.weight", q_out)
+                kn = vec(p + "attn_k_norm.weight", kv_out)
+            attn = Attention(cfg, lin(p + "attn_q.weight", (q_out, D), cfg.attn_bias),
+                             lin(p + "attn_k.weight", (kv_out, D), cfg.attn_bias),
+                             lin(p + "attn_v.weight", (kv_out, D), cfg.attn_bias),
+                             lin(p + "attn_output.weight", (D, q_out)), self.rope, qn, kn)
+            if cfg.is_moe:
+                E, Fe = cfg.n_expert, cfg.n_ff_exp
+                router = float_tensor(ts.get(p + "ffn_gate_inp.weight", (E, D)))
+                shared = shared_gate = None
+                if cfg.n_ff_shexp:
+                    Fs = cfg.n_ff_shexp
+                    shared = DenseFFN(lin(p + "ffn_gate_shexp.weight", (Fs, D)),
+                                      lin(p + "ffn_up_shexp.weight", (Fs, D)),
+                                      lin(p + "ffn_down_shexp.weight", (D, Fs)))
+                    if cfg.shexp_gate:
+                        shared_gate = vec(p + "ffn_gate_inp_shexp.weight", D)
+                ffn = MoE(cfg, i, router,
+                          ExpertStack(ts.get(p + "ffn_gate_exps.weight"), E, Fe, D),
+                          ExpertStack(ts.get(p + "ffn_up_exps.weight"), E, Fe, D),
+                          ExpertStack(ts.get(p + "ffn_down_exps.weight"), E, D, Fe),
+                          plan, options, shared, shared_gate)
+            else:
+                Fd = cfg.n_ff
+                ffn = DenseFFN(lin(p + "ffn_gate.weight", (Fd, D)),
+                               lin(p + "ffn_up.weight", (Fd, D)),
+                               lin(p + "ffn_down.weight", (D, Fd)))
+            self.blocks.append(Block(vec(p + "attn_norm.weight", D), attn,
+                                     vec(p + "ffn_norm.weight", D), ffn))
+            if progress is not None:
+                progress(i + 1, cfg.n_layer)
+        self.out_norm = vec("output_norm.weight", D)
+        if cfg.tied_embeddings:
+            self.lm_head = QuantLinear(tok, plan.tier_of("output.weight"),
+                                       dev(plan.tier_of("output.weight")), options)
+        else:
+            self.lm_head = lin("output.weight", (V, D))
+        ts.check_all_used()
+        self.cache = KVCache(cfg.n_layer, n_ctx, cfg.n_head_kv, cfg.head_dim,
+                             dev(plan.tier_of("kv")))
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, pos0: int, all_logits: bool = True) -> torch.Tensor:
+        """Run tokens ids [T] at positions pos0..pos0+T-1 -> logits [T or 1, V] float32."""
+        cfg = self.cfg
+        x = self.embed(ids)                                     # [T, D]
+        for i, b in enumerate(self.blocks):
+            x = x + b.attn(rms_norm(x, b.attn_norm, cfg.rms_eps), pos0, self.cache.layers[i])
+            x = x + b.ffn(rms_norm(x, b.ffn_norm, cfg.rms_eps))
+        if not all_logits:
+            x = x[-1:]
+        self.cache.pos = pos0 + ids.shape[0]
+        return self.lm_head(rms_norm(x, self.out_norm, cfg.rms_eps)).float()

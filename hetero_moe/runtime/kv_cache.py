@@ -1,0 +1,50 @@
+"""KV cache: per layer, keys and values for positions [0, n_ctx)."""
+from __future__ import annotations
+
+import torch
+
+from ..errors import ContextLengthError
+
+
+class LayerCache:
+    """Keys/values of one layer: [n_ctx, Hkv, Dh] each, filled up to `length`."""
+
+    def __init__(self, n_ctx: int, n_head_kv: int, head_dim: int, device: str,
+                 dtype: torch.dtype = torch.float32):
+        # torch.empty: untouched pages cost no RAM, so a long context is cheap until used
+        self.k = torch.empty(n_ctx, n_head_kv, head_dim, dtype=dtype, device=device)
+        self.v = torch.empty(n_ctx, n_head_kv, head_dim, dtype=dtype, device=device)
+        self.n_ctx = n_ctx
+        self.length = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, pos0: int):
+        """Store k/v [T, Hkv, Dh] at positions pos0.., return all keys/values up to pos0+T."""
+        T = k.shape[0]
+        if pos0 + T > self.n_ctx:
+            raise ContextLengthError(f"position {pos0 + T} exceeds the context length "
+                                     f"{self.n_ctx}")
+        if pos0 > self.length:
+            raise ValueError(f"cache holds {self.length} positions; cannot write at {pos0}")
+        self.k[pos0:pos0 + T] = k
+        self.v[pos0:pos0 + T] = v
+        self.length = pos0 + T
+        return self.k[:self.length], self.v[:self.length]
+
+
+class KVCache:
+    """All layers' caches plus the shared position counter."""
+
+    def __init__(self, n_layer: int, n_ctx: int, n_head_kv: int, head_dim: int, device: str):
+        self.layers = [LayerCache(n_ctx, n_head_kv, head_dim, device) for _ in range(n_layer)]
+        self.n_ctx = n_ctx
+        self.pos = 0
+
+    def reset(self, pos: int = 0) -> None:
+        """Forget positions >= pos (pos=0 forgets everything)."""
+        self.pos = pos
+        for c in self.layers:
+            c.length = min(c.length, pos)
+
+    def bytes_per_token(self) -> int:
+        c = self.layers[0]
+        return 2 * len(self.layers) * c.k[0].numel() * c.k.element_size()

@@ -1,0 +1,59 @@
+"""llama.cpp (llama-cpp-python) as the reference: logits, tokens, greedy continuations."""
+from __future__ import annotations
+
+import numpy as np
+
+
+class LlamaRef:
+    """A llama.cpp model on the CPU with all logits kept."""
+
+    def __init__(self, path: str, n_ctx: int = 1024, threads: int = 2):
+        import llama_cpp
+        self.llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_batch=512, n_threads=threads,
+                                   n_threads_batch=threads, logits_all=True, verbose=False,
+                                   n_gpu_layers=0)
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        self.llm.reset()
+        self.llm.eval(ids)
+        return np.array(self.llm.scores[:len(ids)], dtype=np.float32)
+
+    def tokenize(self, text: str, add_bos: bool = True, special: bool = True) -> list[int]:
+        return self.llm.tokenize(text.encode(), add_bos=add_bos, special=special)
+
+    def greedy(self, ids: list[int], n: int) -> list[int]:
+        self.llm.reset()
+        out = []
+        for tok in self.llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+            out.append(tok)
+            if len(out) >= n:
+                break
+        return out
+
+    def close(self):
+        self.llm.close() if hasattr(self.llm, "close") else None
+
+
+def compare_logits(ours: np.ndarray, ref: np.ndarray) -> dict:
+    """Per-position relative L2 error and top-1 agreement outside near-ties.
+
+    A position is a near-tie when llama.cpp's top-1/top-2 margin is at most twice the RMS logit
+    error measured there; only the other positions count for top-1 agreement.
+    """
+    assert ours.shape == ref.shape, (ours.shape, ref.shape)
+    d = ours - ref
+    rel = np.linalg.norm(d, axis=1) / np.maximum(np.linalg.norm(ref, axis=1), 1e-12)
+    rms = np.sqrt((d ** 2).mean(axis=1))
+    top2 = np.sort(ref, axis=1)[:, -2:]
+    margin = top2[:, 1] - top2[:, 0]
+    decided = margin > 2 * rms
+    agree = ours.argmax(1) == ref.argmax(1)
+    n_dec = int(decided.sum())
+    return {
+        "positions": len(ref),
+        "max_rel_err": float(rel.max()),
+        "mean_rel_err": float(rel.mean()),
+        "decided": n_dec,
+        "top1_agree_decided": float(agree[decided].mean()) if n_dec else 1.0,
+        "top1_agree_all": float(agree.mean()),
+    }
