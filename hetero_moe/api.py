@@ -4,7 +4,8 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
 
 import torch
 
@@ -18,6 +19,49 @@ from .runtime.placement import plan_placement
 
 DEFAULT_MAX_CTX = 4096
 PREFILL_CHUNK = 512
+
+
+@dataclass
+class Timings:
+    """Where the time went: prompt evaluation (prefill) and token generation (decode)."""
+    prompt_tokens: int = 0
+    prefill_seconds: float = 0.0
+    generated_tokens: int = 0
+    decode_seconds: float = 0.0
+
+    @property
+    def prefill_tps(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        return self.generated_tokens / self.decode_seconds if self.decode_seconds else 0.0
+
+
+@dataclass
+class TokenLogprob:
+    """One token with its log-probability and the top-N alternatives (id, text, logprob)."""
+    token: int
+    text: str
+    logprob: float | None
+    top: list[tuple[int, str, float]] = field(default_factory=list)
+
+
+@dataclass
+class Completion:
+    """The result of generate()/chat().
+
+    text: generated text (prompt text first when echo=True); tokens: generated ids;
+    finish_reason: "stop" (end-of-generation token or stop sequence) or "length";
+    logprobs: per generated token when requested; prompt_logprobs: per prompt token with echo.
+    """
+    text: str
+    tokens: list[int]
+    finish_reason: str
+    prompt_tokens: list[int]
+    timings: Timings
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 class Model:
@@ -37,6 +81,8 @@ class Model:
         self.threads = threads
         self.load_seconds = load_seconds
         self._tokenizer = None
+        self._cached: list[int] = []   # tokens whose keys/values are in the cache
+        self.last_completion: Completion | None = None
 
     # -- logits ------------------------------------------------------------------------------
     def _check_ids(self, ids: Sequence[int]) -> torch.Tensor:
@@ -87,6 +133,168 @@ class Model:
             ValueError: empty input or a token id out of range.
         """
         return self.eval(token_ids, 0, all_logits=True)
+
+    # -- text ---------------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        """The tokenizer built from the file's own tokenizer metadata (on first use)."""
+        if self._tokenizer is None:
+            from .tokenizer import Tokenizer
+            self._tokenizer = Tokenizer.from_gguf_metadata(self.gguf.metadata, source=self.path)
+        return self._tokenizer
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True
+                 ) -> list[int]:
+        """Token ids of `text` (with BOS/EOS as the model asks when add_special)."""
+        return self.tokenizer.encode(text, add_special=add_special, parse_special=parse_special)
+
+    def detokenize(self, ids: Sequence[int], skip_special: bool = False) -> str:
+        """Text of token ids."""
+        return self.tokenizer.decode(list(ids), skip_special=skip_special)
+
+    def _params(self, params, kw):
+        from .sampling import SamplingParams
+        if params is not None and kw:
+            raise TypeError("pass either params=SamplingParams(...) or keyword arguments, not both")
+        if params is None:
+            params = SamplingParams(**kw)
+        return params.validate()
+
+    def _prompt_ids(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenize(prompt)
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("the prompt is empty (no tokens)")
+        return ids
+
+    def _events(self, ids: list[int], p) -> Iterator:
+        """Generate: yields text pieces; returns the Completion (StopIteration.value)."""
+        from .sampling import Sampler, StopMatcher, token_logprob
+        from .tokenizer import StreamDecoder
+        tok = self.tokenizer if self.gguf.get("tokenizer.ggml.tokens") is not None else None
+        if len(ids) >= self.n_ctx:
+            raise ContextLengthError(f"the prompt has {len(ids)} tokens; the context window is "
+                                     f"{self.n_ctx} (load with n_ctx=... up to the model's "
+                                     f"{self.config.n_ctx_train})")
+        sampler = Sampler(p, self.config.n_vocab)
+        text_of = (lambda t: tok.token_str(t)) if tok else str
+        timings = Timings(prompt_tokens=len(ids))
+        t0 = time.perf_counter()
+        prompt_lp = None
+        self._cached = []
+        if p.echo:
+            rows = self.eval(ids, 0, all_logits=True)
+            logits = rows[-1]
+            prompt_lp = [TokenLogprob(ids[0], text_of(ids[0]), None)]
+            for i in range(1, len(ids)):
+                top = [(t, text_of(t), lp) for t, lp in sampler.top_logprobs(rows[i - 1],
+                                                                              p.logprobs or 0)]
+                prompt_lp.append(TokenLogprob(ids[i], text_of(ids[i]),
+                                              token_logprob(rows[i - 1], ids[i]), top))
+            self._cached = list(ids)
+        else:
+            # reuse the cached prefix (multi-turn chat, repeated prompts)
+            n = 0
+            limit = min(len(self._cached), len(ids) - 1, self.net.cache.pos)
+            while n < limit and self._cached[n] == ids[n]:
+                n += 1
+            logits = self.eval(ids[n:], n)[-1]
+            timings.prompt_tokens = len(ids) - n
+            self._cached = list(ids)
+        timings.prefill_seconds = time.perf_counter() - t0
+        dec = StreamDecoder(tok, skip_special=True) if tok else None
+        stops = StopMatcher(p.stop_list())
+        eog = tok.eog_ids if tok else frozenset()
+        history = list(ids)
+        out_ids: list[int] = []
+        lps: list[TokenLogprob] | None = [] if p.logprobs is not None else None
+        pieces: list[str] = []
+        finish = "length"
+        t1 = time.perf_counter()
+        pos = len(ids)
+        while len(out_ids) < p.max_tokens:
+            if pos >= self.n_ctx:
+                break
+            t = sampler.sample(logits, history)
+            if t in eog:
+                finish = "stop"
+                break
+            if lps is not None:
+                top = [(i, text_of(i), lp) for i, lp in sampler.top_logprobs(logits, p.logprobs)]
+                lps.append(TokenLogprob(t, text_of(t), token_logprob(logits, t), top))
+            out_ids.append(t)
+            history.append(t)
+            piece = dec.add(t) if dec else ""
+            emit, stopped = stops.feed(piece) if piece else ("", False)
+            if emit:
+                pieces.append(emit)
+                yield emit
+            if stopped:
+                finish = "stop"
+                break
+            if len(out_ids) >= p.max_tokens or pos + 1 >= self.n_ctx:
+                break
+            logits = self.eval([t], pos)[-1]
+            self._cached.append(t)
+            pos += 1
+        if not stops.stopped:
+            tail = stops.feed(dec.flush())[0] if dec else ""
+            tail += "" if stops.stopped else stops.flush()
+            if tail:
+                pieces.append(tail)
+                yield tail
+        timings.generated_tokens = len(out_ids)
+        timings.decode_seconds = time.perf_counter() - t1
+        text = "".join(pieces)
+        if p.echo:
+            text = (tok.decode(ids) if tok else "") + text
+        return Completion(text, out_ids, finish, list(ids), timings, lps, prompt_lp)
+
+    def generate(self, prompt: str | Sequence[int], params=None, **sampling) -> Completion:
+        """Complete a prompt.
+
+        Args:
+            prompt: text, or a list of token ids.
+            params: a SamplingParams, or its fields as keyword arguments (max_tokens, temperature,
+                top_k, top_p, min_p, repeat_penalty, repeat_last_n, frequency_penalty,
+                presence_penalty, seed, stop, logprobs, echo).
+        Returns:
+            Completion (text, tokens, finish_reason, logprobs, timings).
+        Raises:
+            SamplingParamError: a sampling value out of range (the message names it).
+            ContextLengthError: the prompt does not fit in the context window.
+        """
+        p = self._params(params, sampling)
+        gen = self._events(self._prompt_ids(prompt), p)
+        while True:
+            try:
+                next(gen)
+            except StopIteration as stop:
+                self.last_completion = stop.value
+                return stop.value
+
+    def stream(self, prompt: str | Sequence[int], params=None, **sampling) -> Iterator[str]:
+        """Like generate(), yielding text pieces as they are produced (never a split UTF-8
+        character). The Completion is in `model.last_completion` afterwards."""
+        p = self._params(params, sampling)
+        ids = self._prompt_ids(prompt)
+        self.last_completion = yield from self._events(ids, p)
+
+    def chat_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of `messages` rendered with the model's chat template."""
+        from .chat import chat_prompt_ids
+        tmpl = self.gguf.get("tokenizer.chat_template")
+        return chat_prompt_ids(self.tokenizer, tmpl, messages,
+                               add_generation_prompt=add_generation_prompt)
+
+    def chat(self, messages: list[dict], params=None, stream: bool = False, **sampling):
+        """Reply to a conversation [{"role": "user", "content": "..."}, ...] rendered through the
+        GGUF's chat template. Returns a Completion, or an iterator of text pieces if stream."""
+        ids = self.chat_ids(messages)
+        return self.stream(ids, params, **sampling) if stream else \
+            self.generate(ids, params, **sampling)
 
     # -- info --------------------------------------------------------------------------------
     def __repr__(self) -> str:

@@ -15,6 +15,7 @@ import torch
 from .. import quant
 from ..errors import GGUFFormatError
 from ..gguf import TensorInfo
+from ..quant.act import fake_quant
 from ..runtime.placement import Tier
 
 
@@ -27,6 +28,7 @@ def float_tensor(t: TensorInfo) -> torch.Tensor:
 class KernelOptions:
     """Which CPU matmul path to use: "auto" (C++ kernels when built), "torch" (dequantize + matmul)."""
     cpu_kernels: str = "auto"
+    act_quant: bool = True   # torch path: quantize activations like the CPU kernels do
 
 
 class DequantMatmulMethod:
@@ -41,6 +43,8 @@ class DequantMatmulMethod:
         layer.w_f32 = layer.w_f32.to(layer.device)
 
     def apply(self, layer: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
+        if layer.act_quant:
+            x = fake_quant(x, layer.ggml_type)
         return x @ layer.w_f32.T
 
 
@@ -91,6 +95,7 @@ class QuantLinear:
         if self.bias is not None and self.bias.shape != (self.n_out,):
             raise GGUFFormatError(f"{bias.path}: bias {bias.name!r} has shape {list(bias.shape)}, "
                                   f"expected [{self.n_out}]")
+        self.act_quant = options.act_quant
         self.method = select_method(t.ggml_type, tier, device, options)
         self.method.process_weights_after_loading(self)
 

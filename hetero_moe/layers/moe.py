@@ -15,6 +15,7 @@ from .. import quant
 from ..errors import GGUFFormatError
 from ..gguf import TensorInfo
 from ..models.base import ModelConfig
+from ..quant.act import fake_quant
 from ..runtime.placement import PlacementPlan
 from .linear import KernelOptions, QuantLinear, cpu_kernels_usable
 
@@ -65,6 +66,7 @@ class MoE:
         self.gate, self.up, self.down = gate, up, down
         self.shared, self.shared_gate = shared, shared_gate    # shared_gate: [D]
         self.gpu_experts = plan.experts_on_gpu(layer)
+        self.act_quant = options.act_quant
         self.use_kernel = (options.cpu_kernels != "torch" and all(
             cpu_kernels_usable(s.ggml_type, options) for s in (gate, up, down)))
 
@@ -90,7 +92,11 @@ class MoE:
                 continue
             t_idx = tok[start:start + n]
             xe = x[t_idx]                                      # [n, D]
-            h = F.silu(xe @ self.gate.dequantize(e).T) * (xe @ self.up.dequantize(e).T)
+            xg = fake_quant(xe, self.gate.ggml_type) if self.act_quant else xe
+            xu = fake_quant(xe, self.up.ggml_type) if self.act_quant else xe
+            h = F.silu(xg @ self.gate.dequantize(e).T) * (xu @ self.up.dequantize(e).T)
+            if self.act_quant:
+                h = fake_quant(h, self.down.ggml_type)
             y = h @ self.down.dequantize(e).T                  # [n, D]
             out.index_add_(0, t_idx, y * wts[start:start + n, None])
             start += n
