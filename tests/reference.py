@@ -18,6 +18,15 @@ class LlamaRef:
         self.llm.eval(ids)
         return np.array(self.llm.scores[:len(ids)], dtype=np.float32)
 
+    def logits_sequential(self, ids: list[int]) -> np.ndarray:
+        """The same logits computed one token at a time (llama.cpp's decode path)."""
+        self.llm.reset()
+        rows = []
+        for i, t in enumerate(ids):
+            self.llm.eval([t])
+            rows.append(np.array(self.llm.scores[i], dtype=np.float32))
+        return np.stack(rows)
+
     def tokenize(self, text: str, add_bos: bool = True, special: bool = True) -> list[int]:
         return self.llm.tokenize(text.encode(), add_bos=add_bos, special=special)
 
@@ -41,8 +50,8 @@ def compare_logits(ours: np.ndarray, ref: np.ndarray) -> dict:
     error measured there; only the other positions count for top-1 agreement.
     """
     assert ours.shape == ref.shape, (ours.shape, ref.shape)
+    rel = rel_err(ours, ref)
     d = ours - ref
-    rel = np.linalg.norm(d, axis=1) / np.maximum(np.linalg.norm(ref, axis=1), 1e-12)
     rms = np.sqrt((d ** 2).mean(axis=1))
     top2 = np.sort(ref, axis=1)[:, -2:]
     margin = top2[:, 1] - top2[:, 0]
@@ -57,3 +66,27 @@ def compare_logits(ours: np.ndarray, ref: np.ndarray) -> dict:
         "top1_agree_decided": float(agree[decided].mean()) if n_dec else 1.0,
         "top1_agree_all": float(agree.mean()),
     }
+
+
+def rel_err(ours: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """Relative L2 error per position."""
+    return np.linalg.norm(ours - ref, axis=1) / np.maximum(np.linalg.norm(ref, axis=1), 1e-12)
+
+
+def quantize_with_llama(src: str, dst: str, ftype_name: str) -> str:
+    """Re-type a GGUF with llama.cpp's own quantizer (e.g. "ALL_F32", "MOSTLY_Q4_K_M")."""
+    import ctypes
+    import os
+
+    import llama_cpp
+    if not os.path.exists(dst):
+        p = llama_cpp.llama_model_quantize_default_params()
+        p.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_{ftype_name}")
+        p.allow_requantize = True
+        p.nthread = 2
+        tmp = dst + ".part"
+        rc = llama_cpp.llama_model_quantize(src.encode(), tmp.encode(), ctypes.byref(p))
+        if rc != 0:
+            raise RuntimeError(f"llama_model_quantize({src} -> {ftype_name}) returned {rc}")
+        os.replace(tmp, dst)
+    return dst

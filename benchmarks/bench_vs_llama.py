@@ -1,0 +1,173 @@
+"""Side by side: hetero-moe vs llama.cpp (llama-cpp-python) on the same GGUF, same threads.
+
+Runs A/B/A/B... (alternating, medians) so the machine's drift hits both equally, and prints
+prefill tokens/s (512-token prompt), decode tokens/s (64 tokens), their ratios, peak RSS vs file
+size, and decode bytes-per-token over time as a fraction of measured read bandwidth.
+
+    python benchmarks/bench_vs_llama.py --model qwen3moe-a3b --threads 2 --rounds 3 --json out.json
+    python benchmarks/bench_vs_llama.py --model smollm2
+    python benchmarks/bench_vs_llama.py --model path/to/file.gguf
+
+Each engine runs in its own subprocess so peak RSS is measured per engine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def resolve_model(name: str, layers: int) -> str:
+    if os.path.exists(name):
+        return name
+    if name == "smollm2":
+        from hetero_moe.assets import smollm2_path
+        return str(smollm2_path())
+    if name == "demo":
+        from hetero_moe.demo import demo_model_path
+        return str(demo_model_path())
+    from hetero_moe.testing.make_model import PRESETS, cached_test_model
+    if name in PRESETS:
+        arch = "qwen3moe" if name.startswith("qwen3moe") else name.split("-")[0]
+        return str(cached_test_model(arch, preset=name, quant="Q4_K_M", layers=layers))
+    raise SystemExit(f"unknown model {name!r}: give a .gguf path, 'smollm2', 'demo' or a preset "
+                     f"({', '.join(PRESETS)})")
+
+
+# -- one engine run, in a child process -----------------------------------------------------------
+def _child(engine: str, path: str, threads: int, n_prompt: int, n_gen: int) -> dict:
+    import resource
+
+    import numpy as np
+    rng = np.random.default_rng(0)
+    if engine == "hetero-moe":
+        import hetero_moe
+        m = hetero_moe.load(path, threads=threads, n_ctx=n_prompt + n_gen + 8)
+        ids = rng.integers(10, m.config.n_vocab, size=n_prompt).tolist()
+        m.eval(ids[:8], 0)                                   # warm-up
+        t0 = time.perf_counter()
+        logits = m.eval(ids, 0)
+        pre = time.perf_counter() - t0
+        tok = int(logits[-1].argmax())
+        t0 = time.perf_counter()
+        for i in range(n_gen):
+            tok = int(m.eval([tok], n_prompt + i)[-1].argmax())
+        dec = time.perf_counter() - t0
+    else:
+        import llama_cpp
+        llm = llama_cpp.Llama(model_path=path, n_ctx=n_prompt + n_gen + 8, n_batch=n_prompt,
+                              n_ubatch=n_prompt, n_threads=threads, n_threads_batch=threads,
+                              verbose=False, n_gpu_layers=0)
+        n_vocab = llm.n_vocab()
+        ids = rng.integers(10, n_vocab, size=n_prompt).tolist()
+        llm.eval(ids[:8])
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(ids)
+        pre = time.perf_counter() - t0
+        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        t0 = time.perf_counter()
+        for _ in range(n_gen):
+            llm.eval([tok])
+            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        dec = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"prefill_tps": n_prompt / pre, "decode_tps": n_gen / dec, "peak_rss": peak}
+
+
+def run_engine(engine, path, threads, n_prompt, n_gen) -> dict:
+    cmd = [sys.executable, __file__, "--child", engine, "--model", path, "--threads", str(threads),
+           "--n-prompt", str(n_prompt), "--n-gen", str(n_gen)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise RuntimeError(f"{engine} run failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def decode_bytes_per_token(path: str) -> int:
+    """Weight bytes one decode token reads: all non-expert tensors + top-k of E experts."""
+    from hetero_moe.gguf import GGUFFile
+    from hetero_moe.models.base import config_from_gguf
+    g = GGUFFile(path)
+    cfg = config_from_gguf(g)
+    total = 0
+    for t in g:
+        if "_exps." in t.name:
+            total += t.nbytes * cfg.n_expert_used // cfg.n_expert
+        elif t.name == "token_embd.weight" and not cfg.tied_embeddings:
+            total += t.nbytes // cfg.n_vocab                     # one row
+        else:
+            total += t.nbytes
+    return total
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--model", default="qwen3moe-a3b")
+    ap.add_argument("--layers", type=int, default=4, help="layers of a preset model (4)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--n-prompt", type=int, default=512)
+    ap.add_argument("--n-gen", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3, help="A/B rounds; medians reported (3)")
+    ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        print(json.dumps(_child(a.child, a.model, a.threads, a.n_prompt, a.n_gen)))
+        return
+    path = resolve_model(a.model, a.layers)
+    runs: dict[str, list[dict]] = {"hetero-moe": [], "llama.cpp": []}
+    for r in range(a.rounds):
+        for engine in (("hetero-moe", "llama.cpp") if r % 2 == 0 else ("llama.cpp", "hetero-moe")):
+            res = run_engine(engine, path, a.threads, a.n_prompt, a.n_gen)
+            runs[engine].append(res)
+            print(f"round {r + 1} {engine:10s} prefill {res['prefill_tps']:8.1f} tok/s  "
+                  f"decode {res['decode_tps']:7.1f} tok/s  peak RSS {res['peak_rss'] / 2**20:7.0f} "
+                  f"MiB", file=sys.stderr)
+    med = {e: {k: statistics.median(x[k] for x in v) for k in v[0]} for e, v in runs.items()}
+    size = sum(os.path.getsize(p) for p in [path])
+    bpt = decode_bytes_per_token(path)
+    bw = None
+    try:
+        sys.path.insert(0, HERE)
+        from bandwidth import measure_bandwidth  # type: ignore
+        bw = measure_bandwidth()
+    except Exception as e:  # the probe is optional
+        print(f"(bandwidth probe unavailable: {e})", file=sys.stderr)
+    out = {
+        "model": path, "file_size": size, "threads": a.threads, "n_prompt": a.n_prompt,
+        "n_gen": a.n_gen, "rounds": a.rounds, "median": med, "runs": runs,
+        "prefill_ratio": med["hetero-moe"]["prefill_tps"] / med["llama.cpp"]["prefill_tps"],
+        "decode_ratio": med["hetero-moe"]["decode_tps"] / med["llama.cpp"]["decode_tps"],
+        "rss_over_file": med["hetero-moe"]["peak_rss"] / size,
+        "decode_bytes_per_token": bpt, "read_bandwidth_gbs": bw,
+    }
+    if bw:
+        for e in runs:
+            out[f"{e}_roofline_fraction"] = bpt * med[e]["decode_tps"] / (bw * 1e9)
+    print(f"\nmodel {os.path.basename(path)} ({size / 2**20:.0f} MiB), {a.threads} threads, "
+          f"{a.rounds} rounds, medians")
+    print(f"{'':12s}{'prefill tok/s':>15s}{'decode tok/s':>15s}{'peak RSS/file':>15s}")
+    for e in runs:
+        print(f"{e:12s}{med[e]['prefill_tps']:15.1f}{med[e]['decode_tps']:15.1f}"
+              f"{med[e]['peak_rss'] / size:15.2f}")
+    print(f"ratio       {out['prefill_ratio']:15.2f}{out['decode_ratio']:15.2f}")
+    if bw:
+        print(f"decode reads {bpt / 2**20:.1f} MiB/token; bandwidth {bw:.1f} GB/s; roofline "
+              f"{bw * 1e9 / bpt:.0f} tok/s; fraction reached: hetero-moe "
+              f"{out['hetero-moe_roofline_fraction']:.2f}, llama.cpp "
+              f"{out['llama.cpp_roofline_fraction']:.2f}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
