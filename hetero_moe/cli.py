@@ -1,0 +1,342 @@
+"""`hetero-moe` command line: run, inspect, bench."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from .errors import HeteroMoEError
+
+EXIT_USAGE = 2
+EXIT_ERROR = 1
+
+
+def _add_model_opts(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("-t", "--threads", type=int, default=None,
+                    help="CPU threads (default: usable cores or HETERO_MOE_THREADS)")
+    ap.add_argument("-c", "--ctx-size", type=int, default=None,
+                    help="context window in tokens (default: model's, capped at 4096)")
+    ap.add_argument("--cpu-kernels", choices=["auto", "torch"], default="auto",
+                    help="CPU matmul path: C++ quantized kernels (auto) or torch reference")
+
+
+def _add_sampling_opts(ap: argparse.ArgumentParser) -> None:
+    g = ap.add_argument_group("sampling")
+    g.add_argument("-n", "--max-tokens", type=int, default=256, help="tokens to generate (256)")
+    g.add_argument("--temp", "--temperature", dest="temperature", type=float, default=0.8,
+                   help="temperature; 0 = greedy (0.8)")
+    g.add_argument("--top-k", type=int, default=40, help="top-k, <= 0 disables (40)")
+    g.add_argument("--top-p", type=float, default=0.95, help="nucleus top-p in (0, 1] (0.95)")
+    g.add_argument("--min-p", type=float, default=0.05, help="min-p in [0, 1] (0.05)")
+    g.add_argument("--repeat-penalty", type=float, default=1.0, help="repetition penalty (1.0)")
+    g.add_argument("--repeat-last-n", type=int, default=64,
+                   help="penalty window in tokens, -1 = all, 0 = off (64)")
+    g.add_argument("--frequency-penalty", type=float, default=0.0, help="(0.0)")
+    g.add_argument("--presence-penalty", type=float, default=0.0, help="(0.0)")
+    g.add_argument("-s", "--seed", type=int, default=None, help="random seed (default: random)")
+    g.add_argument("--stop", action="append", default=None,
+                   help="stop sequence (repeatable); output ends before it")
+
+
+def _sampling(args) -> dict:
+    return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, min_p=args.min_p, repeat_penalty=args.repeat_penalty,
+                repeat_last_n=args.repeat_last_n, frequency_penalty=args.frequency_penalty,
+                presence_penalty=args.presence_penalty, seed=args.seed, stop=args.stop)
+
+
+def _model_path(args) -> str:
+    if args.model:
+        if not os.path.exists(args.model):
+            raise FileNotFoundError(f"model file not found: {args.model}")
+        return args.model
+    from .demo import demo_model_path
+    print("no model given: using the demo model (SmolLM2-135M-Instruct upcycled to a 4-expert "
+          "MoE)", file=sys.stderr)
+    return str(demo_model_path(progress=True))
+
+
+def _load(args, path: str):
+    import hetero_moe
+    return hetero_moe.load(path, threads=args.threads, n_ctx=args.ctx_size,
+                           cpu_kernels=args.cpu_kernels, progress=True)
+
+
+def _print_stats(c, stream=sys.stderr) -> None:
+    t = c.timings
+    print(f"\n[prefill: {t.prompt_tokens} tokens, {t.prefill_tps:.1f} tok/s | decode: "
+          f"{t.generated_tokens} tokens, {t.decode_tps:.1f} tok/s | finish: {c.finish_reason}]",
+          file=stream)
+
+
+def _stream_out(model, gen) -> None:
+    for piece in gen:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    _print_stats(model.last_completion)
+
+
+def cmd_run(args) -> int:
+    path = _model_path(args)
+    model = _load(args, path)
+    samp = _sampling(args)
+    has_template = bool(model.gguf.get("tokenizer.chat_template"))
+    use_chat = has_template and not args.raw
+    if args.prompt is not None:
+        if use_chat:
+            msgs = ([{"role": "system", "content": args.system}] if args.system else [])
+            msgs.append({"role": "user", "content": args.prompt})
+            gen = model.chat(msgs, stream=True, **samp)
+        else:
+            gen = model.stream(args.prompt, **samp)
+        _stream_out(model, gen)
+        return 0
+    # interactive chat
+    if not has_template:
+        raise HeteroMoEError(f"{path} has no chat template: give a prompt with -p for a "
+                             f"plain completion")
+    tty = sys.stdin.isatty()
+    if tty:
+        print("chat mode: type a message, /reset to start over, /exit or Ctrl-D to quit",
+              file=sys.stderr)
+    msgs = [{"role": "system", "content": args.system}] if args.system else []
+    while True:
+        if tty:
+            sys.stderr.write("> ")
+            sys.stderr.flush()
+        line = sys.stdin.readline()
+        if not line:
+            break
+        line = line.rstrip("\n")
+        if line.strip() in ("/exit", "/quit"):
+            break
+        if line.strip() == "/reset":
+            msgs = msgs[:1] if args.system else []
+            continue
+        if not line.strip():
+            continue
+        msgs.append({"role": "user", "content": line})
+        _stream_out(model, model.chat(msgs, stream=True, **samp))
+        msgs.append({"role": "assistant", "content": model.last_completion.text})
+    return 0
+
+
+def _group_of(name: str) -> str:
+    if name.startswith("token_embd"):
+        return "embeddings"
+    if name.startswith("output."):
+        return "output (lm_head)"
+    if "norm" in name:
+        return "norms"
+    if "_exps" in name:
+        return "routed experts"
+    if "_shexp" in name:
+        return "shared experts"
+    if "ffn_gate_inp" in name:
+        return "router"
+    if ".attn_" in name:
+        return "attention"
+    if ".ffn_" in name:
+        return "dense FFN"
+    return "other"
+
+
+def inspect_model(path: str) -> dict:
+    """What `hetero-moe inspect` prints, as a dict."""
+    from .gguf import GGUFFile
+    from .models.base import config_from_gguf
+    g = GGUFFile(path)
+    cfg = config_from_gguf(g)
+    groups: dict[str, dict] = {}
+    n_params = 0
+    for t in g:
+        n_params += t.n_elements
+        grp = groups.setdefault(_group_of(t.name), {"params": 0, "bytes": 0, "types": {}})
+        grp["params"] += t.n_elements
+        grp["bytes"] += t.nbytes
+        grp["types"][t.type_name] = grp["types"].get(t.type_name, 0) + 1
+    info = {
+        "path": str(g.path), "files": [str(p) for p in g.paths], "file_size": g.file_size,
+        "architecture": cfg.arch, "name": cfg.name, "parameters": n_params,
+        "config": {k: v for k, v in vars(cfg).items() if k != "extra"},
+        "groups": groups,
+    }
+    if cfg.is_moe:
+        t = g.tensors.get("blk.0.ffn_gate_exps.weight")
+        info["experts"] = {
+            "count": cfg.n_expert, "used": cfg.n_expert_used, "ffn": cfg.n_ff_exp,
+            "shared_ffn": cfg.n_ff_shexp,
+            "gate_up_shape": list(t.shape) if t else None,
+            "active_parameters_per_token_estimate": int(
+                n_params - groups.get("routed experts", {}).get("params", 0)
+                * (1 - cfg.n_expert_used / cfg.n_expert)),
+        }
+    return info
+
+
+def _fmt_count(n: float) -> str:
+    for unit in ("", "K", "M", "B", "T"):
+        if abs(n) < 1000:
+            return f"{n:.1f}{unit}" if unit else f"{int(n)}"
+        n /= 1000
+    return f"{n:.1f}P"
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} PiB"
+
+
+def cmd_inspect(args) -> int:
+    if not os.path.exists(args.model):
+        raise FileNotFoundError(f"model file not found: {args.model}")
+    info = inspect_model(args.model)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    c = info["config"]
+    print(f"file:          {info['path']}" + (f" (+{len(info['files']) - 1} split parts)"
+                                             if len(info["files"]) > 1 else ""))
+    print(f"architecture:  {info['architecture']}   name: {info['name']}")
+    print(f"parameters:    {_fmt_count(info['parameters'])}   file size: "
+          f"{_fmt_bytes(info['file_size'])}")
+    print(f"layers:        {c['n_layer']}   hidden: {c['n_embd']}   heads: {c['n_head']} "
+          f"(kv {c['n_head_kv']}, dim {c['head_dim']})   vocab: {c['n_vocab']}")
+    print(f"context:       {c['n_ctx_train']}   rope: {c['rope_type']} base {c['rope_base']:g}"
+          f"   rms eps: {c['rms_eps']:g}")
+    if "experts" in info:
+        e = info["experts"]
+        print(f"experts:       {e['count']} routed, top-{e['used']}, expert FFN {e['ffn']}"
+              + (f", shared expert FFN {e['shared_ffn']}" if e["shared_ffn"] else "")
+              + (f"; gate/up stack {e['gate_up_shape']}" if e["gate_up_shape"] else ""))
+        print(f"active params: ~{_fmt_count(e['active_parameters_per_token_estimate'])} per token")
+    elif c["n_ff"]:
+        print(f"FFN:           dense {c['n_ff']}")
+    print("tensor groups:")
+    for name, grp in sorted(info["groups"].items(), key=lambda kv: -kv[1]["bytes"]):
+        types = ", ".join(f"{k} x{v}" for k, v in sorted(grp["types"].items()))
+        print(f"  {name:18s} {_fmt_count(grp['params']):>8s} params  "
+              f"{_fmt_bytes(grp['bytes']):>11s}  {types}")
+    return 0
+
+
+def run_bench(path: str, n_prompt: int = 512, n_gen: int = 64, threads=None, repeats: int = 1,
+              cpu_kernels: str = "auto", seed: int = 0) -> dict:
+    """Prefill tokens/s on an n_prompt-token prompt and decode tokens/s over n_gen tokens."""
+    import numpy as np
+    import psutil
+
+    import hetero_moe
+    t0 = time.perf_counter()
+    model = hetero_moe.load(path, threads=threads, n_ctx=n_prompt + n_gen + 8,
+                            cpu_kernels=cpu_kernels)
+    load_s = time.perf_counter() - t0
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(10, model.config.n_vocab, size=n_prompt).tolist()
+    pre, dec = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        logits = model.eval(ids, 0)
+        pre.append(time.perf_counter() - t0)
+        tok = int(logits[-1].argmax())
+        t0 = time.perf_counter()
+        for i in range(n_gen):
+            logits = model.eval([tok], n_prompt + i)
+            tok = int(logits[-1].argmax())
+        dec.append(time.perf_counter() - t0)
+    rss = psutil.Process().memory_info()
+    peak = getattr(rss, "peak_wset", None)
+    try:
+        import resource
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    except ImportError:
+        pass
+    pre_s, dec_s = float(np.median(pre)), float(np.median(dec))
+    return {
+        "model": str(path), "file_size": model.gguf.file_size, "threads": model.threads,
+        "arch": model.config.arch, "n_prompt": n_prompt, "n_gen": n_gen, "repeats": repeats,
+        "load_seconds": load_s, "prefill_seconds": pre_s, "prefill_tps": n_prompt / pre_s,
+        "decode_seconds": dec_s, "decode_tps": n_gen / dec_s, "peak_rss_bytes": peak,
+        "rss_over_file": peak / model.gguf.file_size if peak else None,
+        "cpu_kernels": cpu_kernels,
+    }
+
+
+def cmd_bench(args) -> int:
+    if not os.path.exists(args.model):
+        raise FileNotFoundError(f"model file not found: {args.model}")
+    r = run_bench(args.model, args.n_prompt, args.n_gen, args.threads, args.repeats,
+                  args.cpu_kernels)
+    if args.json:
+        print(json.dumps(r, indent=2))
+    else:
+        print(f"model:   {r['model']} ({r['arch']}, {_fmt_bytes(r['file_size'])}), "
+              f"{r['threads']} threads")
+        print(f"prefill: {r['n_prompt']} tokens in {r['prefill_seconds']:.3f} s = "
+              f"{r['prefill_tps']:.1f} tok/s")
+        print(f"decode:  {r['n_gen']} tokens in {r['decode_seconds']:.3f} s = "
+              f"{r['decode_tps']:.1f} tok/s")
+        print(f"peak RSS: {_fmt_bytes(r['peak_rss_bytes'])} "
+              f"({r['rss_over_file']:.2f}x the file size)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="hetero-moe", description="Run 4-bit Mixture-of-Experts "
+                                 "GGUF models on CPU (+GPU).")
+    from . import __version__
+    ap.add_argument("--version", action="version", version=f"hetero-moe {__version__}")
+    sub = ap.add_subparsers(dest="cmd", metavar="COMMAND")
+    sub.required = True
+    r = sub.add_parser("run", help="generate text (one-shot with -p, else interactive chat)",
+                       description="Generate text. Without MODEL, runs the demo model.")
+    r.add_argument("model", nargs="?", help="GGUF file (first part of a split model)")
+    r.add_argument("-p", "--prompt", help="prompt for a one-shot run (else interactive chat)")
+    r.add_argument("--system", help="system message for chat mode")
+    r.add_argument("--raw", action="store_true",
+                   help="use the prompt as plain text, without the chat template")
+    _add_model_opts(r)
+    _add_sampling_opts(r)
+    r.set_defaults(func=cmd_run)
+    i = sub.add_parser("inspect", help="describe a GGUF model")
+    i.add_argument("model")
+    i.add_argument("--json", action="store_true", help="print JSON")
+    i.set_defaults(func=cmd_inspect)
+    b = sub.add_parser("bench", help="measure prefill and decode tokens/s and peak RSS")
+    b.add_argument("model")
+    b.add_argument("-p", "--n-prompt", type=int, default=512, help="prompt tokens (512)")
+    b.add_argument("-n", "--n-gen", type=int, default=64, help="generated tokens (64)")
+    b.add_argument("-r", "--repeats", type=int, default=1, help="repetitions, median reported")
+    b.add_argument("--json", action="store_true", help="print JSON")
+    _add_model_opts(b)
+    b.set_defaults(func=cmd_bench)
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    for name in ("threads", "max_tokens", "ctx_size", "n_prompt", "n_gen", "repeats"):
+        v = getattr(args, name, None)
+        if v is not None and v < (0 if name == "max_tokens" else 1):
+            ap.error(f"--{name.replace('_', '-')} must be >= {0 if name == 'max_tokens' else 1},"
+                     f" got {v}")
+    try:
+        return args.func(args)
+    except (FileNotFoundError, HeteroMoEError) as e:
+        print(f"hetero-moe: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
