@@ -3,7 +3,63 @@
 Install with ``pip install -e .`` (CPU) or ``pip install -e ".[test]"`` for the test suite.
 Users with a GPU install their CUDA build of torch first; the range below accepts it.
 """
-from setuptools import find_packages, setup
+import os
+import sys
+
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+# hetero_moe._cpu: the CPU kernels (csrc/, C++17, no torch headers). SIMD variants are compiled with
+# per-file target pragmas, so the same build runs on any x86-64 CPU and picks its variant at load.
+_CPU_SOURCES = ["csrc/" + f for f in (
+    "bindings.cpp", "ops.cpp", "dispatch.cpp", "threadpool.cpp",
+    "kernels_scalar.cpp", "kernels_avx2.cpp", "kernels_avx512.cpp")]
+_CPU_EXT = Extension(
+    "hetero_moe._cpu",
+    sources=_CPU_SOURCES,
+    depends=["csrc/" + f for f in ("kernels.h", "kernels_simd.inc", "ops.h", "quant_blocks.h", "threadpool.h")],
+    language="c++",
+    extra_compile_args=["-O3", "-std=c++17", "-fvisibility=hidden", "-g0"]
+    + os.environ.get("HETERO_MOE_CFLAGS", "").split(),
+    extra_link_args=["-pthread"] + os.environ.get("HETERO_MOE_LDFLAGS", "").split(),
+)
+
+
+class _BuildExt(build_ext):
+    """Build the CPU kernels; a compiler failure is reported loudly but leaves the pure-Python package
+    installable (hetero_moe.cpu_backend.available() then says why). HETERO_MOE_REQUIRE_CPU_EXT=1 makes it
+    fatal."""
+
+    _failed: set = set()
+
+    def build_extension(self, ext):
+        try:
+            super().build_extension(ext)
+        except Exception as e:  # compiler missing or failing
+            msg = (f"\n*** hetero-moe: building the CPU kernel extension {ext.name} FAILED: {e}\n"
+                   "*** The package installs without it; CPU kernels will be unavailable.\n"
+                   "*** Needs a C++17 compiler (g++ >= 9 or clang >= 10) and Python headers.\n")
+            if os.environ.get("HETERO_MOE_REQUIRE_CPU_EXT") == "1":
+                raise RuntimeError(msg) from e
+            print(msg, file=sys.stderr)
+            self._failed.add(ext.name)
+
+    # a failed extension has no file to copy or package
+    def copy_extensions_to_source(self):
+        keep = self.extensions
+        self.extensions = [e for e in keep if e.name not in self._failed]
+        try:
+            super().copy_extensions_to_source()
+        finally:
+            self.extensions = keep
+
+    def get_outputs(self):
+        return [o for o in super().get_outputs() if os.path.exists(o)] if self._failed else super().get_outputs()
+
+    def get_output_mapping(self):
+        m = super().get_output_mapping()
+        return {k: v for k, v in m.items() if os.path.exists(v)} if self._failed else m
+
 
 setup(
     name="hetero-moe",
@@ -28,4 +84,6 @@ setup(
         "triton": ["triton"],
     },
     entry_points={"console_scripts": ["hetero-moe=hetero_moe.cli:main"]},
+    ext_modules=[_CPU_EXT],
+    cmdclass={"build_ext": _BuildExt},
 )

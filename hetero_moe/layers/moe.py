@@ -67,13 +67,18 @@ class MoE:
         self.shared, self.shared_gate = shared, shared_gate    # shared_gate: [D]
         self.gpu_experts = plan.experts_on_gpu(layer)
         self.act_quant = options.act_quant
+        self.margin_log: list | None = None    # set to a list to record routing margins
         self.use_kernel = (options.cpu_kernels != "torch" and all(
             cpu_kernels_usable(s.ggml_type, options) for s in (gate, up, down)))
 
     def route(self, x: torch.Tensor):
         """-> (weights [T, K] float32, ids [T, K] int64)."""
         probs = torch.softmax(x @ self.router.T, dim=-1)       # [T, E]
-        w, ids = torch.topk(probs, self.cfg.n_expert_used, dim=-1)
+        k = self.cfg.n_expert_used
+        if self.margin_log is not None and k < self.cfg.n_expert:
+            top = torch.topk(probs, k + 1, dim=-1).values          # [T, K+1]
+            self.margin_log.append(top[:, k - 1] - top[:, k])     # gap of the last pick
+        w, ids = torch.topk(probs, k, dim=-1)
         if self.cfg.norm_topk:
             w = w / w.sum(-1, keepdim=True)
         return w, ids

@@ -1,0 +1,236 @@
+// Python bindings of hetero_moe._cpu (plain CPython C API, buffer protocol; no logic beyond argument
+// checks). Buffers are any contiguous objects: numpy arrays, read-only mmap views, bytes.
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <string>
+
+#include "ops.h"
+#include "threadpool.h"
+
+using namespace hmoe;
+
+namespace {
+
+// RAII holder of a buffer view.
+struct Buf {
+    Py_buffer v{};
+    bool held = false;
+    bool get(PyObject* o, const char* name, bool writable) {
+        if (PyObject_GetBuffer(o, &v, writable ? PyBUF_WRITABLE : PyBUF_SIMPLE) != 0) {
+            PyErr_Format(PyExc_ValueError, "%s must be a contiguous%s buffer (numpy array or similar)", name,
+                         writable ? " writable" : "");
+            return false;
+        }
+        held = true;
+        return true;
+    }
+    void release() {
+        if (held) PyBuffer_Release(&v);
+        held = false;
+    }
+    ~Buf() { release(); }
+    template <class T>
+    T* ptr() const { return static_cast<T*>(v.buf); }
+    size_t len() const { return (size_t)v.len; }
+};
+
+bool set_error(const std::string& e) {
+    if (e.empty()) return false;
+    PyErr_SetString(PyExc_ValueError, e.c_str());
+    return true;
+}
+
+PyObject* py_features(PyObject*, PyObject*) {
+    const CpuFeatures f = cpu_features();
+    return Py_BuildValue("{s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:s,s:s}", "avx2", f.avx2 ? Py_True : Py_False, "fma",
+                         f.fma ? Py_True : Py_False, "f16c", f.f16c ? Py_True : Py_False, "avx512f",
+                         f.avx512f ? Py_True : Py_False, "avx512bw", f.avx512bw ? Py_True : Py_False, "avx512vl",
+                         f.avx512vl ? Py_True : Py_False, "avx512dq", f.avx512dq ? Py_True : Py_False, "avx512vnni",
+                         f.avx512vnni ? Py_True : Py_False, "variant", active_kernels()->name, "best",
+                         best_kernels()->name);
+}
+
+PyObject* py_variants(PyObject*, PyObject*) {
+    PyObject* l = PyList_New(0);
+    for (const char* n : {"scalar", "avx2", "avx512"})
+        if (variant(n)) {
+            PyObject* s = PyUnicode_FromString(n);
+            PyList_Append(l, s);
+            Py_DECREF(s);
+        }
+    return l;
+}
+
+PyObject* py_force_variant(PyObject*, PyObject* arg) {
+    if (arg == Py_None) {
+        set_active_kernels(nullptr);
+        Py_RETURN_NONE;
+    }
+    const char* name = PyUnicode_AsUTF8(arg);
+    if (!name) return nullptr;
+    const KernelSet* k = variant(name);
+    if (!k) return PyErr_Format(PyExc_ValueError, "kernel variant %R is unknown or not supported by this CPU", arg);
+    set_active_kernels(k);
+    Py_RETURN_NONE;
+}
+
+PyObject* py_set_num_threads(PyObject*, PyObject* arg) {
+    const long n = PyLong_AsLong(arg);
+    if (n == -1 && PyErr_Occurred()) return nullptr;
+    if (n < 1 || n > 1024) return PyErr_Format(PyExc_ValueError, "num_threads=%ld must be in [1, 1024]", n);
+    Py_BEGIN_ALLOW_THREADS ThreadPool::instance().set_threads((int)n);
+    Py_END_ALLOW_THREADS Py_RETURN_NONE;
+}
+
+PyObject* py_get_num_threads(PyObject*, PyObject*) { return PyLong_FromLong(ThreadPool::instance().threads()); }
+
+PyObject* py_type_info(PyObject*, PyObject* arg) {
+    const long t = PyLong_AsLong(arg);
+    if (t == -1 && PyErr_Occurred()) return nullptr;
+    const TypeInfo* ti = type_info((int)t);
+    if (!ti) Py_RETURN_NONE;
+    return Py_BuildValue("{s:s,s:i,s:i,s:s,s:i}", "name", ti->name, "block", ti->block, "bytes", ti->bytes, "act",
+                         act_name(ti->act), "act_bytes", act_bytes(ti->act));
+}
+
+// quantize_act(weight_type, x, rows, cols, out): rows of x into the activation format of weight_type.
+PyObject* py_quantize_act(PyObject*, PyObject* args) {
+    int type, rows, cols;
+    PyObject *xo, *oo;
+    if (!PyArg_ParseTuple(args, "iOiiO", &type, &xo, &rows, &cols, &oo)) return nullptr;
+    const TypeInfo* ti = type_info(type);
+    if (!ti) return PyErr_Format(PyExc_ValueError, "ggml_type %d is not supported by the CPU kernels", type);
+    if (rows < 0 || cols <= 0 || cols % act_block(ti->act))
+        return PyErr_Format(PyExc_ValueError, "rows=%d, cols=%d: cols must be a positive multiple of %d", rows, cols,
+                            act_block(ti->act));
+    Buf x, o;
+    if (!x.get(xo, "x", false) || !o.get(oo, "out", true)) return nullptr;
+    const size_t need_x = (size_t)rows * cols * 4, need_o = act_row_bytes(ti->act, cols) * rows;
+    if (x.len() != need_x) return PyErr_Format(PyExc_ValueError, "x has %zu bytes, expected %zu", x.len(), need_x);
+    if (o.len() != need_o) return PyErr_Format(PyExc_ValueError, "out has %zu bytes, expected %zu", o.len(), need_o);
+    Py_BEGIN_ALLOW_THREADS quantize_rows(ti->act, x.ptr<float>(), rows, cols, o.ptr<uint8_t>());
+    Py_END_ALLOW_THREADS Py_RETURN_NONE;
+}
+
+// matmul(w, type, n_rows, n_cols, x, T, out): out[T, n_rows] = x[T, n_cols] @ W^T
+PyObject* py_matmul(PyObject*, PyObject* args) {
+    PyObject *wo, *xo, *oo;
+    int type;
+    long long n_rows, n_cols, T;
+    if (!PyArg_ParseTuple(args, "OiLLOLO", &wo, &type, &n_rows, &n_cols, &xo, &T, &oo)) return nullptr;
+    Buf w, x, o;
+    if (!w.get(wo, "w", false) || !x.get(xo, "x", false) || !o.get(oo, "out", true)) return nullptr;
+    if (set_error(check_matmul(type, n_rows, n_cols, T, w.len(), x.len(), o.len()))) return nullptr;
+    Py_BEGIN_ALLOW_THREADS matmul(w.ptr<uint8_t>(), type, (int)n_rows, (int)n_cols, x.ptr<float>(), (int)T,
+                                  o.ptr<float>());
+    Py_END_ALLOW_THREADS Py_RETURN_NONE;
+}
+
+// ---- MoE handle: keeps the buffers alive until the op finished ----
+struct MoeHandle {
+    PyObject_HEAD MoeJob* job;
+    Buf bufs[7];
+};
+
+void handle_finish(MoeHandle* h) {
+    if (!h->job) return;
+    MoeJob* job = h->job;
+    h->job = nullptr;
+    Py_BEGIN_ALLOW_THREADS moe_wait(job);
+    Py_END_ALLOW_THREADS for (auto& b : h->bufs) b.release();
+}
+
+PyObject* handle_wait(PyObject* self, PyObject*) {
+    handle_finish(reinterpret_cast<MoeHandle*>(self));
+    Py_RETURN_NONE;
+}
+
+PyObject* handle_done(PyObject* self, PyObject*) {
+    auto* h = reinterpret_cast<MoeHandle*>(self);
+    return PyBool_FromLong(!h->job || moe_done(h->job));
+}
+
+void handle_dealloc(PyObject* self) {
+    auto* h = reinterpret_cast<MoeHandle*>(self);
+    handle_finish(h);  // never free buffers a running op still reads
+    for (auto& b : h->bufs) b.~Buf();
+    Py_TYPE(self)->tp_free(self);
+}
+
+PyMethodDef handle_methods[] = {
+    {"wait", handle_wait, METH_NOARGS, "Block until the op finished (helping it with this thread)."},
+    {"done", handle_done, METH_NOARGS, "True once every task finished."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+PyTypeObject MoeHandleType = {PyVarObject_HEAD_INIT(nullptr, 0)};
+
+// moe_submit(x, ids, weights, gate, up, down, out, T, k, n_expert, d_model, d_ff, gate_type, up_type, down_type)
+PyObject* py_moe_submit(PyObject*, PyObject* args) {
+    PyObject* objs[7];
+    MoeArgs a{};
+    if (!PyArg_ParseTuple(args, "OOOOOOOiiiiiiii", &objs[0], &objs[1], &objs[2], &objs[3], &objs[4], &objs[5],
+                          &objs[6], &a.T, &a.k, &a.n_expert, &a.d_model, &a.d_ff, &a.gate_type, &a.up_type,
+                          &a.down_type))
+        return nullptr;
+    auto* h = PyObject_New(MoeHandle, &MoeHandleType);
+    if (!h) return nullptr;
+    h->job = nullptr;
+    for (auto& b : h->bufs) new (&b) Buf();
+    static const char* names[7] = {"x", "ids", "weights", "gate", "up", "down", "out"};
+    for (int i = 0; i < 7; ++i)
+        if (!h->bufs[i].get(objs[i], names[i], i == 6)) {
+            Py_DECREF(h);
+            return nullptr;
+        }
+    a.x = h->bufs[0].ptr<float>();
+    a.ids = h->bufs[1].ptr<int32_t>();
+    a.weights = h->bufs[2].ptr<float>();
+    a.gate = h->bufs[3].ptr<uint8_t>();
+    a.up = h->bufs[4].ptr<uint8_t>();
+    a.down = h->bufs[5].ptr<uint8_t>();
+    a.out = h->bufs[6].ptr<float>();
+    const MoeLens lens{h->bufs[0].len(), h->bufs[1].len(), h->bufs[2].len(), h->bufs[3].len(),
+                       h->bufs[4].len(), h->bufs[5].len(), h->bufs[6].len()};
+    if (set_error(check_moe(a, lens))) {
+        Py_DECREF(h);
+        return nullptr;
+    }
+    MoeJob* job;
+    Py_BEGIN_ALLOW_THREADS job = moe_submit(a);
+    Py_END_ALLOW_THREADS h->job = job;
+    return reinterpret_cast<PyObject*>(h);
+}
+
+PyMethodDef methods[] = {
+    {"features", py_features, METH_NOARGS, "CPU flags and the active kernel variant."},
+    {"variants", py_variants, METH_NOARGS, "Kernel variants this CPU can run."},
+    {"_force_variant", py_force_variant, METH_O, "Use a kernel variant by name (None: the best)."},
+    {"set_num_threads", py_set_num_threads, METH_O, "Threads per op, the calling thread included."},
+    {"get_num_threads", py_get_num_threads, METH_NOARGS, "Threads per op."},
+    {"type_info", py_type_info, METH_O, "Block facts of a supported ggml type, else None."},
+    {"quantize_act", py_quantize_act, METH_VARARGS, "Quantize f32 rows to a weight type's activation format."},
+    {"matmul", py_matmul, METH_VARARGS, "out = x @ W^T with W quantized."},
+    {"moe_submit", py_moe_submit, METH_VARARGS, "Start the fused MoE FFN; returns a handle."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cpu", "hetero-moe CPU kernels", -1, methods};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__cpu(void) {
+    MoeHandleType.tp_name = "hetero_moe._cpu.MoeHandle";
+    MoeHandleType.tp_basicsize = sizeof(MoeHandle);
+    MoeHandleType.tp_flags = Py_TPFLAGS_DEFAULT;
+    MoeHandleType.tp_dealloc = handle_dealloc;
+    MoeHandleType.tp_methods = handle_methods;
+    MoeHandleType.tp_doc = "A fused MoE FFN op in flight.";
+    if (PyType_Ready(&MoeHandleType) < 0) return nullptr;
+    PyObject* m = PyModule_Create(&module);
+    if (!m) return nullptr;
+    Py_INCREF(&MoeHandleType);
+    PyModule_AddObject(m, "MoeHandle", reinterpret_cast<PyObject*>(&MoeHandleType));
+    return m;
+}

@@ -1,0 +1,40 @@
+// Kernel function tables: one per instruction-set variant, chosen once at load (see dispatch.cpp).
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#include "quant_blocks.h"
+
+namespace hmoe {
+
+// Most tokens one gemm call handles; drivers tile longer token lists.
+constexpr int GEMM_MAX_TOKENS = 64;
+
+// Quantize one row of n floats (n a multiple of the activation block) into activation blocks placed
+// block_stride bytes apart (the block size for a plain row; nt * block size inside a tile).
+using QuantRowFn = void (*)(const float* x, uint8_t* y, int n, size_t block_stride);
+
+// out[t*ldo + r] = dot(weight row r, activation row t) for r < nr, t < nt <= GEMM_MAX_TOKENS.
+// Weight rows are w_row_bytes apart and n_cols long. The activations of the nt tokens form one
+// block-major tile: block b of token t is at act + (b * nt + t) * activation block bytes, so the
+// blocks that meet one weight block are contiguous.
+using GemmFn = void (*)(const uint8_t* w, size_t w_row_bytes, int nr, int n_cols, const uint8_t* act, int nt,
+                        float* out, size_t ldo);
+
+// h[i] = silu(g[i]) * u[i] = g[i] / (1 + exp(-g[i])) * u[i]
+using SiluMulFn = void (*)(const float* g, const float* u, float* h, int n);
+
+constexpr int MAX_TYPE_ID = 16;
+
+struct KernelSet {
+    const char* name;
+    QuantRowFn quant[ACT_COUNT];
+    SiluMulFn silu_mul;
+    GemmFn gemm[MAX_TYPE_ID];  // indexed by ggml type id; nullptr when unsupported
+};
+
+const KernelSet* kernels_scalar();
+const KernelSet* kernels_avx2();    // nullptr if the compiler could not build it
+const KernelSet* kernels_avx512();  // nullptr if the compiler could not build it
+
+}  // namespace hmoe

@@ -1,0 +1,310 @@
+// Portable reference kernels: the readable twin of every SIMD kernel, and the fallback on CPUs
+// without AVX2. Integer sums are exact; only the float accumulation order differs from SIMD.
+#include <cmath>
+
+#include "kernels.h"
+
+namespace hmoe {
+namespace {
+
+inline float half(uint16_t h) { return fp16_to_fp32(h); }
+
+// Blocks `stride` bytes apart (activation tiles are block-major: see kernels.h).
+template <class B>
+struct Strided {
+    uint8_t* p;
+    size_t stride;
+    B& operator[](int i) const { return *reinterpret_cast<B*>(p + i * stride); }
+};
+template <class B>
+struct CStrided {
+    const uint8_t* p;
+    size_t stride;
+    const B& operator[](int i) const { return *reinterpret_cast<const B*>(p + i * stride); }
+};
+
+// ---- activation quantization: symmetric int8, d = amax / 127, q = round_half_even(x / d) ----
+
+float row_amax(const float* x, int n) {
+    float m = 0.f;
+    for (int i = 0; i < n; ++i) m = std::fmax(m, std::fabs(x[i]));
+    return m;
+}
+
+inline int8_t q8(float v) {
+    long r = std::lrint(v);  // default rounding mode: nearest, ties to even (same as cvtps2dq)
+    return (int8_t)(r > 127 ? 127 : r < -127 ? -127 : r);
+}
+
+void quant_q8_0(const float* x, uint8_t* y, int n, size_t bs) {
+    Strided<BlockQ8_0> b{y, bs};
+    for (int i = 0; i < n / QK32; ++i, x += QK32) {
+        const float d = row_amax(x, QK32) / 127.f;
+        const float id = d != 0.f ? 1.f / d : 0.f;
+        b[i].d = fp32_to_fp16(d);
+        for (int j = 0; j < QK32; ++j) b[i].qs[j] = q8(x[j] * id);
+    }
+}
+
+void quant_q8_1(const float* x, uint8_t* y, int n, size_t bs) {
+    Strided<BlockQ8_1> b{y, bs};
+    for (int i = 0; i < n / QK32; ++i, x += QK32) {
+        const float d = row_amax(x, QK32) / 127.f;
+        const float id = d != 0.f ? 1.f / d : 0.f;
+        int sum = 0;
+        for (int j = 0; j < QK32; ++j) {
+            b[i].qs[j] = q8(x[j] * id);
+            sum += b[i].qs[j];
+        }
+        b[i].d = fp32_to_fp16(d);
+        b[i].s = fp32_to_fp16(d * (float)sum);
+    }
+}
+
+void quant_q8_K(const float* x, uint8_t* y, int n, size_t bs) {
+    Strided<BlockQ8_K> b{y, bs};
+    for (int i = 0; i < n / QK_K; ++i, x += QK_K) {
+        const float d = row_amax(x, QK_K) / 127.f;
+        const float id = d != 0.f ? 1.f / d : 0.f;
+        b[i].d = d;
+        for (int j = 0; j < QK_K; ++j) b[i].qs[j] = q8(x[j] * id);
+        for (int g = 0; g < 16; ++g) {
+            int s = 0;
+            for (int j = 0; j < 16; ++j) s += b[i].qs[16 * g + j];
+            b[i].bsums[g] = (int16_t)s;
+        }
+        for (int j = 0; j < 8; ++j) b[i].sums32[j] = d * (float)(b[i].bsums[2 * j] + b[i].bsums[2 * j + 1]);
+    }
+}
+
+// ---- dot products: one weight row (nb blocks) with one activation row ----
+
+float dot_q4_0(const uint8_t* w, const uint8_t* a, int nb, size_t as) {
+    auto* x = reinterpret_cast<const BlockQ4_0*>(w);
+    CStrided<BlockQ8_0> y{a, as};
+    float acc = 0.f;
+    for (int i = 0; i < nb; ++i) {
+        int s = 0;
+        for (int j = 0; j < 16; ++j) {
+            s += ((x[i].qs[j] & 0xf) - 8) * y[i].qs[j];
+            s += ((x[i].qs[j] >> 4) - 8) * y[i].qs[j + 16];
+        }
+        acc += half(x[i].d) * half(y[i].d) * (float)s;
+    }
+    return acc;
+}
+
+float dot_q4_1(const uint8_t* w, const uint8_t* a, int nb, size_t as) {
+    auto* x = reinterpret_cast<const BlockQ4_1*>(w);
+    CStrided<BlockQ8_1> y{a, as};
+    float acc = 0.f;
+    for (int i = 0; i < nb; ++i) {
+        int s = 0;
+        for (int j = 0; j < 16; ++j) {
+            s += (x[i].qs[j] & 0xf) * y[i].qs[j];
+            s += (x[i].qs[j] >> 4) * y[i].qs[j + 16];
+        }
+        acc += half(x[i].d) * half(y[i].d) * (float)s + half(x[i].m) * half(y[i].s);
+    }
+    return acc;
+}
+
+inline uint32_t load_u32(const uint8_t* p) {
+    uint32_t v;
+    std::memcpy(&v, p, 4);
+    return v;
+}
+
+float dot_q5_0(const uint8_t* w, const uint8_t* a, int nb, size_t as) {
+    auto* x = reinterpret_cast<const BlockQ5_0*>(w);
+    CStrided<BlockQ8_0> y{a, as};
+    float acc = 0.f;
+    for (int i = 0; i < nb; ++i) {
+        const uint32_t qh = load_u32(x[i].qh);
+        int s = 0;
+        for (int j = 0; j < 16; ++j) {
+            const int lo = (x[i].qs[j] & 0xf) | ((qh >> j) & 1) << 4;
+            const int hi = (x[i].qs[j] >> 4) | ((qh >> (j + 16)) & 1) << 4;
+            s += (lo - 16) * y[i].qs[j] + (hi - 16) * y[i].qs[j + 16];
+        }
+        acc += half(x[i].d) * half(y[i].d) * (float)s;
+    }
+    return acc;
+}
+
+float dot_q5_1(const uint8_t* w, const uint8_t* a, int nb, size_t as) {
+    auto* x = reinterpret_cast<const BlockQ5_1*>(w);
+    CStrided<BlockQ8_1> y{a, as};
+    float acc = 0.f;
+    for (int i = 0; i < nb; ++i) {
+        const uint32_t qh = load_u32(x[i].qh);
+        int s = 0;
+        for (int j = 0; j < 16; ++j) {
+            const int lo = (x[i].qs[j] & 0xf) | ((qh >> j) & 1) << 4;
+            const int hi = (x[i].qs[j] >> 4) | ((qh >> (j + 16)) & 1) << 4;
+            s += lo * y[i].qs[j] + hi * y[i].qs[j + 16];
+        }
+        acc += half(x[i].d) * half(y[i].d) * (float)s + half(x[i].m) * half(y[i].s);
+    }
+    return acc;
+}
+
+float dot_q8_0(const uint8_t* w, const uint8_t* a, int nb, size_t as) {
+    auto* x = reinterpret_cast<const BlockQ8_0*>(w);
+    CStrided<BlockQ8_0> y{a, as};
+    float acc = 0.f;
+    for (int i = 0; i < nb; ++i) {
+        int s = 0;
+        for (int j = 0; j < QK32; ++j) s += x[i].qs[j] * y[i].qs[j];
+        acc += half(x[i].d) * half(y[i].d) * (float)s;
+    }
+    return acc;
+}
+
+// 6-bit scale and min j (0..7) of a Q4_K/Q5_K super-block.
+inline void scale_min_k4(int j, const uint8_t* q, int& sc, int& m) {
+    if (j < 4) {
+        sc = q[j] & 63;
+        m = q[j + 4] & 63;
+    } else {
+        sc = (q[j + 4] & 0xf) | ((q[j - 4] >> 6) << 4);
+        m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+    }
+}
+
+// Shared by Q4_K and Q5_K once the 256 quants are unpacked: d*sum_j sc_j*<q_j,a_j> - dmin*sum_j m_j*sum(a_j).
+inline float kquant_sum(const uint8_t* q, const uint8_t* scales, float d, float dmin, const BlockQ8_K& y) {
+    int sumi = 0, summ = 0;
+    for (int j = 0; j < 8; ++j) {
+        int sc, m;
+        scale_min_k4(j, scales, sc, m);
+        int s = 0;
+        for (int l = 0; l < 32; ++l) s += q[32 * j + l] * y.qs[32 * j + l];
+        sumi += sc * s;
+        summ += m * (y.bsums[2 * j] + y.bsums[2 * j + 1]);
+    }
+    return y.d * (d * (float)sumi - dmin * (float)summ);
+}
+
+float dot_q4_K(const uint8_t* w, const uint8_t* a, int nb, size_t as) {
+    auto* x = reinterpret_cast<const BlockQ4_K*>(w);
+    CStrided<BlockQ8_K> y{a, as};
+    float acc = 0.f;
+    uint8_t q[QK_K];
+    for (int i = 0; i < nb; ++i) {
+        for (int j = 0; j < 4; ++j)
+            for (int l = 0; l < 32; ++l) {
+                q[64 * j + l] = x[i].qs[32 * j + l] & 0xf;
+                q[64 * j + 32 + l] = x[i].qs[32 * j + l] >> 4;
+            }
+        acc += kquant_sum(q, x[i].scales, half(x[i].d), half(x[i].dmin), y[i]);
+    }
+    return acc;
+}
+
+float dot_q5_K(const uint8_t* w, const uint8_t* a, int nb, size_t as) {
+    auto* x = reinterpret_cast<const BlockQ5_K*>(w);
+    CStrided<BlockQ8_K> y{a, as};
+    float acc = 0.f;
+    uint8_t q[QK_K];
+    for (int i = 0; i < nb; ++i) {
+        for (int j = 0; j < 4; ++j)
+            for (int l = 0; l < 32; ++l) {
+                const int h = x[i].qh[l];
+                q[64 * j + l] = (x[i].qs[32 * j + l] & 0xf) | ((h >> (2 * j)) & 1) << 4;
+                q[64 * j + 32 + l] = (x[i].qs[32 * j + l] >> 4) | ((h >> (2 * j + 1)) & 1) << 4;
+            }
+        acc += kquant_sum(q, x[i].scales, half(x[i].d), half(x[i].dmin), y[i]);
+    }
+    return acc;
+}
+
+float dot_q6_K(const uint8_t* w, const uint8_t* a, int nb, size_t as) {
+    auto* x = reinterpret_cast<const BlockQ6_K*>(w);
+    CStrided<BlockQ8_K> y{a, as};
+    float acc = 0.f;
+    int8_t q[QK_K];
+    for (int i = 0; i < nb; ++i) {
+        for (int n = 0; n < 2; ++n) {  // two halves of 128
+            const uint8_t* ql = x[i].ql + 64 * n;
+            const uint8_t* qh = x[i].qh + 32 * n;
+            int8_t* o = q + 128 * n;
+            for (int l = 0; l < 32; ++l) {
+                o[l] = (int8_t)(((ql[l] & 0xf) | ((qh[l] >> 0) & 3) << 4) - 32);
+                o[l + 32] = (int8_t)(((ql[l + 32] & 0xf) | ((qh[l] >> 2) & 3) << 4) - 32);
+                o[l + 64] = (int8_t)(((ql[l] >> 4) | ((qh[l] >> 4) & 3) << 4) - 32);
+                o[l + 96] = (int8_t)(((ql[l + 32] >> 4) | ((qh[l] >> 6) & 3) << 4) - 32);
+            }
+        }
+        int sumi = 0;
+        for (int g = 0; g < 16; ++g) {  // one scale per 16 values
+            int s = 0;
+            for (int l = 0; l < 16; ++l) s += q[16 * g + l] * y[i].qs[16 * g + l];
+            sumi += x[i].scales[g] * s;
+        }
+        acc += half(x[i].d) * y[i].d * (float)sumi;
+    }
+    return acc;
+}
+
+void silu_mul(const float* g, const float* u, float* h, int n) {
+    for (int i = 0; i < n; ++i) h[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+}
+
+using DotFn = float (*)(const uint8_t*, const uint8_t*, int, size_t);
+
+template <DotFn DOT, int QK, class ABlock>
+void gemm(const uint8_t* w, size_t rb, int nr, int n_cols, const uint8_t* act, int nt, float* out, size_t ldo) {
+    const int nb = n_cols / QK;
+    for (int t = 0; t < nt; ++t)  // token t's block b is at act + (b * nt + t) * sizeof(ABlock)
+        for (int r = 0; r < nr; ++r)
+            out[t * ldo + r] = DOT(w + r * rb, act + t * sizeof(ABlock), nb, nt * sizeof(ABlock));
+}
+
+KernelSet make_scalar() {
+    KernelSet k{};
+    k.name = "scalar";
+    k.quant[ACT_Q8_0] = quant_q8_0;
+    k.quant[ACT_Q8_1] = quant_q8_1;
+    k.quant[ACT_Q8_K] = quant_q8_K;
+    k.silu_mul = silu_mul;
+    k.gemm[T_Q4_0] = gemm<dot_q4_0, QK32, BlockQ8_0>;
+    k.gemm[T_Q4_1] = gemm<dot_q4_1, QK32, BlockQ8_1>;
+    k.gemm[T_Q5_0] = gemm<dot_q5_0, QK32, BlockQ8_0>;
+    k.gemm[T_Q5_1] = gemm<dot_q5_1, QK32, BlockQ8_1>;
+    k.gemm[T_Q8_0] = gemm<dot_q8_0, QK32, BlockQ8_0>;
+    k.gemm[T_Q4_K] = gemm<dot_q4_K, QK_K, BlockQ8_K>;
+    k.gemm[T_Q5_K] = gemm<dot_q5_K, QK_K, BlockQ8_K>;
+    k.gemm[T_Q6_K] = gemm<dot_q6_K, QK_K, BlockQ8_K>;
+    return k;
+}
+
+}  // namespace
+
+const KernelSet* kernels_scalar() {
+    static const KernelSet k = make_scalar();
+    return &k;
+}
+
+static const TypeInfo kTypes[] = {
+    {T_Q4_0, "Q4_0", QK32, (int)sizeof(BlockQ4_0), ACT_Q8_0},
+    {T_Q4_1, "Q4_1", QK32, (int)sizeof(BlockQ4_1), ACT_Q8_1},
+    {T_Q5_0, "Q5_0", QK32, (int)sizeof(BlockQ5_0), ACT_Q8_0},
+    {T_Q5_1, "Q5_1", QK32, (int)sizeof(BlockQ5_1), ACT_Q8_1},
+    {T_Q8_0, "Q8_0", QK32, (int)sizeof(BlockQ8_0), ACT_Q8_0},
+    {T_Q4_K, "Q4_K", QK_K, (int)sizeof(BlockQ4_K), ACT_Q8_K},
+    {T_Q5_K, "Q5_K", QK_K, (int)sizeof(BlockQ5_K), ACT_Q8_K},
+    {T_Q6_K, "Q6_K", QK_K, (int)sizeof(BlockQ6_K), ACT_Q8_K},
+};
+
+const TypeInfo* type_info(int ggml_type) {
+    for (const auto& t : kTypes)
+        if (t.type == ggml_type) return &t;
+    return nullptr;
+}
+
+const char* act_name(ActKind a) {
+    return a == ACT_Q8_K ? "Q8_K" : a == ACT_Q8_1 ? "Q8_1" : "Q8_0";
+}
+
+}  // namespace hmoe

@@ -1,0 +1,357 @@
+// Dense matmul and fused MoE FFN on the thread pool.
+//
+// Dimension key:  T tokens, k experts per token, E experts, D model width, F expert FFN width,
+//                 P = T*k (token, expert) pairs, grouped by expert.
+#include "ops.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "threadpool.h"
+
+namespace hmoe {
+
+namespace {
+
+// Per-thread scratch that only grows: no allocation on the hot path after warm-up.
+float* scratch(size_t n_floats) {
+    thread_local std::vector<float> buf;
+    if (buf.size() < n_floats) buf.resize(n_floats);
+    return buf.data();
+}
+
+inline int ceil_div(long long a, long long b) { return (int)((a + b - 1) / b); }
+
+std::string fmt(const char* f, long long a, long long b = 0, long long c = 0, long long d = 0) {
+    char s[512];
+    std::snprintf(s, sizeof s, f, a, b, c, d);
+    return s;
+}
+
+}  // namespace
+
+size_t act_row_bytes(ActKind a, int n_cols) { return (size_t)(n_cols / act_block(a)) * act_bytes(a); }
+
+void quantize_rows(ActKind a, const float* x, int rows, int cols, uint8_t* out) {
+    const QuantRowFn q = active_kernels()->quant[a];
+    const size_t rb = act_row_bytes(a, cols);
+    for (int r = 0; r < rows; ++r) q(x + (size_t)r * cols, out + r * rb, cols, act_bytes(a));
+}
+
+// ================================================================ dense matmul
+
+std::string check_matmul(int type, long long n_rows, long long n_cols, long long T, size_t w_len, size_t x_len,
+                         size_t out_len) {
+    const TypeInfo* ti = type_info(type);
+    if (!ti) return fmt("ggml_type %lld is not supported by the CPU kernels", type);
+    if (n_rows <= 0 || n_rows > (1LL << 31) - 1) return fmt("n_rows=%lld must be in [1, 2^31)", n_rows);
+    if (n_cols <= 0 || n_cols % ti->block) return fmt("n_cols=%lld must be a positive multiple of %lld", n_cols, ti->block);
+    if (T < 0 || T > (1LL << 31) - 1) return fmt("T=%lld must be in [0, 2^31)", T);
+    const long long rb = n_cols / ti->block * ti->bytes;
+    if ((long long)w_len != n_rows * rb)
+        return fmt("w has %lld bytes, expected n_rows*row_bytes = %lld", (long long)w_len, n_rows * rb);
+    if ((long long)x_len < T * n_cols * 4) return fmt("x has %lld bytes, expected %lld", (long long)x_len, T * n_cols * 4);
+    if ((long long)out_len < T * n_rows * 4)
+        return fmt("out has %lld bytes, expected %lld", (long long)out_len, T * n_rows * 4);
+    return "";
+}
+
+namespace {
+
+class MatmulJob : public Job {
+public:
+    void prepare(const uint8_t* w, int type, int nr, int nc, const float* x, int T, float* out, int threads) {
+        const TypeInfo* ti = type_info(type);
+        ks_ = active_kernels();
+        gemm_ = ks_->gemm[type];
+        quant_ = ks_->quant[ti->act];
+        w_ = w, x_ = x, out_ = out, nr_ = nr, nc_ = nc, T_ = T;
+        rb_ = (size_t)(nc / ti->block) * ti->bytes;
+        arb_ = act_row_bytes(ti->act, nc);
+        ab_ = act_bytes(ti->act);
+        xq_.resize(arb_ * T);
+        tq_ = std::max(1, ceil_div(T, 4 * threads));
+        n_tt_ = ceil_div(T, GEMM_MAX_TOKENS);
+        // enough row chunks to balance the threads, each a multiple of 4 rows
+        const int want = std::max(1, 8 * threads / n_tt_);
+        rc_ = std::max(4, std::min(T > 1 ? 32 : 256, (ceil_div(nr, want) + 3) / 4 * 4));
+        n_rc_ = ceil_div(nr, rc_);
+        const int counts[2] = {ceil_div(T, tq_), n_rc_ * n_tt_};
+        set_phases(counts, 2);
+    }
+
+    void run_task(int phase, int i) override {
+        if (phase == 0) {
+            const int t1 = std::min(T_, (i + 1) * tq_);
+            for (int t = i * tq_; t < t1; ++t) {  // into its 64-token tile, block-major
+                const int t0 = t / GEMM_MAX_TOKENS * GEMM_MAX_TOKENS, nt = std::min(GEMM_MAX_TOKENS, T_ - t0);
+                quant_(x_ + (size_t)t * nc_, xq_.data() + t0 * arb_ + (t - t0) * ab_, nc_, nt * ab_);
+            }
+            return;
+        }
+        const int r0 = (i / n_tt_) * rc_, t0 = (i % n_tt_) * GEMM_MAX_TOKENS;  // token tiles share weights
+        const int nr = std::min(rc_, nr_ - r0), nt = std::min(GEMM_MAX_TOKENS, T_ - t0);
+        gemm_(w_ + r0 * rb_, rb_, nr, nc_, xq_.data() + t0 * arb_, nt, out_ + (size_t)t0 * nr_ + r0, nr_);
+    }
+
+private:
+    const KernelSet* ks_ = nullptr;
+    GemmFn gemm_ = nullptr;
+    QuantRowFn quant_ = nullptr;
+    const uint8_t* w_ = nullptr;
+    const float* x_ = nullptr;
+    float* out_ = nullptr;
+    int nr_ = 0, nc_ = 0, T_ = 0, tq_ = 1, n_tt_ = 1, rc_ = 4, n_rc_ = 1;
+    size_t rb_ = 0, arb_ = 0, ab_ = 0;
+    std::vector<uint8_t> xq_;  // [T, arb] as 64-token block-major tiles
+};
+
+}  // namespace
+
+void matmul(const uint8_t* w, int type, int n_rows, int n_cols, const float* x, int T, float* out) {
+    if (T == 0) return;
+    thread_local MatmulJob job;  // reused: its buffers only grow
+    ThreadPool& pool = ThreadPool::instance();
+    job.prepare(w, type, n_rows, n_cols, x, T, out, pool.threads());
+    pool.run(&job);
+}
+
+// ================================================================ fused MoE FFN
+
+std::string check_moe(const MoeArgs& a, const MoeLens& n) {
+    const TypeInfo* tg = type_info(a.gate_type);
+    const TypeInfo* tu = type_info(a.up_type);
+    const TypeInfo* td = type_info(a.down_type);
+    if (!tg) return fmt("gate_type %lld is not supported by the CPU kernels", a.gate_type);
+    if (!tu) return fmt("up_type %lld is not supported by the CPU kernels", a.up_type);
+    if (!td) return fmt("down_type %lld is not supported by the CPU kernels", a.down_type);
+    if (a.n_expert <= 0) return fmt("n_expert=%lld must be positive", a.n_expert);
+    if (a.T < 0 || a.k <= 0) return fmt("T=%lld, k=%lld: need T >= 0 and k >= 1", a.T, a.k);
+    if ((long long)a.T * a.k > (1LL << 26))
+        return fmt("T*k = %lld (token, expert) pairs exceeds the limit %lld: split the batch", (long long)a.T * a.k,
+                   1LL << 26);
+    if (a.d_model <= 0 || a.d_model % tg->block || a.d_model % tu->block)
+        return fmt("d_model=%lld must be a positive multiple of the gate/up block sizes (%lld, %lld)", a.d_model,
+                   tg->block, tu->block);
+    if (a.d_ff <= 0 || a.d_ff % td->block)
+        return fmt("d_ff=%lld must be a positive multiple of the down block size %lld", a.d_ff, td->block);
+    const long long E = a.n_expert, D = a.d_model, F = a.d_ff, T = a.T, k = a.k;
+    const long long eg = E * F * (D / tg->block) * tg->bytes, eu = E * F * (D / tu->block) * tu->bytes;
+    const long long ed = E * D * (F / td->block) * td->bytes;
+    if ((long long)n.gate != eg) return fmt("gate has %lld bytes, expected n_expert*d_ff*row_bytes = %lld", (long long)n.gate, eg);
+    if ((long long)n.up != eu) return fmt("up has %lld bytes, expected n_expert*d_ff*row_bytes = %lld", (long long)n.up, eu);
+    if ((long long)n.down != ed) return fmt("down has %lld bytes, expected n_expert*d_model*row_bytes = %lld", (long long)n.down, ed);
+    if ((long long)n.x != T * D * 4) return fmt("x has %lld bytes, expected T*d_model*4 = %lld", (long long)n.x, T * D * 4);
+    if ((long long)n.ids != T * k * 4) return fmt("ids has %lld bytes, expected T*k*4 = %lld", (long long)n.ids, T * k * 4);
+    if ((long long)n.weights != T * k * 4)
+        return fmt("weights has %lld bytes, expected T*k*4 = %lld", (long long)n.weights, T * k * 4);
+    if ((long long)n.out != T * D * 4) return fmt("out has %lld bytes, expected T*d_model*4 = %lld", (long long)n.out, T * D * 4);
+    for (long long i = 0; i < T * k; ++i)
+        if (a.ids[i] < 0 || a.ids[i] >= a.n_expert)
+            return fmt("ids[%lld, %lld] = %lld is outside [0, n_expert=%lld)", i / k, i % k, a.ids[i], a.n_expert);
+    return "";
+}
+
+class MoeJob : public Job {
+public:
+    void prepare(const MoeArgs& a, int threads);
+    void run_task(int phase, int i) override;
+
+private:
+    struct GateUpTask { int e, f0, nf; };
+    void gate_up(const GateUpTask& task);
+    void down_rows(int d0, int nd);
+
+    MoeArgs a_{};
+    const KernelSet* ks_ = nullptr;
+    GemmFn gemm_g_ = nullptr, gemm_u_ = nullptr, gemm_d_ = nullptr;
+    QuantRowFn quant_g_ = nullptr, quant_u_ = nullptr, quant_d_ = nullptr;
+    size_t rb_g_ = 0, rb_u_ = 0, rb_d_ = 0;     // weight row bytes
+    size_t arb_g_ = 0, arb_u_ = 0, arb_d_ = 0;  // activation row bytes
+    size_t ab_g_ = 0, ab_u_ = 0, ab_d_ = 0;     // activation block bytes
+    bool share_xq_ = false;
+    int tq_x_ = 1, tq_h_ = 1, fc_ = 64, dc_ = 64, n_pairs_ = 0;
+    std::vector<int> off_;                 // [E+1] grouped-pair offsets per expert
+    std::vector<int> active_;              // experts with tokens, ascending
+    std::vector<int> pair_tok_;            // [P] token of each grouped pair
+    std::vector<float> pair_w_;            // [P] its routing weight
+    std::vector<int> pair_tile_, pair_nt_;  // [P] first pair and size of the pair's token tile
+    // Activations per pair, grouped by expert in tiles of <= 64 pairs, block-major inside a tile
+    // (kernels.h): the tile starting at pair p0 begins at byte p0 * arb.
+    std::vector<uint8_t> xq_g_, xq_u_;     // [P, arb] quantized x
+    std::vector<float> h_;                 // [P, F] silu(gate) * up
+    std::vector<uint8_t> hq_;              // [P, arb_d] quantized h
+    std::vector<GateUpTask> gu_tasks_;
+    std::vector<int> act_fill_;            // [E] counting-sort cursors
+};
+
+void MoeJob::prepare(const MoeArgs& a, int threads) {
+    a_ = a;
+    const TypeInfo *tg = type_info(a.gate_type), *tu = type_info(a.up_type), *td = type_info(a.down_type);
+    ks_ = active_kernels();
+    gemm_g_ = ks_->gemm[a.gate_type], gemm_u_ = ks_->gemm[a.up_type], gemm_d_ = ks_->gemm[a.down_type];
+    quant_g_ = ks_->quant[tg->act], quant_u_ = ks_->quant[tu->act], quant_d_ = ks_->quant[td->act];
+    const int T = a.T, k = a.k, E = a.n_expert, D = a.d_model, F = a.d_ff;
+    rb_g_ = (size_t)(D / tg->block) * tg->bytes;
+    rb_u_ = (size_t)(D / tu->block) * tu->bytes;
+    rb_d_ = (size_t)(F / td->block) * td->bytes;
+    arb_g_ = act_row_bytes(tg->act, D), arb_u_ = act_row_bytes(tu->act, D), arb_d_ = act_row_bytes(td->act, F);
+    ab_g_ = act_bytes(tg->act), ab_u_ = act_bytes(tu->act), ab_d_ = act_bytes(td->act);
+    share_xq_ = tg->act == tu->act;
+    n_pairs_ = T * k;
+
+    // group (token, expert) pairs by expert: counting sort keeps token order inside an expert
+    off_.assign(E + 1, 0);
+    for (int i = 0; i < n_pairs_; ++i) ++off_[a.ids[i] + 1];
+    for (int e = 0; e < E; ++e) off_[e + 1] += off_[e];
+    active_.clear();
+    for (int e = 0; e < E; ++e)
+        if (off_[e + 1] > off_[e]) active_.push_back(e);
+    pair_tok_.resize(n_pairs_);
+    pair_w_.resize(n_pairs_);
+    {
+        std::vector<int>& fill = act_fill_;
+        fill.assign(off_.begin(), off_.end() - 1);
+        for (int i = 0; i < n_pairs_; ++i) {
+            const int p = fill[a.ids[i]]++;
+            pair_tok_[p] = i / k;
+            pair_w_[p] = a.weights[i];
+        }
+    }
+
+    pair_tile_.resize(n_pairs_);
+    pair_nt_.resize(n_pairs_);
+    for (int e : active_)
+        for (int p0 = off_[e]; p0 < off_[e + 1]; p0 += GEMM_MAX_TOKENS) {
+            const int nt = std::min(GEMM_MAX_TOKENS, off_[e + 1] - p0);
+            for (int p = p0; p < p0 + nt; ++p) pair_tile_[p] = p0, pair_nt_[p] = nt;
+        }
+    xq_g_.resize(arb_g_ * n_pairs_);
+    if (!share_xq_) xq_u_.resize(arb_u_ * n_pairs_);
+    h_.resize((size_t)n_pairs_ * F);
+    hq_.resize(arb_d_ * n_pairs_);
+
+    // task sizes: enough tasks per phase for the threads, rows in multiples of 4 (the gemm tile)
+    tq_x_ = std::max(1, ceil_div(n_pairs_, 4 * threads));
+    tq_h_ = std::max(1, ceil_div(n_pairs_, 4 * threads));
+    // gate/up rows per task: 64 when tokens are many (the weights stay in L2 across token tiles);
+    // for decode, long runs of rows so the weight stream is sequential, ~8 tasks per thread
+    fc_ = 64;
+    if (T <= 4) {
+        const long long rows = (long long)active_.size() * F;
+        fc_ = (int)std::max(64LL, std::min((long long)F, (rows / (8LL * threads) + 63) / 64 * 64));
+    }
+    gu_tasks_.clear();
+    for (int e : active_)
+        for (int f0 = 0; f0 < F; f0 += fc_) gu_tasks_.push_back({e, f0, std::min(fc_, F - f0)});
+    // down rows per task: every task walks all active experts, so ~8 tasks per thread balance well;
+    // decode takes longer row runs (sequential weight stream, fewer cold prefetch starts)
+    // (prefill: up to 128 rows, which halves how often each task re-reads all experts' activations)
+    const int dmax = T <= 4 ? 256 : 128;
+    dc_ = std::max(16, std::min(dmax, (ceil_div(D, 8 * threads) + 15) / 16 * 16));
+    const int counts[4] = {ceil_div(n_pairs_, tq_x_), (int)gu_tasks_.size(), ceil_div(n_pairs_, tq_h_),
+                           ceil_div(D, dc_)};
+    set_phases(counts, T > 0 ? 4 : 0);
+}
+
+void MoeJob::run_task(int phase, int i) {
+    const int D = a_.d_model, F = a_.d_ff;
+    switch (phase) {
+        case 0: {  // quantize x into each pair's tile slot
+            const int p1 = std::min(n_pairs_, (i + 1) * tq_x_);
+            for (int p = i * tq_x_; p < p1; ++p) {
+                const float* x = a_.x + (size_t)pair_tok_[p] * D;
+                const int p0 = pair_tile_[p], nt = pair_nt_[p];
+                quant_g_(x, xq_g_.data() + p0 * arb_g_ + (p - p0) * ab_g_, D, nt * ab_g_);
+                if (!share_xq_) quant_u_(x, xq_u_.data() + p0 * arb_u_ + (p - p0) * ab_u_, D, nt * ab_u_);
+            }
+            break;
+        }
+        case 1:
+            gate_up(gu_tasks_[i]);
+            break;
+        case 2: {  // quantize h for down
+            const int p1 = std::min(n_pairs_, (i + 1) * tq_h_);
+            for (int p = i * tq_h_; p < p1; ++p) {
+                const int p0 = pair_tile_[p], nt = pair_nt_[p];
+                quant_d_(h_.data() + (size_t)p * F, hq_.data() + p0 * arb_d_ + (p - p0) * ab_d_, F, nt * ab_d_);
+            }
+            break;
+        }
+        case 3:
+            down_rows(i * dc_, std::min(dc_, D - i * dc_));
+            break;
+    }
+}
+
+// Rows [f0, f0+nf) of gate and up for every token of expert e, then h = silu(gate) * up.
+void MoeJob::gate_up(const GateUpTask& task) {
+    const int D = a_.d_model, F = a_.d_ff, nf = task.nf;
+    float* g = scratch(2 * (size_t)GEMM_MAX_TOKENS * nf);
+    float* u = g + (size_t)GEMM_MAX_TOKENS * nf;
+    const uint8_t* wg = a_.gate + ((size_t)task.e * F + task.f0) * rb_g_;
+    const uint8_t* wu = a_.up + ((size_t)task.e * F + task.f0) * rb_u_;
+    for (int p0 = off_[task.e]; p0 < off_[task.e + 1]; p0 += GEMM_MAX_TOKENS) {
+        const int nt = std::min(GEMM_MAX_TOKENS, off_[task.e + 1] - p0);
+        const uint8_t* xu = share_xq_ ? xq_g_.data() + p0 * arb_g_ : xq_u_.data() + p0 * arb_u_;
+        gemm_g_(wg, rb_g_, nf, D, xq_g_.data() + p0 * arb_g_, nt, g, nf);
+        gemm_u_(wu, rb_u_, nf, D, xu, nt, u, nf);
+        for (int t = 0; t < nt; ++t) ks_->silu_mul(g + t * nf, u + t * nf, h_.data() + (size_t)(p0 + t) * F + task.f0, nf);
+    }
+}
+
+// Output columns [d0, d0+nd) for every token: this task owns them, so no two threads write one value.
+// Experts are added in ascending id order, which makes the result independent of the thread count.
+void MoeJob::down_rows(int d0, int nd) {
+    const int D = a_.d_model, F = a_.d_ff;
+    for (int t = 0; t < a_.T; ++t) std::memset(a_.out + (size_t)t * D + d0, 0, nd * sizeof(float));
+    float* y = scratch((size_t)GEMM_MAX_TOKENS * nd);
+    for (int e : active_) {
+        const uint8_t* wd = a_.down + ((size_t)e * D + d0) * rb_d_;
+        for (int p0 = off_[e]; p0 < off_[e + 1]; p0 += GEMM_MAX_TOKENS) {
+            const int nt = std::min(GEMM_MAX_TOKENS, off_[e + 1] - p0);
+            gemm_d_(wd, rb_d_, nd, F, hq_.data() + p0 * arb_d_, nt, y, nd);
+            for (int t = 0; t < nt; ++t) {
+                float* o = a_.out + (size_t)pair_tok_[p0 + t] * D + d0;
+                const float w = pair_w_[p0 + t];
+                const float* yt = y + t * nd;
+                for (int j = 0; j < nd; ++j) o[j] += w * yt[j];
+            }
+        }
+    }
+}
+
+namespace {
+std::mutex g_free_mu;
+std::vector<std::unique_ptr<MoeJob>> g_free;  // recycled jobs keep their buffers
+}  // namespace
+
+MoeJob* moe_submit(const MoeArgs& a) {
+    std::unique_ptr<MoeJob> job;
+    {
+        std::lock_guard<std::mutex> lk(g_free_mu);
+        if (!g_free.empty()) {
+            job = std::move(g_free.back());
+            g_free.pop_back();
+        }
+    }
+    if (!job) job.reset(new MoeJob());
+    ThreadPool& pool = ThreadPool::instance();
+    job->prepare(a, pool.threads());
+    pool.submit(job.get());
+    return job.release();
+}
+
+void moe_wait(MoeJob* job) {
+    ThreadPool::instance().wait(job);
+    std::lock_guard<std::mutex> lk(g_free_mu);
+    g_free.emplace_back(job);
+}
+
+bool moe_done(const MoeJob* job) { return job->finished(); }
+
+}  // namespace hmoe

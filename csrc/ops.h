@@ -1,0 +1,55 @@
+// Operators built from the kernels: dense quantized matmul and the fused MoE FFN.
+// Callers validate shapes against buffer sizes with the check_* functions first (they return an
+// error message, empty when fine); the operators themselves trust their arguments.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "kernels.h"
+
+namespace hmoe {
+
+// ---- variant dispatch (dispatch.cpp) ----
+struct CpuFeatures {
+    bool avx2, fma, f16c, avx512f, avx512bw, avx512vl, avx512dq, avx512vnni;
+};
+CpuFeatures cpu_features();
+const KernelSet* variant(const char* name);  // nullptr if unknown or unsupported by this CPU
+const KernelSet* best_kernels();
+const KernelSet* active_kernels();
+void set_active_kernels(const KernelSet* k);  // nullptr restores the best
+
+// ---- activation quantization of rows ----
+size_t act_row_bytes(ActKind a, int n_cols);
+void quantize_rows(ActKind a, const float* x, int rows, int cols, uint8_t* out);
+
+// ---- dense matmul: out[T, n_rows] = x[T, n_cols] @ W[n_rows, n_cols]^T ----
+std::string check_matmul(int type, long long n_rows, long long n_cols, long long T, size_t w_len, size_t x_len,
+                         size_t out_len);
+void matmul(const uint8_t* w, int type, int n_rows, int n_cols, const float* x, int T, float* out);
+
+// ---- fused MoE FFN ----
+// out[t] = sum_j weights[t, j] * down_e(silu(gate_e(x[t])) * up_e(x[t])), e = ids[t, j].
+struct MoeArgs {
+    const float* x;          // [T, D]
+    const int32_t* ids;      // [T, k]
+    const float* weights;    // [T, k]
+    const uint8_t* gate;     // [E, F, D] in gate_type
+    const uint8_t* up;       // [E, F, D] in up_type
+    const uint8_t* down;     // [E, D, F] in down_type
+    float* out;              // [T, D]
+    int T, k, n_expert, d_model, d_ff;
+    int gate_type, up_type, down_type;
+};
+struct MoeLens {  // byte sizes of the buffers behind MoeArgs
+    size_t x, ids, weights, gate, up, down, out;
+};
+std::string check_moe(const MoeArgs& a, const MoeLens& lens);
+
+class MoeJob;
+MoeJob* moe_submit(const MoeArgs& a);  // starts on the pool, returns at once
+void moe_wait(MoeJob* job);            // helps, waits, recycles the job
+bool moe_done(const MoeJob* job);
+
+}  // namespace hmoe

@@ -1,0 +1,111 @@
+// GGUF/ggml quantized block layouts (weights) and the activation blocks they are paired with.
+// Facts: little-endian, blocks packed without padding, scales in IEEE half unless noted.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+
+namespace hmoe {
+
+constexpr int QK_K = 256;  // elements per K-quant super-block
+constexpr int QK32 = 32;   // elements per legacy block
+
+// ggml type ids (the numbers stored in GGUF tensor infos).
+enum GgmlType : int {
+    T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8,
+    T_Q8_1 = 9, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14, T_Q8_K = 15,
+};
+
+// ---- weight blocks ----
+struct BlockQ4_0 { uint16_t d; uint8_t qs[16]; };                   // q = nibble - 8
+struct BlockQ4_1 { uint16_t d, m; uint8_t qs[16]; };                // x = d*nibble + m
+struct BlockQ5_0 { uint16_t d; uint8_t qh[4]; uint8_t qs[16]; };    // q = (nibble | bit<<4) - 16
+struct BlockQ5_1 { uint16_t d, m; uint8_t qh[4]; uint8_t qs[16]; };
+struct BlockQ8_0 { uint16_t d; int8_t qs[32]; };
+struct BlockQ4_K { uint16_t d, dmin; uint8_t scales[12]; uint8_t qs[128]; };
+struct BlockQ5_K { uint16_t d, dmin; uint8_t scales[12]; uint8_t qh[32]; uint8_t qs[128]; };
+struct BlockQ6_K { uint8_t ql[128]; uint8_t qh[64]; int8_t scales[16]; uint16_t d; };
+
+// ---- activation blocks ----
+// Q8_K: per 256 values one f32 scale, int8 values, and int16 sums per 16 values (ggml's block), followed
+// by d * (sum of 32 values) as f32 per 32: the min terms of Q4_K/Q5_K become one float FMA.
+struct BlockQ8_K { float d; int8_t qs[256]; int16_t bsums[16]; float sums32[8]; };
+// Q8_1 (internal layout): Q8_0 plus s = d * sum(qs), used with the weight types that carry a min.
+struct BlockQ8_1 { uint16_t d, s; int8_t qs[32]; };
+
+static_assert(sizeof(BlockQ4_0) == 18, "Q4_0 layout");
+static_assert(sizeof(BlockQ4_1) == 20, "Q4_1 layout");
+static_assert(sizeof(BlockQ5_0) == 22, "Q5_0 layout");
+static_assert(sizeof(BlockQ5_1) == 24, "Q5_1 layout");
+static_assert(sizeof(BlockQ8_0) == 34, "Q8_0 layout");
+static_assert(sizeof(BlockQ4_K) == 144, "Q4_K layout");
+static_assert(sizeof(BlockQ5_K) == 176, "Q5_K layout");
+static_assert(sizeof(BlockQ6_K) == 210, "Q6_K layout");
+static_assert(sizeof(BlockQ8_K) == 324, "Q8_K layout");
+static_assert(sizeof(BlockQ8_1) == 36, "Q8_1 layout");
+
+// Which activation format a weight type's dot product consumes.
+enum ActKind : int { ACT_Q8_0 = 0, ACT_Q8_1 = 1, ACT_Q8_K = 2, ACT_COUNT = 3 };
+
+struct TypeInfo {
+    int type;          // ggml id
+    const char* name;
+    int block;         // elements per block
+    int bytes;         // bytes per block
+    ActKind act;       // activation format
+};
+
+// Data table of supported weight types; nullptr when unsupported.
+const TypeInfo* type_info(int ggml_type);
+inline int act_block(ActKind a) { return a == ACT_Q8_K ? QK_K : QK32; }
+inline int act_bytes(ActKind a) {
+    return a == ACT_Q8_K ? (int)sizeof(BlockQ8_K) : a == ACT_Q8_1 ? (int)sizeof(BlockQ8_1) : (int)sizeof(BlockQ8_0);
+}
+const char* act_name(ActKind a);
+
+// ---- half precision (portable; SIMD files use F16C) ----
+inline float fp16_to_fp32(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+    uint32_t exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0) {
+        if (man == 0) {
+            bits = sign;
+        } else {  // subnormal: normalise
+            int e = -1;
+            do { man <<= 1; ++e; } while (!(man & 0x400));
+            bits = sign | (uint32_t)(127 - 15 - e) << 23 | (man & 0x3ff) << 13;
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000u | man << 13;
+    } else {
+        bits = sign | (exp + 127 - 15) << 23 | man << 13;
+    }
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+}
+
+// Round-to-nearest-even f32 -> f16 (same result as the F16C instruction in its default mode).
+inline uint16_t fp32_to_fp16(float f) {
+    uint32_t x;
+    std::memcpy(&x, &f, 4);
+    const uint32_t sign = (x >> 16) & 0x8000;
+    const uint32_t ax = x & 0x7fffffff;
+    if (ax >= 0x7f800000) return (uint16_t)(sign | 0x7c00 | (ax > 0x7f800000 ? 0x200 : 0));
+    if (ax >= 0x477ff000) return (uint16_t)(sign | 0x7c00);  // rounds to inf
+    if (ax < 0x38800000) {                                    // subnormal or zero in f16
+        if (ax < 0x33000000) return (uint16_t)sign;
+        const uint32_t e = ax >> 23, m = (ax & 0x7fffff) | 0x800000;
+        const int shift = 126 - (int)e;  // 14..24
+        uint32_t r = m >> shift;
+        const uint32_t rem = m & ((1u << shift) - 1), half = 1u << (shift - 1);
+        if (rem > half || (rem == half && (r & 1))) ++r;
+        return (uint16_t)(sign | r);
+    }
+    uint32_t r = ((ax >> 13) - ((127 - 15) << 10));
+    const uint32_t rem = ax & 0x1fff;
+    if (rem > 0x1000 || (rem == 0x1000 && (r & 1))) ++r;
+    return (uint16_t)(sign | r);
+}
+
+}  // namespace hmoe

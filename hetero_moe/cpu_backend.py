@@ -1,0 +1,255 @@
+"""CPU kernels (the hetero_moe._cpu extension): quantized matmul and the fused MoE FFN.
+
+Weights stay in their GGUF blocks (numpy uint8 arrays, read-only mmap views are fine); activations are
+float32 torch tensors, quantized inside the op (Q8_K for K-quants, Q8_0/Q8_1 for the 32-blocks).
+
+Threads: one persistent pool per process (set_num_threads(n) = n - 1 workers plus the calling
+thread, which helps while it waits; default HETERO_MOE_THREADS or the usable cores). Ops release the
+GIL. moe_ffn_submit starts the op on the workers and returns a Handle; Handle.wait() joins in and
+returns the output. Results do not depend on the thread count (fixed summation order).
+
+Dimension key: T tokens, k experts per token, E experts, D model width, F expert FFN width.
+"""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import torch
+
+from .errors import UnsupportedError
+
+_lock = threading.Lock()
+_mod = None
+_reason: str | None = None
+_loaded = False
+_threads_set = False
+
+_TYPE_NAMES = {2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K"}
+
+
+def _load():
+    global _mod, _reason, _loaded
+    if not _loaded:
+        with _lock:
+            if not _loaded:
+                try:
+                    from . import _cpu
+                    _mod = _cpu
+                except ImportError as e:
+                    _reason = (f"hetero_moe._cpu did not load ({e}); build it with `pip install -e . -v` "
+                               "(needs a C++17 compiler; the log shows why the build failed, and "
+                               "HETERO_MOE_REQUIRE_CPU_EXT=1 makes a failed build an error)")
+                _loaded = True
+    return _mod
+
+
+def _lib():
+    """The extension, with the thread count initialised on first use."""
+    global _threads_set
+    m = _load()
+    if m is None:
+        raise UnsupportedError(f"CPU kernels unavailable: {_reason}")
+    if not _threads_set:
+        from .config_env import default_threads
+        m.set_num_threads(default_threads())
+        _threads_set = True
+    return m
+
+
+def available() -> bool:
+    return _load() is not None
+
+
+def unavailable_reason() -> str | None:
+    _load()
+    return _reason
+
+
+def features() -> dict:
+    """CPU flags, the variants this CPU can run, and the variant each kernel uses."""
+    m = _lib()
+    f = dict(m.features())
+    f["variants"] = m.variants()
+    f["kernels"] = {name: f["variant"] for name in _TYPE_NAMES.values()}
+    f["kernels"].update({"quantize_q8_0": f["variant"], "quantize_q8_K": f["variant"], "silu_mul": f["variant"]})
+    return f
+
+
+def set_num_threads(n: int) -> None:
+    """Threads per op, the calling thread included. Do not call while an op is in flight."""
+    global _threads_set
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"set_num_threads: n={n!r} must be an int >= 1")
+    _lib().set_num_threads(n)
+    _threads_set = True
+
+
+def get_num_threads() -> int:
+    return _lib().get_num_threads()
+
+
+def supports(ggml_type: int) -> bool:
+    m = _load()
+    return m is not None and m.type_info(int(ggml_type)) is not None
+
+
+_INFO: dict[int, dict] = {}  # ggml type -> type_info, filled on first use (ops are called per layer)
+
+
+def type_info(ggml_type: int) -> dict:
+    """Block facts: name, block (elements), bytes (per block), act (activation format), act_bytes."""
+    info = _INFO.get(ggml_type)
+    if info is None:
+        info = _lib().type_info(int(ggml_type))
+        if info is None:
+            raise UnsupportedError(f"ggml type {ggml_type} is not supported by the CPU kernels "
+                                   f"(supported: {sorted(_TYPE_NAMES.values())})")
+        _INFO[int(ggml_type)] = info
+    return info
+
+
+def row_bytes(ggml_type: int, n_cols: int) -> int:
+    info = type_info(ggml_type)
+    if n_cols % info["block"]:
+        raise ValueError(f"n_cols={n_cols} is not a multiple of the {info['name']} block size {info['block']}")
+    return n_cols // info["block"] * info["bytes"]
+
+
+# ---------------------------------------------------------------- argument checks
+
+def _weight_buffer(name: str, w, nbytes: int) -> np.ndarray:
+    if type(w) is np.ndarray and w.dtype == np.uint8 and w.flags.c_contiguous and w.nbytes == nbytes:
+        return w  # the common case, checked cheaply
+    if isinstance(w, torch.Tensor):
+        if w.device.type != "cpu":
+            raise ValueError(f"{name} must be on the CPU, got device {w.device}")
+        w = w.detach().numpy()
+    if not isinstance(w, np.ndarray):
+        raise ValueError(f"{name} must be a numpy uint8 array (or a CPU torch uint8 tensor), got {type(w).__name__}")
+    if w.dtype != np.uint8:
+        raise ValueError(f"{name} must have dtype uint8, got {w.dtype}")
+    if not w.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous")
+    if w.nbytes != nbytes:
+        raise ValueError(f"{name} has {w.nbytes} bytes, expected {nbytes} for its shape and type")
+    return w
+
+
+def _float_tensor(name: str, x, shape_desc: str) -> torch.Tensor:
+    if type(x) is torch.Tensor and x.dtype == torch.float32 and x.is_cpu and x.is_contiguous():
+        return x.detach() if x.requires_grad else x
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.device.type != "cpu":
+        raise ValueError(f"{name} must be on the CPU, got device {x.device}")
+    if x.dtype != torch.float32:
+        raise ValueError(f"{name} must be float32 {shape_desc}, got {x.dtype}")
+    if not x.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+    return x.detach()
+
+
+def _positive(name: str, v) -> int:
+    if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v <= 0:
+        raise ValueError(f"{name}={v!r} must be a positive int")
+    return int(v)
+
+
+# ---------------------------------------------------------------- ops
+
+def matmul(w, ggml_type: int, n_rows: int, n_cols: int, x: torch.Tensor) -> torch.Tensor:
+    """x [..., n_cols] float32 @ W.T -> [..., n_rows] float32; W is n_rows rows of ggml_type blocks."""
+    m = _mod if _threads_set else _lib()
+    n_rows, n_cols = _positive("n_rows", n_rows), _positive("n_cols", n_cols)
+    w = _weight_buffer("w", w, n_rows * row_bytes(ggml_type, n_cols))
+    x = _float_tensor("x", x, f"[T, {n_cols}]")
+    shape = x.shape
+    if len(shape) < 1 or shape[-1] != n_cols:
+        raise ValueError(f"x has shape {tuple(shape)}, expected [..., n_cols={n_cols}]")
+    T = x.numel() // n_cols
+    out = np.empty((T, n_rows), dtype=np.float32)
+    if T:
+        m.matmul(w, ggml_type, n_rows, n_cols, x.numpy(), T, out)
+    y = torch.from_numpy(out)
+    return y if len(shape) == 2 else y.reshape(*shape[:-1], n_rows)
+
+
+class Handle:
+    """A fused MoE FFN running on the thread pool; wait() returns its output [T, D]."""
+
+    def __init__(self, h, out: torch.Tensor, keep: tuple):
+        self._h, self._out, self._keep = h, out, keep
+
+    def done(self) -> bool:
+        return self._h is None or self._h.done()
+
+    def wait(self) -> torch.Tensor:
+        if self._h is not None:
+            self._h.wait()
+            self._h, self._keep = None, ()
+        return self._out
+
+
+def moe_ffn_submit(x, ids, weights, gate, up, down, *, gate_type, up_type, down_type, n_expert, d_model,
+                   d_ff) -> Handle:
+    """Start out[t] = sum_j weights[t, j] * down_e(silu(gate_e(x[t])) * up_e(x[t])), e = ids[t, j].
+
+    x [T, D] float32; ids [T, k] int32 (int64 accepted); weights [T, k] float32; gate, up [E, F, D] and
+    down [E, D, F] as GGUF bytes (uint8 arrays) of gate_type / up_type / down_type. The inputs must not
+    change until wait() returns.
+    """
+    m = _mod if _threads_set else _lib()
+    E, D, F = _positive("n_expert", n_expert), _positive("d_model", d_model), _positive("d_ff", d_ff)
+    gate = _weight_buffer("gate", gate, E * F * row_bytes(gate_type, D))
+    up = _weight_buffer("up", up, E * F * row_bytes(up_type, D))
+    down = _weight_buffer("down", down, E * D * row_bytes(down_type, F))
+    x = _float_tensor("x", x, f"[T, {D}]")
+    if x.dim() != 2 or x.shape[1] != D:
+        raise ValueError(f"x has shape {tuple(x.shape)}, expected [T, d_model={D}]")
+    T = x.shape[0]
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] != T:
+        raise ValueError(f"ids must be a torch.Tensor [T={T}, k], got "
+                         f"{tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__}")
+    if ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"ids must be int32 (or int64), got {ids.dtype}")
+    k = ids.shape[1]
+    if k < 1:
+        raise ValueError("ids must have k >= 1 columns")
+    # each id is checked against [0, n_expert) in C++, which names the first bad one
+    if ids.dtype != torch.int32 or not ids.is_cpu or not ids.is_contiguous():
+        ids = ids.detach().to(device="cpu", dtype=torch.int32).contiguous()
+    if not isinstance(weights, torch.Tensor) or tuple(weights.shape) != (T, k):
+        raise ValueError(f"weights must be a torch.Tensor [T={T}, k={k}], got "
+                         f"{tuple(weights.shape) if isinstance(weights, torch.Tensor) else type(weights).__name__}")
+    if not weights.dtype.is_floating_point:
+        raise ValueError(f"weights must be floating point, got {weights.dtype}")
+    if weights.dtype != torch.float32 or not weights.is_cpu or not weights.is_contiguous():
+        weights = weights.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    out = np.empty((T, D), dtype=np.float32)
+    h = m.moe_submit(x.numpy(), ids.detach().numpy(), weights.detach().numpy(), gate, up, down, out, T, k, E, D, F,
+                     gate_type, up_type, down_type)
+    return Handle(h, torch.from_numpy(out), (x, ids, weights, gate, up, down))
+
+
+def moe_ffn(x, ids, weights, gate, up, down, *, gate_type, up_type, down_type, n_expert, d_model,
+            d_ff) -> torch.Tensor:
+    """Fused MoE FFN, synchronous; see moe_ffn_submit."""
+    return moe_ffn_submit(x, ids, weights, gate, up, down, gate_type=gate_type, up_type=up_type,
+                          down_type=down_type, n_expert=n_expert, d_model=d_model, d_ff=d_ff).wait()
+
+
+def quantize_act(x: torch.Tensor, ggml_type: int) -> np.ndarray:
+    """Rows of x [R, C] float32 in the activation format paired with ggml_type (tests, debugging)."""
+    m = _lib()
+    info = type_info(ggml_type)
+    x = _float_tensor("x", x, "[R, C]")
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [R, C], got shape {tuple(x.shape)}")
+    R, C = x.shape
+    ab = 256 if info["act"] == "Q8_K" else 32
+    if C % ab:
+        raise ValueError(f"x has {C} columns, not a multiple of the {info['act']} block size {ab}")
+    out = np.empty(R * (C // ab) * info["act_bytes"], dtype=np.uint8)
+    m.quantize_act(int(ggml_type), x.numpy(), R, C, out)
+    return out.reshape(R, -1)

@@ -1,0 +1,437 @@
+"""CPU kernels (hetero_moe._cpu) against float references built with gguf.quants.dequantize.
+
+Named tolerances:
+  EXACT        activation quantization: every SIMD variant produces the scalar twin's bytes.
+  ACC_TOL      a kernel vs the float64 product of the dequantized weights and the *dequantized int8
+               activations it consumed*: only float32 accumulation order differs, so the error is
+               bounded by 1e-4 * (|W| @ |x_q|) elementwise (an indexing or scale bug is >= 1e-2).
+  Q8_TOL       activation quantization error: symmetric int8 with step amax/127 has RMS error
+               step/sqrt(12) ~ amax/440, i.e. ~0.8% of the RMS for Gaussian rows (amax ~ 3.5 sigma);
+               a kernel vs the float reference may differ by relative L2 <= 2e-2, the quantized
+               activations vs the floats by <= 1e-2.
+  MOE_TOL      fused MoE vs a float torch reference: two activation quantizations (x and the hidden
+               h) each ~0.8% -> relative L2 <= 4e-2.
+  VARIANT_MOE  fused MoE SIMD vs scalar: h is re-quantized, a float rounding difference may move one
+               int8 step of h -> relative L2 <= 2e-3.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import quants as gq
+
+from hetero_moe import cpu_backend as cb
+
+ACC_TOL = 1e-4
+Q8_TOL = 1e-2
+Q8_DOT_TOL = 2e-2
+MOE_TOL = 4e-2
+VARIANT_MOE = 2e-3
+
+TYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
+GGUF_QUANTIZABLE = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"}
+
+needs_ext = pytest.mark.skipif(not cb.available(), reason=f"extension not built: {cb.unavailable_reason()}")
+
+
+def test_extension_loaded():
+    assert cb.available(), cb.unavailable_reason()
+    f = cb.features()
+    assert f["variant"] in f["variants"] and "scalar" in f["variants"]
+
+
+def _variants():
+    return cb._lib().variants() if cb.available() else ["scalar"]
+
+
+@pytest.fixture
+def variant_scope():
+    """Restore the best variant after a test forces one."""
+    yield lambda v: cb._lib()._force_variant(v)
+    if cb.available():
+        cb._lib()._force_variant(None)
+
+
+# ---------------------------------------------------------------- block makers
+
+def _f16_bytes(a: np.ndarray) -> np.ndarray:
+    return a.astype(np.float16).view(np.uint8).reshape(*a.shape, 2)
+
+
+def make_weights(name: str, n_rows: int, n_cols: int, seed: int = 0) -> np.ndarray:
+    """[n_rows, row_bytes] uint8: gguf-quantized Gaussian weights where gguf can quantize the type,
+    otherwise random quant bytes with finite, well-scaled f16 scales."""
+    rng = np.random.default_rng(seed)
+    qt = GGMLQuantizationType(TYPES[name])
+    if name in GGUF_QUANTIZABLE:
+        return gq.quantize(rng.standard_normal((n_rows, n_cols)).astype(np.float32) * 0.05, qt)
+    bs, ts = GGML_QUANT_SIZES[qt]
+    nb = n_cols // bs
+    b = rng.integers(0, 256, size=(n_rows, nb, ts), dtype=np.uint8)
+    scale = rng.uniform(0.5, 1.5, size=(n_rows, nb)) * 2e-3
+    if name == "Q6_K":
+        b[:, :, 208:210] = _f16_bytes(scale)
+    else:  # Q4_K / Q5_K: d, dmin (dmin smaller, as real files have)
+        b[:, :, 0:2] = _f16_bytes(scale)
+        b[:, :, 2:4] = _f16_bytes(scale * 0.3)
+    return b.reshape(n_rows, nb * ts)
+
+
+def dequant(name: str, w: np.ndarray, n_cols: int) -> np.ndarray:
+    return gq.dequantize(w, GGMLQuantizationType(TYPES[name])).reshape(-1, n_cols).astype(np.float64)
+
+
+def dequant_act(name: str, q: np.ndarray, n_cols: int, s_err: list | None = None) -> np.ndarray:
+    """Float values of the activation blocks produced by cb.quantize_act (layouts in csrc/quant_blocks.h).
+    For Q8_1, s_err receives s - d*sum(qs) per block (s is stored in f16, so the min term uses it)."""
+    act = cb.type_info(TYPES[name])["act"]
+    R = q.shape[0]
+    if act == "Q8_K":  # f32 d, int8 qs[256], int16 bsums[16], f32 sums32[8]
+        b = q.reshape(R, -1, 324)
+        d = b[:, :, 0:4].copy().view(np.float32)
+        qs = b[:, :, 4:260].view(np.int8).astype(np.float64)
+        bsums = b[:, :, 260:292].copy().view(np.int16)
+        assert np.array_equal(bsums, qs.reshape(R, -1, 16, 16).sum(-1)), "bsums must equal the sums of 16 qs"
+        return (d.astype(np.float64) * qs).reshape(R, n_cols)
+    if act == "Q8_0":
+        return gq.dequantize(q, GGMLQuantizationType.Q8_0).reshape(R, n_cols).astype(np.float64)
+    b = q.reshape(R, -1, 36)  # Q8_1: f16 d, f16 s = d * sum(qs), int8 qs[32]
+    d = b[:, :, 0:2].copy().view(np.float16).astype(np.float64)
+    s = b[:, :, 2:4].copy().view(np.float16).astype(np.float64)
+    qs = b[:, :, 4:36].view(np.int8).astype(np.float64)
+    np.testing.assert_allclose(s, d * qs.sum(-1, keepdims=True), rtol=2e-3, atol=1e-6)
+    if s_err is not None:
+        s_err.append((s - d * qs.sum(-1, keepdims=True))[:, :, 0])
+    return (d * qs).reshape(R, n_cols)
+
+
+def gaussian(T: int, n: int, seed: int = 1) -> torch.Tensor:
+    return torch.from_numpy(np.random.default_rng(seed).standard_normal((T, n)).astype(np.float32))
+
+
+# ---------------------------------------------------------------- activation quantization
+
+@needs_ext
+@pytest.mark.parametrize("wname", ["Q8_0", "Q4_1", "Q4_K"])  # -> Q8_0, Q8_1, Q8_K activations
+def test_quantize_act_exact_and_accurate(wname, variant_scope):
+    n = 512
+    x = gaussian(7, n)
+    x[3] = 0.0  # an all-zero row must give d = 0 and zeros
+    x[4, :40] *= 100.0  # one outlier block
+    variant_scope("scalar")
+    ref = cb.quantize_act(x, TYPES[wname])
+    for v in _variants():
+        variant_scope(v)
+        assert np.array_equal(cb.quantize_act(x, TYPES[wname]), ref), f"{v} differs from scalar (EXACT)"
+    deq = dequant_act(wname, ref, n)
+    assert np.all(deq[3] == 0)
+    xs = x.double().numpy()
+    rows = [0, 1, 2, 5, 6]
+    err = np.linalg.norm(deq[rows] - xs[rows]) / np.linalg.norm(xs[rows])
+    assert err <= Q8_TOL, f"relative L2 error {err:.3g} > Q8_TOL {Q8_TOL}"
+
+
+# ---------------------------------------------------------------- matmul
+
+def _check_matmul(name, n_rows, n_cols, T, variant, seed=0):
+    t = TYPES[name]
+    w = make_weights(name, n_rows, n_cols, seed)
+    W = dequant(name, w, n_cols)
+    x = gaussian(T, n_cols, seed + 1)
+    cb._lib()._force_variant(variant)
+    y = cb.matmul(w, t, n_rows, n_cols, x).double().numpy()
+    assert y.shape == (T, n_rows)
+    s_err = []
+    xq = dequant_act(name, cb.quantize_act(x, t), n_cols, s_err)
+    exact = xq @ W.T
+    if s_err:  # Q4_1/Q5_1: the min term m_w * s_a uses the f16-rounded s
+        m_w = w.reshape(n_rows, n_cols // 32, -1)[:, :, 2:4].copy().view(np.float16)[:, :, 0]
+        exact += s_err[0] @ m_w.astype(np.float64).T
+    bound = ACC_TOL * (np.abs(xq) @ np.abs(W).T) + 1e-30
+    worst = float(np.max(np.abs(y - exact) / bound))
+    assert worst <= 1.0, f"{name} {variant} T={T}: error {worst:.3g} x ACC_TOL bound"
+    ref = x.double().numpy() @ W.T
+    rel = np.linalg.norm(y - ref) / np.linalg.norm(ref)
+    assert rel <= Q8_DOT_TOL, f"{name} {variant} T={T}: relative L2 {rel:.3g} vs float reference"
+    return y
+
+
+@needs_ext
+@pytest.mark.parametrize("name", list(TYPES))
+@pytest.mark.parametrize("T", [1, 3, 17])
+def test_matmul_all_variants(name, T, variant_scope):
+    n_cols = 512 if TYPES[name] >= 12 else 96  # 2 super-blocks / 3 blocks: not a multiple of any tile
+    ys = {v: _check_matmul(name, 37, n_cols, T, v) for v in _variants()}
+    for v, y in ys.items():  # SIMD twin vs scalar twin
+        np.testing.assert_allclose(y, ys["scalar"], rtol=1e-4, atol=1e-4 * np.abs(ys["scalar"]).max())
+
+
+@needs_ext
+@pytest.mark.parametrize("name", ["Q4_K", "Q6_K", "Q8_0"])
+def test_matmul_prefill_shape(name, variant_scope):
+    # 512 tokens: several 64-token tiles and row chunks on the thread pool, best variant only
+    _check_matmul(name, 70, 1024, 512, cb.features()["best"])
+
+
+@needs_ext
+def test_matmul_leading_dims_and_empty():
+    w = make_weights("Q8_0", 5, 64)
+    x = gaussian(6, 64).reshape(2, 3, 64)
+    y = cb.matmul(w, 8, 5, 64, x)
+    assert y.shape == (2, 3, 5)
+    assert torch.equal(y.reshape(6, 5), cb.matmul(w, 8, 5, 64, x.reshape(6, 64)))
+    assert cb.matmul(w, 8, 5, 64, torch.zeros(0, 64)).shape == (0, 5)
+
+
+@needs_ext
+def test_matmul_readonly_mmap_view(tmp_path):
+    w = make_weights("Q4_K", 8, 256)
+    p = tmp_path / "w.bin"
+    w.tofile(p)
+    mm = np.memmap(p, dtype=np.uint8, mode="r").reshape(w.shape)
+    x = gaussian(2, 256)
+    assert torch.equal(cb.matmul(mm, 12, 8, 256, x), cb.matmul(w, 12, 8, 256, x))
+
+
+# ---------------------------------------------------------------- fused MoE
+
+def moe_inputs(T, k, E, D, F, types, seed=0):
+    gt, ut, dt = types
+    rng = np.random.default_rng(seed)
+    gate = np.stack([make_weights(gt, F, D, seed + 10 + e) for e in range(E)])
+    up = np.stack([make_weights(ut, F, D, seed + 100 + e) for e in range(E)])
+    down = np.stack([make_weights(dt, D, F, seed + 1000 + e) for e in range(E)])
+    x = gaussian(T, D, seed + 1)
+    ids = torch.from_numpy(np.stack([rng.choice(E, size=k, replace=False) for _ in range(T)]).astype(np.int32))
+    wts = torch.from_numpy(rng.uniform(0.1, 1.0, size=(T, k)).astype(np.float32))
+    return x, ids, wts, gate, up, down
+
+
+def moe_reference(x, ids, wts, gate, up, down, types, D, F):
+    gt, ut, dt = types
+    xs = x.double()
+    out = torch.zeros_like(xs)
+    for e in ids.unique().tolist():
+        Wg = torch.from_numpy(dequant(gt, gate[e], D))
+        Wu = torch.from_numpy(dequant(ut, up[e], D))
+        Wd = torch.from_numpy(dequant(dt, down[e], F))
+        tok, slot = (ids == e).nonzero(as_tuple=True)
+        h = torch.nn.functional.silu(xs[tok] @ Wg.T) * (xs[tok] @ Wu.T)
+        out.index_add_(0, tok, (h @ Wd.T) * wts[tok, slot].double()[:, None])
+    return out
+
+
+def run_moe(x, ids, wts, gate, up, down, types, E, D, F, submit=False):
+    kw = dict(gate_type=TYPES[types[0]], up_type=TYPES[types[1]], down_type=TYPES[types[2]], n_expert=E,
+              d_model=D, d_ff=F)
+    f = cb.moe_ffn_submit if submit else cb.moe_ffn
+    return f(x, ids, wts, gate.reshape(-1), up.reshape(-1), down.reshape(-1), **kw)
+
+
+MOE_TYPES = [("Q4_K", "Q4_K", "Q6_K"), ("Q8_0", "Q8_0", "Q8_0"), ("Q4_0", "Q5_1", "Q5_K"),
+             ("Q5_0", "Q4_1", "Q4_K")]
+
+
+@needs_ext
+@pytest.mark.parametrize("types", MOE_TYPES, ids=lambda t: "-".join(t))
+@pytest.mark.parametrize("T", [1, 3, 17])
+def test_moe_ffn_vs_reference(types, T, variant_scope):
+    E, k, D, F = 8, 3, 256, 256
+    args = moe_inputs(T, k, E, D, F, types)
+    ref = moe_reference(*args, types, D, F)
+    outs = {}
+    for v in _variants():
+        variant_scope(v)
+        outs[v] = run_moe(*args, types, E, D, F).double()
+        rel = ((outs[v] - ref).norm() / ref.norm()).item()
+        assert rel <= MOE_TOL, f"{v}: relative L2 {rel:.3g} > MOE_TOL"
+    for v, o in outs.items():
+        rel = ((o - outs["scalar"]).norm() / outs["scalar"].norm()).item()
+        assert rel <= VARIANT_MOE, f"{v} vs scalar: {rel:.3g}"
+
+
+@needs_ext
+def test_moe_prefill_threads_async():
+    types = ("Q4_K", "Q4_K", "Q6_K")
+    E, k, D, F, T = 16, 4, 512, 256, 512
+    args = moe_inputs(T, k, E, D, F, types, seed=3)
+    ref = moe_reference(*args, types, D, F)
+    n0 = cb.get_num_threads()
+    try:
+        cb.set_num_threads(1)
+        one = run_moe(*args, types, E, D, F)
+        cb.set_num_threads(3)
+        h1 = run_moe(*args, types, E, D, F, submit=True)
+        h2 = run_moe(*args, types, E, D, F, submit=True)
+        three_b, three_a = h2.wait(), h1.wait()  # out of order
+    finally:
+        cb.set_num_threads(n0)
+    rel = ((one.double() - ref).norm() / ref.norm()).item()
+    assert rel <= MOE_TOL
+    # each output value is summed in a fixed order: identical for any thread count
+    assert torch.equal(one, three_a) and torch.equal(one, three_b)
+
+
+@needs_ext
+def test_moe_duplicate_ids_and_unused_experts():
+    types = ("Q8_0", "Q8_0", "Q8_0")
+    E, D, F = 6, 64, 64
+    x, _, _, gate, up, down = moe_inputs(2, 2, E, D, F, types)
+    ids = torch.tensor([[4, 4], [1, 4]], dtype=torch.int64)  # int64 accepted, a repeated expert
+    wts = torch.tensor([[0.25, 0.75], [0.5, 0.5]])
+    out = run_moe(x, ids, wts, gate, up, down, types, E, D, F)
+    ref = moe_reference(x, ids.int(), wts, gate, up, down, types, D, F)
+    assert ((out.double() - ref).norm() / ref.norm()).item() <= MOE_TOL
+
+
+# ---------------------------------------------------------------- bad inputs never crash
+
+@needs_ext
+def test_bad_matmul_inputs():
+    w = make_weights("Q4_K", 4, 256)
+    x = gaussian(2, 256)
+    with pytest.raises(ValueError, match="not supported"):
+        cb.matmul(w, 10, 4, 256, x)
+    with pytest.raises(ValueError, match="w has 576 bytes, expected 720"):
+        cb.matmul(w, 12, 5, 256, x)
+    with pytest.raises(ValueError, match="multiple of the Q4_K block size 256"):
+        cb.matmul(w, 12, 4, 128, x[:, :128])
+    with pytest.raises(ValueError, match="float32"):
+        cb.matmul(w, 12, 4, 256, x.double())
+    with pytest.raises(ValueError, match="contiguous"):
+        cb.matmul(w, 12, 4, 256, gaussian(256, 2).T)
+    with pytest.raises(ValueError, match="n_cols=256"):
+        cb.matmul(w, 12, 4, 256, gaussian(2, 512))
+    with pytest.raises(ValueError, match="uint8"):
+        cb.matmul(w.view(np.int8), 12, 4, 256, x)
+    with pytest.raises(ValueError, match="n_rows"):
+        cb.matmul(w, 12, 0, 256, x)
+    lib = cb._lib()  # the C++ checks hold on their own
+    out = np.empty((2, 4), np.float32)
+    with pytest.raises(ValueError, match="w has"):
+        lib.matmul(w[:3], 12, 4, 256, x.numpy(), 2, out)
+    with pytest.raises(ValueError, match="out has"):
+        lib.matmul(w, 12, 4, 256, x.numpy(), 2, out[:1])
+    with pytest.raises(ValueError, match="x has"):
+        lib.matmul(w, 12, 4, 256, x.numpy(), 3, np.empty((3, 4), np.float32))
+    with pytest.raises(ValueError, match="writable"):
+        lib.matmul(w, 12, 4, 256, x.numpy(), 2, b"\0" * 32)
+
+
+@needs_ext
+def test_bad_moe_inputs():
+    types = ("Q8_0", "Q8_0", "Q8_0")
+    E, k, D, F, T = 4, 2, 64, 64, 3
+    x, ids, wts, gate, up, down = moe_inputs(T, k, E, D, F, types)
+    kw = dict(gate_type=8, up_type=8, down_type=8, n_expert=E, d_model=D, d_ff=F)
+    g, u, d = gate.reshape(-1), up.reshape(-1), down.reshape(-1)
+    with pytest.raises(ValueError, match=r"ids\[\d+, \d+\] = \d+ is outside \[0, n_expert=4\)"):
+        cb.moe_ffn(x, ids + 2, wts, g, u, d, **kw)
+    with pytest.raises(ValueError, match=r"ids\[\d+, \d+\] = -[12] is outside"):
+        cb.moe_ffn(x, ids - 2, wts, g, u, d, **kw)
+    with pytest.raises(ValueError, match="gate has"):
+        cb.moe_ffn(x, ids, wts, g[:-1], u, d, **kw)
+    with pytest.raises(ValueError, match="down has"):
+        cb.moe_ffn(x, ids, wts, g, u, d, **{**kw, "down_type": 2})
+    with pytest.raises(ValueError, match="weights must be"):
+        cb.moe_ffn(x, ids, wts[:, :1], g, u, d, **kw)
+    with pytest.raises(ValueError, match="ids must be int32"):
+        cb.moe_ffn(x, ids.float(), wts, g, u, d, **kw)
+    with pytest.raises(ValueError, match="x has shape"):
+        cb.moe_ffn(x[:, :32].contiguous(), ids, wts, g, u, d, **kw)
+    with pytest.raises(ValueError, match="not supported"):
+        cb.moe_ffn(x, ids, wts, g, u, d, **{**kw, "gate_type": 99})
+    lib = cb._lib()  # the C++ checks hold on their own
+    out = np.empty((T, D), np.float32)
+    bad = (ids.numpy() + 3).astype(np.int32)
+    with pytest.raises(ValueError, match=r"ids\[0, 0\] = \d+ is outside \[0, n_expert=4\)"):
+        lib.moe_submit(x.numpy(), bad, wts.numpy(), g, u, d, out, T, k, E, D, F, 8, 8, 8)
+    with pytest.raises(ValueError, match="ids has"):
+        lib.moe_submit(x.numpy(), ids.numpy()[:2], wts.numpy(), g, u, d, out, T, k, E, D, F, 8, 8, 8)
+    with pytest.raises(ValueError, match="d_ff=48"):
+        lib.moe_submit(x.numpy(), ids.numpy(), wts.numpy(), g, u, d, out, T, k, E, D, 48, 8, 8, 8)
+
+
+@needs_ext
+def test_threads_and_variants_api():
+    n = cb.get_num_threads()
+    with pytest.raises(ValueError):
+        cb.set_num_threads(0)
+    cb.set_num_threads(2)
+    assert cb.get_num_threads() == 2
+    cb.set_num_threads(n)
+    with pytest.raises(ValueError, match="not supported by this CPU|unknown"):
+        cb._lib()._force_variant("sse9")
+    assert cb.supports(12) and not cb.supports(10)
+
+
+@needs_ext
+def test_pool_survives_fork():
+    import os
+    w = make_weights("Q8_0", 64, 256)
+    x = gaussian(3, 256)
+    y0 = cb.matmul(w, 8, 64, 256, x)
+    pid = os.fork()
+    if pid == 0:  # the child has no worker threads: ops run on the caller, then new workers start
+        ok = torch.equal(cb.matmul(w, 8, 64, 256, x), y0)
+        cb.set_num_threads(2)
+        ok = ok and torch.equal(cb.matmul(w, 8, 64, 256, x), y0)
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert status == 0
+
+
+# ---------------------------------------------------------------- real blocks quantized by llama.cpp
+
+def _llama_quantized(src: str, ftype_name: str) -> str:
+    """src requantized by llama.cpp to ftype (cached next to the other test models)."""
+    import ctypes
+
+    import llama_cpp
+
+    from hetero_moe.config_env import cache_dir
+    dst = cache_dir() / "test-models" / f"cpu-kernels-smollm2-{ftype_name}.gguf"
+    if not dst.exists():
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        p = llama_cpp.llama_model_quantize_default_params()
+        p.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype_name}")
+        p.allow_requantize = True
+        p.nthread = 2
+        tmp = dst.with_suffix(".tmp")
+        assert llama_cpp.llama_model_quantize(src.encode(), str(tmp).encode(), ctypes.byref(p)) == 0
+        tmp.rename(dst)
+    return str(dst)
+
+
+@needs_ext
+@pytest.mark.llama
+@pytest.mark.parametrize("ftype", ["source", "Q4_K_M", "Q5_K_M"])
+def test_matmul_llama_cpp_blocks(ftype, smollm2, llama_cpp, variant_scope):
+    """Weights quantized by llama.cpp itself (SmolLM2: Q4_1 source; Q4_K_M / Q5_K_M requantized give
+    Q4_K, Q5_K, Q6_K, Q5_0, Q8_0): one tensor of each type against gguf's dequantizer."""
+    from gguf import GGUFReader
+    path = smollm2 if ftype == "source" else _llama_quantized(smollm2, ftype)
+    seen = set()
+    for t in GGUFReader(path).tensors:
+        name = t.tensor_type.name
+        if name not in TYPES or name in seen or len(t.shape) != 2:
+            continue
+        seen.add(name)
+        n_cols, n_rows = int(t.shape[0]), min(int(t.shape[1]), 96)
+        w = np.asarray(t.data[:n_rows])  # a read-only memmap slice
+        W = dequant(name, w, n_cols)
+        x = gaussian(3, n_cols, 7)
+        xq = dequant_act(name, cb.quantize_act(x, TYPES[name]), n_cols)
+        for v in _variants():
+            variant_scope(v)
+            y = cb.matmul(w, TYPES[name], n_rows, n_cols, x).double().numpy()
+            exact = xq @ W.T
+            if cb.type_info(TYPES[name])["act"] != "Q8_1":  # Q8_1's f16 sum is covered above
+                bound = ACC_TOL * (np.abs(xq) @ np.abs(W).T) + 1e-30
+                assert float(np.max(np.abs(y - exact) / bound)) <= 1.0, f"{t.name} ({name}, {v})"
+            ref = x.double().numpy() @ W.T
+            rel = np.linalg.norm(y - ref) / np.linalg.norm(ref)
+            assert rel <= Q8_DOT_TOL, f"{t.name} ({name}, {v}): relative L2 {rel:.3g}"
+    assert seen, "no supported tensor type in the file"
