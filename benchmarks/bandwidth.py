@@ -28,6 +28,13 @@ def read_gbps(buf: np.ndarray, threads: int, passes: int) -> float:
     return buf.nbytes / best / 1e9
 
 
+def measure_bandwidth(gib: float = 1.0, threads: int | None = None, passes: int = 5) -> float:
+    """Best read bandwidth in GB/s over 1..threads threads."""
+    threads = threads or len(os.sched_getaffinity(0))
+    buf = np.ones(int(gib * (1 << 30)) // 8, dtype=np.uint64)
+    return max(read_gbps(buf, n, passes) for n in sorted({1, threads}))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gib", type=float, default=1.0, help="array size in GiB (default 1)")

@@ -61,21 +61,25 @@ def _child(engine: str, path: str, threads: int, n_prompt: int, n_gen: int) -> d
         dec = time.perf_counter() - t0
     else:
         import llama_cpp
-        llm = llama_cpp.Llama(model_path=path, n_ctx=n_prompt + n_gen + 8, n_batch=n_prompt,
+        llm = llama_cpp.Llama(model_path=path, n_ctx=n_prompt + n_gen + 64, n_batch=n_prompt,
                               n_ubatch=n_prompt, n_threads=threads, n_threads_batch=threads,
                               verbose=False, n_gpu_layers=0)
         n_vocab = llm.n_vocab()
+
+        def last_logits():
+            ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+            return np.ctypeslib.as_array(ptr, shape=(n_vocab,))
         ids = rng.integers(10, n_vocab, size=n_prompt).tolist()
         llm.eval(ids[:8])
         llm.reset()
         t0 = time.perf_counter()
         llm.eval(ids)
         pre = time.perf_counter() - t0
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = int(np.argmax(last_logits()))
         t0 = time.perf_counter()
         for _ in range(n_gen):
             llm.eval([tok])
-            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            tok = int(np.argmax(last_logits()))
         dec = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"prefill_tps": n_prompt / pre, "decode_tps": n_gen / dec, "peak_rss": peak}

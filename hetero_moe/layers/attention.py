@@ -76,8 +76,12 @@ class Attention:
         L = keys.shape[0]
         qh = q.transpose(0, 1)                                  # [H, T, Dh]
         kh, vh = keys.transpose(0, 1), values.transpose(0, 1)   # [Hkv, L, Dh]
-        if T == 1:
-            mask = None                                         # one query sees the whole cache
+        if T == 1:                                              # decode: small matmuls beat SDPA
+            G = cfg.n_head // cfg.n_head_kv
+            qg = q.view(cfg.n_head_kv, G, cfg.head_dim)         # [Hkv, G, Dh]
+            s = torch.bmm(qg, kh.transpose(1, 2)) * self.scale  # [Hkv, G, L]
+            out = torch.bmm(torch.softmax(s, dim=-1), vh)       # [Hkv, G, Dh]
+            return self.o(out.reshape(1, cfg.n_head * cfg.head_dim))
         else:
             j = torch.arange(L, device=x.device)
             i = torch.arange(pos0, pos0 + T, device=x.device)

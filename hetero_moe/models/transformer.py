@@ -20,6 +20,7 @@ from .base import ModelConfig
 
 # tensors llama.cpp may carry that never change the output
 _IGNORED = ("rope_freqs.weight",)
+SMALL_BATCH = 4
 _IGNORED_SUFFIX = (".attn_rot_embd",)
 
 
@@ -63,6 +64,7 @@ class Transformer:
     def __init__(self, cfg: ModelConfig, g: GGUFFile, plan: PlacementPlan, n_ctx: int,
                  options: KernelOptions, progress=None):
         self.cfg, self.plan, self.n_ctx = cfg, plan, n_ctx
+        self.torch_threads = torch.get_num_threads()
         ts = _Tensors(g)
         dev = plan.device_of
 
@@ -135,6 +137,11 @@ class Transformer:
     def forward(self, ids: torch.Tensor, pos0: int, all_logits: bool = True) -> torch.Tensor:
         """Run tokens ids [T] at positions pos0..pos0+T-1 -> logits [T or 1, V] float32."""
         cfg = self.cfg
+        # decode steps are many tiny torch ops: extra intra-op threads only contend with the
+        # CPU kernels' pool on the same cores
+        want = 1 if ids.shape[0] <= SMALL_BATCH else self.torch_threads
+        if torch.get_num_threads() != want:
+            torch.set_num_threads(want)
         x = self.embed(ids)                                     # [T, D]
         for i, b in enumerate(self.blocks):
             x = x + b.attn(rms_norm(x, b.attn_norm, cfg.rms_eps), pos0, self.cache.layers[i])
