@@ -90,3 +90,26 @@ def quantize_with_llama(src: str, dst: str, ftype_name: str) -> str:
             raise RuntimeError(f"llama_model_quantize({src} -> {ftype_name}) returned {rc}")
         os.replace(tmp, dst)
     return dst
+
+
+def assert_same_greedy(got: list[int], want: list[int], rows, eog: frozenset, what: str,
+                       n_gen: int, tie_margin: float) -> None:
+    """`got` follows `want` up to where one run ends, or to a near-tie of the reference.
+
+    A run shorter than n_gen stopped at an end-of-generation token; rows[j] are the reference's
+    logits that chose want[j] (and its end-of-generation token after the last one).
+    """
+    def picks(seq, j):
+        return {seq[j]} if j < len(seq) else set(eog)
+    for j in range(n_gen):
+        g, w = picks(got, j), picks(want, j)
+        if g & w:
+            if j >= len(got) or j >= len(want):
+                return                          # both stopped here
+            continue
+        row = np.asarray(rows[j], dtype=np.float64)
+        gap = max(row[t] for t in w) - max(row[t] for t in g)
+        assert gap <= tie_margin, (
+            f"{what}: greedy runs part at token {j} where the reference prefers its pick by "
+            f"{gap:.3f} logits (> {tie_margin}):\n ours {got}\n want {want}")
+        return

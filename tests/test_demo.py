@@ -20,7 +20,7 @@ from hetero_moe import demo
 from hetero_moe.errors import HeteroMoEError, UnsupportedError
 from hetero_moe.gguf import GGUFFile
 
-from .reference import LlamaRef
+from .reference import LlamaRef, assert_same_greedy
 
 N_EXPERT, N_USED = 4, 2
 N_GEN = 32
@@ -185,26 +185,8 @@ def test_llama_cpp_moe_equals_dense(llama_runs, prompt):
 
 # -- our runtime --------------------------------------------------------------------------------
 
-def _assert_same_greedy(got: list[int], want: list[int], rows, eog: frozenset, what: str) -> None:
-    """`got` follows `want` up to where one run ends, or to a near-tie of the reference.
-
-    A run shorter than N_GEN stopped at an end-of-generation token; rows[j] are the reference's
-    logits that chose want[j] (and its end-of-generation token after the last one).
-    """
-    def picks(seq, j):
-        return {seq[j]} if j < len(seq) else set(eog)
-    for j in range(N_GEN):
-        g, w = picks(got, j), picks(want, j)
-        if g & w:
-            if j >= len(got) or j >= len(want):
-                return                          # both stopped here
-            continue
-        row = np.asarray(rows[j], dtype=np.float64)
-        gap = max(row[t] for t in w) - max(row[t] for t in g)
-        assert gap <= TIE_MARGIN, (
-            f"{what}: greedy runs part at token {j} where the reference prefers its pick by "
-            f"{gap:.3f} logits (> {TIE_MARGIN}):\n ours {got}\n want {want}")
-        return
+def _assert_same_greedy(got, want, rows, eog, what):
+    assert_same_greedy(got, want, rows, eog, what, N_GEN, TIE_MARGIN)
 
 
 def test_greedy_comparison_rules():
