@@ -56,19 +56,30 @@ class CpuKernelMethod:
         pass
 
     def apply(self, layer: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
-        from .. import cpu_backend
-        return cpu_backend.matmul(layer.raw, layer.ggml_type, layer.n_out, layer.n_in,
+        kernel = quant.QUANT_TYPES[layer.ggml_type].cpu_kernel
+        return kernel.matmul(layer.raw, layer.ggml_type, layer.n_out, layer.n_in,
                                   x.float().contiguous())
 
 
-def cpu_kernels_usable(ggml_type: int, options: KernelOptions) -> bool:
-    if options.cpu_kernels == "torch":
-        return False
+def register_cpu_kernels() -> None:
+    """Fill the quant table's CPU-kernel slot for every type the C++ extension supports."""
     try:
         from .. import cpu_backend
     except ImportError:
+        return
+    if not cpu_backend.available():
+        return
+    for t, qt in list(quant.QUANT_TYPES.items()):
+        if qt.cpu_kernel is None and cpu_backend.supports(t):
+            quant.set_kernels(t, cpu_kernel=cpu_backend)
+
+
+def cpu_kernels_usable(ggml_type: int, options: KernelOptions) -> bool:
+    """The table says whether a CPU kernel serves this type (the one place dispatch looks)."""
+    if options.cpu_kernels == "torch":
         return False
-    return cpu_backend.available() and cpu_backend.supports(ggml_type)
+    register_cpu_kernels()
+    return quant.quant_type(ggml_type).cpu_kernel is not None
 
 
 def select_method(ggml_type: int, tier: Tier, device: str, options: KernelOptions):

@@ -108,9 +108,9 @@ class MoE:
         return out
 
     def experts_kernel(self, x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        from .. import cpu_backend
         c = self.cfg
-        return cpu_backend.moe_ffn(
+        kernel = quant.QUANT_TYPES[self.gate.ggml_type].cpu_kernel
+        return kernel.moe_ffn(
             x.contiguous(), ids.to(torch.int32).contiguous(), w.float().contiguous(),
             self.gate.raw, self.up.raw, self.down.raw,
             gate_type=self.gate.ggml_type, up_type=self.up.ggml_type,
