@@ -127,6 +127,57 @@ PyObject* py_matmul(PyObject*, PyObject* args) {
     Py_END_ALLOW_THREADS Py_RETURN_NONE;
 }
 
+// matmul_multi(ws, types, n_rows, n_cols, x, T, outs): outs[i][T, n_rows[i]] = x @ W_i^T (sequences)
+PyObject* py_matmul_multi(PyObject*, PyObject* args) {
+    PyObject *wso, *tso, *nro, *xo, *oso;
+    long long n_cols, T;
+    if (!PyArg_ParseTuple(args, "OOOLOLO", &wso, &tso, &nro, &n_cols, &xo, &T, &oso)) return nullptr;
+    if (!PyTuple_Check(wso) || !PyTuple_Check(tso) || !PyTuple_Check(nro) || !PyTuple_Check(oso))
+        return PyErr_Format(PyExc_ValueError, "ws, types, n_rows and outs must be tuples");
+    const Py_ssize_t n = PyTuple_GET_SIZE(wso);
+    if (n < 1 || n > MAX_MULTI || PyTuple_GET_SIZE(tso) != n || PyTuple_GET_SIZE(nro) != n || PyTuple_GET_SIZE(oso) != n)
+        return PyErr_Format(PyExc_ValueError, "need 1..%d matrices with one type, n_rows and out each", MAX_MULTI);
+    if (n_cols <= 0 || n_cols > (1LL << 30) || T < 0 || T > (1LL << 30))
+        return PyErr_Format(PyExc_ValueError, "n_cols=%lld, T=%lld out of range", n_cols, T);
+    MultiMatmulArgs a{};
+    a.n = (int)n, a.n_cols = (int)n_cols, a.T = (int)T;
+    Buf w[MAX_MULTI], o[MAX_MULTI], x;
+    size_t wl[MAX_MULTI], ol[MAX_MULTI];
+    if (!x.get(xo, "x", false)) return nullptr;
+    for (int i = 0; i < a.n; ++i) {
+        const long t = PyLong_AsLong(PyTuple_GET_ITEM(tso, i));
+        const long long r = PyLong_AsLongLong(PyTuple_GET_ITEM(nro, i));
+        if (PyErr_Occurred()) return nullptr;
+        if (t < 0 || t >= MAX_TYPE_ID || r <= 0 || r > (1LL << 30))
+            return PyErr_Format(PyExc_ValueError, "matrix %d: type %ld / n_rows %lld out of range", i, t, r);
+        a.type[i] = (int)t, a.n_rows[i] = (int)r;
+        if (!w[i].get(PyTuple_GET_ITEM(wso, i), "w", false) || !o[i].get(PyTuple_GET_ITEM(oso, i), "out", true))
+            return nullptr;
+        wl[i] = w[i].len(), ol[i] = o[i].len();
+        a.w[i] = w[i].ptr<uint8_t>(), a.out[i] = o[i].ptr<float>();
+    }
+    if (set_error(check_matmul_multi(a, wl, x.len(), ol))) return nullptr;
+    a.x = x.ptr<float>();
+    Py_BEGIN_ALLOW_THREADS matmul_multi(a);
+    Py_END_ALLOW_THREADS Py_RETURN_NONE;
+}
+
+// attn_decode(q, k, v, out, H, Hkv, dk, dv, L, ks, khs, vs, vhs, scale): see ops.h (strides in floats)
+PyObject* py_attn_decode(PyObject*, PyObject* args) {
+    PyObject *qo, *ko, *vo, *oo;
+    AttnArgs a{};
+    if (!PyArg_ParseTuple(args, "OOOOiiiiiLLLLf", &qo, &ko, &vo, &oo, &a.H, &a.Hkv, &a.dk, &a.dv, &a.L, &a.ks,
+                          &a.khs, &a.vs, &a.vhs, &a.scale))
+        return nullptr;
+    Buf q, k, v, o;
+    if (!q.get(qo, "q", false) || !k.get(ko, "k", false) || !v.get(vo, "v", false) || !o.get(oo, "out", true))
+        return nullptr;
+    if (set_error(check_attn(a, q.len(), k.len(), v.len(), o.len()))) return nullptr;
+    a.q = q.ptr<float>(), a.k = k.ptr<float>(), a.v = v.ptr<float>(), a.out = o.ptr<float>();
+    Py_BEGIN_ALLOW_THREADS attn_decode(a);
+    Py_END_ALLOW_THREADS Py_RETURN_NONE;
+}
+
 // ---- MoE handle: keeps the buffers alive until the op finished ----
 struct MoeHandle {
     PyObject_HEAD MoeJob* job;
@@ -212,6 +263,8 @@ PyMethodDef methods[] = {
     {"type_info", py_type_info, METH_O, "Block facts of a supported ggml type, else None."},
     {"quantize_act", py_quantize_act, METH_VARARGS, "Quantize f32 rows to a weight type's activation format."},
     {"matmul", py_matmul, METH_VARARGS, "out = x @ W^T with W quantized."},
+    {"matmul_multi", py_matmul_multi, METH_VARARGS, "Several quantized matmuls of the same x in one job."},
+    {"attn_decode", py_attn_decode, METH_VARARGS, "Decode attention over a float32 KV cache."},
     {"moe_submit", py_moe_submit, METH_VARARGS, "Start the fused MoE FFN; returns a handle."},
     {nullptr, nullptr, 0, nullptr},
 };

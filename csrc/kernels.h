@@ -24,12 +24,20 @@ using GemmFn = void (*)(const uint8_t* w, size_t w_row_bytes, int nr, int n_cols
 // h[i] = silu(g[i]) * u[i] = g[i] / (1 + exp(-g[i])) * u[i]
 using SiluMulFn = void (*)(const float* g, const float* u, float* h, int n);
 
+// Decode attention of one KV head over n cached positions (one split of flash-decoding):
+// G query heads q [G, dk]; key l at k + l*ks, value l at v + l*vs (dk / dv floats each).
+// Writes the split's softmax state: m[g] = max_l score, s[g] = sum_l exp(score - m[g]),
+// o[g*dv + j] = sum_l exp(score - m[g]) v_l[j]; score = scale * <q_g, k_l>. p: [G * n] scratch.
+using AttnPartFn = void (*)(const float* q, int G, int dk, int dv, const float* k, size_t ks, const float* v,
+                            size_t vs, int n, float scale, float* p, float* m, float* s, float* o);
+
 constexpr int MAX_TYPE_ID = 16;
 
 struct KernelSet {
     const char* name;
     QuantRowFn quant[ACT_COUNT];
     SiluMulFn silu_mul;
+    AttnPartFn attn_part;
     GemmFn gemm[MAX_TYPE_ID];  // indexed by ggml type id; nullptr when unsupported
 };
 

@@ -261,6 +261,33 @@ void gemm(const uint8_t* w, size_t rb, int nr, int n_cols, const uint8_t* act, i
             out[t * ldo + r] = DOT(w + r * rb, act + t * sizeof(ABlock), nb, nt * sizeof(ABlock));
 }
 
+void attn_part(const float* q, int G, int dk, int dv, const float* k, size_t ks, const float* v, size_t vs, int n,
+               float scale, float* p, float* m, float* s, float* o) {
+    for (int g = 0; g < G; ++g) {
+        const float* qg = q + (size_t)g * dk;
+        float* pg = p + (size_t)g * n;
+        float mx = -INFINITY;
+        for (int l = 0; l < n; ++l) {
+            const float* kl = k + l * ks;
+            float acc = 0.f;
+            for (int j = 0; j < dk; ++j) acc += qg[j] * kl[j];
+            pg[l] = acc * scale;
+            mx = std::fmax(mx, pg[l]);
+        }
+        float sum = 0.f;
+        float* og = o + (size_t)g * dv;
+        for (int j = 0; j < dv; ++j) og[j] = 0.f;
+        for (int l = 0; l < n; ++l) {
+            const float e = std::exp(pg[l] - mx);
+            sum += e;
+            const float* vl = v + l * vs;
+            for (int j = 0; j < dv; ++j) og[j] += e * vl[j];
+        }
+        m[g] = mx;
+        s[g] = sum;
+    }
+}
+
 KernelSet make_scalar() {
     KernelSet k{};
     k.name = "scalar";
@@ -268,6 +295,7 @@ KernelSet make_scalar() {
     k.quant[ACT_Q8_1] = quant_q8_1;
     k.quant[ACT_Q8_K] = quant_q8_K;
     k.silu_mul = silu_mul;
+    k.attn_part = attn_part;
     k.gemm[T_Q4_0] = gemm<dot_q4_0, QK32, BlockQ8_0>;
     k.gemm[T_Q4_1] = gemm<dot_q4_1, QK32, BlockQ8_1>;
     k.gemm[T_Q5_0] = gemm<dot_q5_0, QK32, BlockQ8_0>;

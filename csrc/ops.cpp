@@ -5,6 +5,7 @@
 #include "ops.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <memory>
@@ -117,6 +118,175 @@ void matmul(const uint8_t* w, int type, int n_rows, int n_cols, const float* x, 
     thread_local MatmulJob job;  // reused: its buffers only grow
     ThreadPool& pool = ThreadPool::instance();
     job.prepare(w, type, n_rows, n_cols, x, T, out, pool.threads());
+    pool.run(&job);
+}
+
+// ================================================================ several matmuls sharing x
+
+std::string check_matmul_multi(const MultiMatmulArgs& a, const size_t* w_len, size_t x_len, const size_t* out_len) {
+    if (a.n < 1 || a.n > MAX_MULTI) return fmt("%lld matrices: must be 1..%lld", a.n, MAX_MULTI);
+    for (int i = 0; i < a.n; ++i) {
+        std::string e = check_matmul(a.type[i], a.n_rows[i], a.n_cols, a.T, w_len[i], x_len, out_len[i]);
+        if (!e.empty()) return fmt("matrix %lld: ", i) + e;
+    }
+    return "";
+}
+
+namespace {
+
+class MultiMatmulJob : public Job {
+public:
+    void prepare(const MultiMatmulArgs& a, int threads) {
+        a_ = a;
+        const KernelSet* ks = active_kernels();
+        n_acts_ = 0;
+        size_t total_rows = 0;
+        for (int i = 0; i < a.n; ++i) {
+            const TypeInfo* ti = type_info(a.type[i]);
+            gemm_[i] = ks->gemm[a.type[i]];
+            rb_[i] = (size_t)(a.n_cols / ti->block) * ti->bytes;
+            int slot = -1;
+            for (int j = 0; j < n_acts_; ++j)
+                if (acts_[j] == ti->act) slot = j;
+            if (slot < 0) {
+                slot = n_acts_++;
+                acts_[slot] = ti->act;
+                quant_[slot] = ks->quant[ti->act];
+                arb_[slot] = act_row_bytes(ti->act, a.n_cols);
+                ab_[slot] = act_bytes(ti->act);
+                xq_[slot].resize(arb_[slot] * a.T);
+            }
+            act_of_[i] = slot;
+            total_rows += a.n_rows[i];
+        }
+        n_tt_ = ceil_div(a.T, GEMM_MAX_TOKENS);
+        const int want = std::max(1, 8 * threads / n_tt_);
+        rc_ = std::max(4, std::min(a.T > 1 ? 32 : 256, (ceil_div((long long)total_rows, want) + 3) / 4 * 4));
+        chunks_.clear();
+        for (int i = 0; i < a.n; ++i)
+            for (int r0 = 0; r0 < a.n_rows[i]; r0 += rc_)
+                for (int t = 0; t < n_tt_; ++t) chunks_.push_back({i, r0, t * GEMM_MAX_TOKENS});
+        const int counts[2] = {a.T * n_acts_, (int)chunks_.size()};
+        set_phases(counts, 2);
+    }
+
+    void run_task(int phase, int i) override {
+        const int nc = a_.n_cols;
+        if (phase == 0) {
+            const int slot = i / a_.T, t = i % a_.T;
+            const int t0 = t / GEMM_MAX_TOKENS * GEMM_MAX_TOKENS, nt = std::min(GEMM_MAX_TOKENS, a_.T - t0);
+            quant_[slot](a_.x + (size_t)t * nc, xq_[slot].data() + t0 * arb_[slot] + (t - t0) * ab_[slot], nc,
+                         nt * ab_[slot]);
+            return;
+        }
+        const Chunk& c = chunks_[i];
+        const int m = c.mat, slot = act_of_[m], nr = std::min(rc_, a_.n_rows[m] - c.r0);
+        const int nt = std::min(GEMM_MAX_TOKENS, a_.T - c.t0);
+        gemm_[m](a_.w[m] + c.r0 * rb_[m], rb_[m], nr, nc, xq_[slot].data() + c.t0 * arb_[slot], nt,
+                 a_.out[m] + (size_t)c.t0 * a_.n_rows[m] + c.r0, a_.n_rows[m]);
+    }
+
+private:
+    struct Chunk { int mat, r0, t0; };
+    MultiMatmulArgs a_{};
+    GemmFn gemm_[MAX_MULTI] = {};
+    size_t rb_[MAX_MULTI] = {};
+    int act_of_[MAX_MULTI] = {};
+    int n_acts_ = 0, n_tt_ = 1, rc_ = 4;
+    ActKind acts_[MAX_MULTI] = {};
+    QuantRowFn quant_[MAX_MULTI] = {};
+    size_t arb_[MAX_MULTI] = {}, ab_[MAX_MULTI] = {};
+    std::vector<uint8_t> xq_[MAX_MULTI];  // per activation format: [T, arb] as 64-token tiles
+    std::vector<Chunk> chunks_;
+};
+
+}  // namespace
+
+void matmul_multi(const MultiMatmulArgs& a) {
+    if (a.T == 0) return;
+    thread_local MultiMatmulJob job;
+    ThreadPool& pool = ThreadPool::instance();
+    job.prepare(a, pool.threads());
+    pool.run(&job);
+}
+
+// ================================================================ decode attention
+
+std::string check_attn(const AttnArgs& a, size_t q_len, size_t k_len, size_t v_len, size_t out_len) {
+    if (a.H <= 0 || a.Hkv <= 0 || a.H % a.Hkv) return fmt("n_head=%lld must be a positive multiple of n_head_kv=%lld", a.H, a.Hkv);
+    if (a.dk <= 0 || a.dv <= 0 || a.dk > 65536 || a.dv > 65536) return fmt("dk=%lld, dv=%lld must be in [1, 65536]", a.dk, a.dv);
+    if (a.L <= 0) return fmt("L=%lld: attention needs at least one cached position", a.L);
+    if (a.ks < 0 || a.khs < 0 || a.vs < 0 || a.vhs < 0) return "strides must not be negative";
+    if ((long long)q_len < (long long)a.H * a.dk * 4) return fmt("q has %lld bytes, expected %lld", (long long)q_len, (long long)a.H * a.dk * 4);
+    if ((long long)out_len < (long long)a.H * a.dv * 4)
+        return fmt("out has %lld bytes, expected %lld", (long long)out_len, (long long)a.H * a.dv * 4);
+    const long long kend = (a.L - 1LL) * a.ks + (a.Hkv - 1LL) * a.khs + a.dk;
+    const long long vend = (a.L - 1LL) * a.vs + (a.Hkv - 1LL) * a.vhs + a.dv;
+    if (kend * 4 > (long long)k_len) return fmt("k has %lld floats, the shape and strides reach %lld", (long long)k_len / 4, kend);
+    if (vend * 4 > (long long)v_len) return fmt("v has %lld floats, the shape and strides reach %lld", (long long)v_len / 4, vend);
+    return "";
+}
+
+namespace {
+
+class AttnJob : public Job {
+public:
+    void prepare(const AttnArgs& a, int threads) {
+        a_ = a;
+        G_ = a.H / a.Hkv;
+        // split positions so every thread has work even with one KV head (flash-decoding)
+        const int want = std::max(1, ceil_div(4 * threads, a.Hkv));
+        chunk_ = std::max(64, ceil_div(a.L, want));
+        nc_ = ceil_div(a.L, chunk_);
+        m_.resize((size_t)a.Hkv * nc_ * G_);
+        s_.resize(m_.size());
+        o_.resize(m_.size() * a.dv);
+        const int counts[2] = {a.Hkv * nc_, a.Hkv};
+        set_phases(counts, 2);
+    }
+
+    void run_task(int phase, int i) override {
+        const AttnArgs& a = a_;
+        if (phase == 0) {
+            const int h = i / nc_, c = i % nc_, l0 = c * chunk_, n = std::min(chunk_, a.L - l0);
+            const size_t slot = (size_t)(h * nc_ + c) * G_;
+            active_kernels()->attn_part(a.q + (size_t)h * G_ * a.dk, G_, a.dk, a.dv, a.k + h * a.khs + l0 * a.ks,
+                                        (size_t)a.ks, a.v + h * a.vhs + l0 * a.vs, (size_t)a.vs, n, a.scale,
+                                        scratch((size_t)G_ * n), m_.data() + slot, s_.data() + slot,
+                                        o_.data() + slot * a.dv);
+            return;
+        }
+        const int h = i;
+        for (int g = 0; g < G_; ++g) {  // merge the chunks' softmax states
+            float mx = -INFINITY;
+            for (int c = 0; c < nc_; ++c) mx = std::max(mx, m_[(size_t)(h * nc_ + c) * G_ + g]);
+            float* out = a.out + (size_t)(h * G_ + g) * a.dv;
+            float den = 0.f;
+            for (int j = 0; j < a.dv; ++j) out[j] = 0.f;
+            for (int c = 0; c < nc_; ++c) {
+                const size_t slot = (size_t)(h * nc_ + c) * G_ + g;
+                const float w = std::exp(m_[slot] - mx);
+                den += w * s_[slot];
+                const float* o = o_.data() + slot * a.dv;
+                for (int j = 0; j < a.dv; ++j) out[j] += w * o[j];
+            }
+            const float inv = 1.f / den;
+            for (int j = 0; j < a.dv; ++j) out[j] *= inv;
+        }
+    }
+
+private:
+    AttnArgs a_{};
+    int G_ = 1, chunk_ = 64, nc_ = 1;
+    std::vector<float> m_, s_, o_;  // [Hkv, nc, G] softmax states and [Hkv, nc, G, dv] partial sums
+};
+
+}  // namespace
+
+void attn_decode(const AttnArgs& a) {
+    thread_local AttnJob job;  // reused: its buffers only grow
+    ThreadPool& pool = ThreadPool::instance();
+    job.prepare(a, pool.threads());
     pool.run(&job);
 }
 

@@ -29,6 +29,20 @@ std::string check_matmul(int type, long long n_rows, long long n_cols, long long
                          size_t out_len);
 void matmul(const uint8_t* w, int type, int n_rows, int n_cols, const float* x, int T, float* out);
 
+// ---- several matrices applied to the same x in one pool job (q/k/v, gate/up): x is quantized once
+// per activation format and the row chunks of all matrices share one phase ----
+constexpr int MAX_MULTI = 4;
+struct MultiMatmulArgs {
+    int n;                          // matrices, 1..MAX_MULTI
+    const uint8_t* w[MAX_MULTI];
+    int type[MAX_MULTI], n_rows[MAX_MULTI];
+    float* out[MAX_MULTI];          // [T, n_rows[i]]
+    int n_cols, T;
+    const float* x;                 // [T, n_cols]
+};
+std::string check_matmul_multi(const MultiMatmulArgs& a, const size_t* w_len, size_t x_len, const size_t* out_len);
+void matmul_multi(const MultiMatmulArgs& a);
+
 // ---- fused MoE FFN ----
 // out[t] = sum_j weights[t, j] * down_e(silu(gate_e(x[t])) * up_e(x[t])), e = ids[t, j].
 struct MoeArgs {
@@ -46,6 +60,21 @@ struct MoeLens {  // byte sizes of the buffers behind MoeArgs
     size_t x, ids, weights, gate, up, down, out;
 };
 std::string check_moe(const MoeArgs& a, const MoeLens& lens);
+
+// ---- decode attention over a KV cache, split over (KV head, position chunk) on the pool ----
+// out[h] = softmax_l(scale * <q_h, k_l>) . v_l for query heads h (h / (H/Hkv) picks the KV head).
+// Key l of KV head j is at k + l*ks + j*khs (dk floats), value at v + l*vs + j*vhs (dv floats).
+struct AttnArgs {
+    const float* q;  // [H, dk]
+    const float* k;
+    const float* v;
+    float* out;      // [H, dv]
+    int H, Hkv, dk, dv, L;
+    long long ks, khs, vs, vhs;
+    float scale;
+};
+std::string check_attn(const AttnArgs& a, size_t q_len, size_t k_len, size_t v_len, size_t out_len);
+void attn_decode(const AttnArgs& a);
 
 class MoeJob;
 MoeJob* moe_submit(const MoeArgs& a);  // starts on the pool, returns at once

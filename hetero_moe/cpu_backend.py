@@ -175,6 +175,64 @@ def matmul(w, ggml_type: int, n_rows: int, n_cols: int, x: torch.Tensor) -> torc
     return y if len(shape) == 2 else y.reshape(*shape[:-1], n_rows)
 
 
+def matmul_multi(mats, n_cols: int, x: torch.Tensor) -> list[torch.Tensor]:
+    """[x @ W_i.T for each (W_i, ggml_type_i, n_rows_i) in mats] in one pool job: x [T, n_cols] is
+    quantized once per activation format and all matrices' rows are shared out together."""
+    m = _mod if _threads_set else _lib()
+    n_cols = _positive("n_cols", n_cols)
+    x = _float_tensor("x", x, f"[T, {n_cols}]")
+    if x.dim() != 2 or x.shape[1] != n_cols:
+        raise ValueError(f"x has shape {tuple(x.shape)}, expected [T, n_cols={n_cols}]")
+    T = x.shape[0]
+    ws, types, rows, outs = [], [], [], []
+    for w, t, r in mats:
+        r = _positive("n_rows", r)
+        ws.append(_weight_buffer("w", w, r * row_bytes(t, n_cols)))
+        types.append(int(t))
+        rows.append(r)
+        outs.append(np.empty((T, r), dtype=np.float32))
+    if T:
+        m.matmul_multi(tuple(ws), tuple(types), tuple(rows), n_cols, x.numpy(), T, tuple(outs))
+    return [torch.from_numpy(o) for o in outs]
+
+
+def _span_view(name: str, t: torch.Tensor) -> tuple[np.ndarray, int, int]:
+    """A [L, Hkv, d] float32 view (rows and heads may be strided, d contiguous) as one flat numpy
+    buffer from its first to its last element, plus its row and head strides in floats."""
+    if not isinstance(t, torch.Tensor) or t.dim() != 3:
+        raise ValueError(f"{name} must be a 3-D torch.Tensor [L, n_head_kv, dim]")
+    if t.dtype != torch.float32 or not t.is_cpu:
+        raise ValueError(f"{name} must be a float32 CPU tensor, got {t.dtype} on {t.device}")
+    if t.stride(2) != 1 or min(t.stride()) < 0:
+        raise ValueError(f"{name} must be contiguous in its last dimension, strides {t.stride()}")
+    L, H, d = t.shape
+    span = (L - 1) * t.stride(0) + (H - 1) * t.stride(1) + d
+    flat = torch.as_strided(t, (span,), (1,), t.storage_offset())
+    return flat.detach().numpy(), t.stride(0), t.stride(1)
+
+
+def attn_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query token's attention over L cached positions -> [H, dv] float32.
+
+    q [H, dk]; k [L, Hkv, dk] and v [L, Hkv, dv] float32 views into a KV cache (contiguous in the
+    last dimension; v may be a prefix of k's rows, as in MLA's latent cache). Query head h reads
+    KV head h // (H / Hkv).
+    """
+    m = _mod if _threads_set else _lib()
+    q = _float_tensor("q", q, "[H, dk]")
+    kb, ks, khs = _span_view("k", k)
+    vb, vs, vhs = _span_view("v", v)
+    L, Hkv, dk = k.shape
+    if v.shape[:2] != k.shape[:2]:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} disagree on [L, n_head_kv]")
+    if q.dim() != 2 or q.shape[1] != dk:
+        raise ValueError(f"q has shape {tuple(q.shape)}, expected [n_head, dk={dk}]")
+    H, dv = q.shape[0], v.shape[2]
+    out = np.empty((H, dv), dtype=np.float32)
+    m.attn_decode(q.numpy(), kb, vb, out, H, Hkv, dk, dv, L, ks, khs, vs, vhs, float(scale))
+    return torch.from_numpy(out)
+
+
 class Handle:
     """A fused MoE FFN running on the thread pool; wait() returns its output [T, D]."""
 

@@ -43,11 +43,17 @@ class LlamaRef:
         self.llm.close() if hasattr(self.llm, "close") else None
 
 
+NEAR_TIE_SIGMAS = 3.0
+
+
 def compare_logits(ours: np.ndarray, ref: np.ndarray) -> dict:
     """Per-position relative L2 error and top-1 agreement outside near-ties.
 
-    A position is a near-tie when llama.cpp's top-1/top-2 margin is at most twice the RMS logit
-    error measured there; only the other positions count for top-1 agreement.
+    A position is a near-tie when llama.cpp's top-1/top-2 margin is within three standard
+    deviations of the error of that margin: with a per-logit RMS error e measured there, the
+    difference of two logits' errors has deviation sqrt(2)*e, so the cut is 3*sqrt(2)*e. Only the
+    other positions count for top-1 agreement. (A 2*e cut let ~3% of the positions just above it
+    flip by noise alone, which made a 99% bar a coin toss on quantized files.)
     """
     assert ours.shape == ref.shape, (ours.shape, ref.shape)
     rel = rel_err(ours, ref)
@@ -55,7 +61,7 @@ def compare_logits(ours: np.ndarray, ref: np.ndarray) -> dict:
     rms = np.sqrt((d ** 2).mean(axis=1))
     top2 = np.sort(ref, axis=1)[:, -2:]
     margin = top2[:, 1] - top2[:, 0]
-    decided = margin > 2 * rms
+    decided = margin > NEAR_TIE_SIGMAS * np.sqrt(2.0) * rms
     agree = ours.argmax(1) == ref.argmax(1)
     n_dec = int(decided.sum())
     return {

@@ -435,3 +435,88 @@ def test_matmul_llama_cpp_blocks(ftype, smollm2, llama_cpp, variant_scope):
             rel = np.linalg.norm(y - ref) / np.linalg.norm(ref)
             assert rel <= Q8_DOT_TOL, f"{t.name} ({name}, {v}): relative L2 {rel:.3g}"
     assert seen, "no supported tensor type in the file"
+
+
+# ---------------------------------------------------------------- several matmuls in one job
+
+@needs_ext
+@pytest.mark.parametrize("T", [1, 3, 70])
+def test_matmul_multi_equals_separate(T, variant_scope):
+    """q/k/v-style groups (mixed types, two activation formats) give exactly the single results."""
+    n_cols = 512
+    names = [("Q4_K", 37), ("Q6_K", 8), ("Q8_0", 21), ("Q4_1", 5)]
+    mats = [(make_weights(n, r, n_cols, seed=i), TYPES[n], r) for i, (n, r) in enumerate(names)]
+    x = gaussian(T, n_cols, 7)
+    for v in _variants():
+        variant_scope(v)
+        ys = cb.matmul_multi(mats, n_cols, x)
+        for (w, t, r), y in zip(mats, ys):
+            assert y.shape == (T, r)
+            torch.testing.assert_close(y, cb.matmul(w, t, r, n_cols, x), rtol=0, atol=0)
+
+
+@needs_ext
+def test_matmul_multi_bad_inputs():
+    w = make_weights("Q4_K", 4, 256)
+    x = gaussian(2, 256)
+    with pytest.raises(ValueError, match="bytes"):
+        cb.matmul_multi([(w, TYPES["Q4_K"], 5)], 256, x)
+    with pytest.raises(ValueError, match="1..4"):
+        cb.matmul_multi([(w, TYPES["Q4_K"], 4)] * 5, 256, x)
+    with pytest.raises(ValueError, match="n_cols"):
+        cb.matmul_multi([(w, TYPES["Q4_K"], 4)], 512, x)
+
+
+# ---------------------------------------------------------------- decode attention
+
+def _attn_reference(q, k, v, scale):
+    H, Hkv = q.shape[0], k.shape[1]
+    G = H // Hkv
+    s = torch.einsum("hgd,lhd->hgl", q.double().view(Hkv, G, -1), k.double()) * scale
+    return torch.einsum("hgl,lhd->hgd", torch.softmax(s, -1), v.double()).reshape(H, -1)
+
+
+@needs_ext
+@pytest.mark.parametrize("H,Hkv,dk,dv,L", [
+    (32, 4, 128, 128, 1), (32, 4, 128, 128, 300), (9, 3, 64, 64, 1000), (8, 8, 60, 60, 77),
+    (16, 2, 192, 128, 65), (7, 7, 8, 8, 5)])
+def test_attn_decode_vs_reference(H, Hkv, dk, dv, L, variant_scope):
+    """Every variant against a float64 softmax reference; the cache is a prefix view of a longer
+    buffer, as in the runtime."""
+    g = torch.Generator().manual_seed(L)
+    k = torch.randn(L + 9, Hkv, dk, generator=g)[:L]
+    v = torch.randn(L + 9, Hkv, dv, generator=g)[:L]
+    q = torch.randn(H, dk, generator=g)
+    want = _attn_reference(q, k, v, dk ** -0.5)
+    for var in _variants():
+        variant_scope(var)
+        got = cb.attn_decode(q, k, v, dk ** -0.5)
+        assert got.shape == (H, dv)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@needs_ext
+def test_attn_decode_mla_latent_view(variant_scope):
+    """MLA's latent cache: one KV head, the value is a prefix of each key row (a strided view)."""
+    lat = torch.randn(120, 1, 576)
+    k, v = lat[:100], lat[:100, :, :512]
+    q = torch.randn(16, 576)
+    want = _attn_reference(q, k, v, 0.05)
+    for var in _variants():
+        variant_scope(var)
+        torch.testing.assert_close(cb.attn_decode(q, k, v, 0.05).double(), want, rtol=1e-5, atol=1e-5)
+
+
+@needs_ext
+def test_attn_decode_bad_inputs():
+    k = torch.randn(10, 2, 64)
+    with pytest.raises(ValueError, match="n_head"):
+        cb.attn_decode(torch.randn(3, 64), k, k, 0.1)
+    with pytest.raises(ValueError, match="dk"):
+        cb.attn_decode(torch.randn(4, 32), k, k, 0.1)
+    with pytest.raises(ValueError, match="last dimension"):
+        cb.attn_decode(torch.randn(4, 64), k.transpose(0, 2).contiguous().transpose(0, 2), k, 0.1)
+    with pytest.raises(ValueError, match="float32"):
+        cb.attn_decode(torch.randn(4, 64), k.double(), k, 0.1)
+    with pytest.raises(ValueError, match="at least one"):
+        cb.attn_decode(torch.randn(4, 64), k[:0], k[:0], 0.1)

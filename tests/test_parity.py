@@ -1,7 +1,7 @@
 """Teacher-forced logits vs llama.cpp on the same GGUF files.
 
 Bar: relative L2 error <= 2% at every position and top-1 agreement >= 99% where llama.cpp's own
-top-1/top-2 margin exceeds twice the measured RMS logit error.
+top-1/top-2 margin exceeds 3 standard deviations of its measured error (3*sqrt(2) RMS logit errors).
 
 The strict bar holds on float files, where both runtimes do exact arithmetic: each quantized file
 is also re-typed to F32 by llama.cpp (the same weights, dequantized) and compared there.

@@ -121,6 +121,17 @@ class QuantLinear:
                 f"[{self.n_out}, {self.n_in}], {self.tier.value}, {self.method.name})")
 
 
+def apply_group(layers: "list[QuantLinear]", x: torch.Tensor) -> list[torch.Tensor]:
+    """[layer(x) for layer in layers]; layers on the C++ kernels share one job (x quantized once)."""
+    if len(layers) > 1 and all(isinstance(l.method, CpuKernelMethod) for l in layers) \
+            and len({l.n_in for l in layers}) == 1 and len(layers) <= 4:
+        kernel = quant.QUANT_TYPES[layers[0].ggml_type].cpu_kernel
+        ys = kernel.matmul_multi([(l.raw, l.ggml_type, l.n_out) for l in layers], layers[0].n_in,
+                                 x.float().contiguous())
+        return [y if l.bias is None else y + l.bias for l, y in zip(layers, ys)]
+    return [l(x) for l in layers]
+
+
 class Embedding:
     """Row lookup straight from the quantized table: only the rows asked for are dequantized."""
 
