@@ -85,6 +85,14 @@ PyObject* py_set_num_threads(PyObject*, PyObject* arg) {
 
 PyObject* py_get_num_threads(PyObject*, PyObject*) { return PyLong_FromLong(ThreadPool::instance().threads()); }
 
+PyObject* py_set_spin_us(PyObject*, PyObject* arg) {
+    const long n = PyLong_AsLong(arg);
+    if (n == -1 && PyErr_Occurred()) return nullptr;
+    if (n < 0 || n > 1000000) return PyErr_Format(PyExc_ValueError, "spin_us=%ld must be in [0, 1000000]", n);
+    ThreadPool::instance().set_spin_us((int)n);
+    Py_RETURN_NONE;
+}
+
 PyObject* py_type_info(PyObject*, PyObject* arg) {
     const long t = PyLong_AsLong(arg);
     if (t == -1 && PyErr_Occurred()) return nullptr;
@@ -260,6 +268,7 @@ PyMethodDef methods[] = {
     {"_force_variant", py_force_variant, METH_O, "Use a kernel variant by name (None: the best)."},
     {"set_num_threads", py_set_num_threads, METH_O, "Threads per op, the calling thread included."},
     {"get_num_threads", py_get_num_threads, METH_NOARGS, "Threads per op."},
+    {"set_spin_us", py_set_spin_us, METH_O, "Microseconds an idle worker polls before sleeping."},
     {"type_info", py_type_info, METH_O, "Block facts of a supported ggml type, else None."},
     {"quantize_act", py_quantize_act, METH_VARARGS, "Quantize f32 rows to a weight type's activation format."},
     {"matmul", py_matmul, METH_VARARGS, "out = x @ W^T with W quantized."},

@@ -334,6 +334,7 @@ public:
 private:
     struct GateUpTask { int e, f0, nf; };
     void gate_up(const GateUpTask& task);
+    const uint8_t* gather_tile(const uint8_t* rows, size_t arb, size_t ab, int p0, int nt, int which);
     void down_rows(int d0, int nd);
 
     MoeArgs a_{};
@@ -344,17 +345,16 @@ private:
     size_t arb_g_ = 0, arb_u_ = 0, arb_d_ = 0;  // activation row bytes
     size_t ab_g_ = 0, ab_u_ = 0, ab_d_ = 0;     // activation block bytes
     bool share_xq_ = false;
-    int tq_x_ = 1, tq_h_ = 1, fc_ = 64, dc_ = 64, n_pairs_ = 0;
+    int tq_x_ = 1, fc_ = 64, dc_ = 64, n_pairs_ = 0;
     std::vector<int> off_;                 // [E+1] grouped-pair offsets per expert
     std::vector<int> active_;              // experts with tokens, ascending
     std::vector<int> pair_tok_;            // [P] token of each grouped pair
     std::vector<float> pair_w_;            // [P] its routing weight
-    std::vector<int> pair_tile_, pair_nt_;  // [P] first pair and size of the pair's token tile
     // Activations per pair, grouped by expert in tiles of <= 64 pairs, block-major inside a tile
     // (kernels.h): the tile starting at pair p0 begins at byte p0 * arb.
-    std::vector<uint8_t> xq_g_, xq_u_;     // [P, arb] quantized x
-    std::vector<float> h_;                 // [P, F] silu(gate) * up
-    std::vector<uint8_t> hq_;              // [P, arb_d] quantized h
+    std::vector<uint8_t> xq_g_, xq_u_;     // [T, arb] quantized x, one row per token
+    std::vector<uint8_t> hq_;              // [P, arb_d] quantized silu(gate) * up
+    int db_ = 32;                          // down's activation block: gate/up tasks own whole blocks
     std::vector<GateUpTask> gu_tasks_;
     std::vector<int> act_fill_;            // [E] counting-sort cursors
 };
@@ -393,27 +393,20 @@ void MoeJob::prepare(const MoeArgs& a, int threads) {
         }
     }
 
-    pair_tile_.resize(n_pairs_);
-    pair_nt_.resize(n_pairs_);
-    for (int e : active_)
-        for (int p0 = off_[e]; p0 < off_[e + 1]; p0 += GEMM_MAX_TOKENS) {
-            const int nt = std::min(GEMM_MAX_TOKENS, off_[e + 1] - p0);
-            for (int p = p0; p < p0 + nt; ++p) pair_tile_[p] = p0, pair_nt_[p] = nt;
-        }
-    xq_g_.resize(arb_g_ * n_pairs_);
-    if (!share_xq_) xq_u_.resize(arb_u_ * n_pairs_);
-    h_.resize((size_t)n_pairs_ * F);
+    xq_g_.resize(arb_g_ * T);
+    if (!share_xq_) xq_u_.resize(arb_u_ * T);
     hq_.resize(arb_d_ * n_pairs_);
 
-    // task sizes: enough tasks per phase for the threads, rows in multiples of 4 (the gemm tile)
-    tq_x_ = std::max(1, ceil_div(n_pairs_, 4 * threads));
-    tq_h_ = std::max(1, ceil_div(n_pairs_, 4 * threads));
-    // gate/up rows per task: 64 when tokens are many (the weights stay in L2 across token tiles);
-    // for decode, long runs of rows so the weight stream is sequential, ~8 tasks per thread
-    fc_ = 64;
+    // task sizes: enough tasks per phase for the threads
+    tq_x_ = std::max(1, ceil_div(T, 4 * threads));
+    // gate/up rows per task: whole activation blocks of down (each task quantizes its own slice
+    // of h, so no float h is ever stored); for decode, long runs of rows so the weight stream is
+    // sequential, ~8 tasks per thread
+    db_ = act_block(td->act);
+    fc_ = db_;
     if (T <= 4) {
         const long long rows = (long long)active_.size() * F;
-        fc_ = (int)std::max(64LL, std::min((long long)F, (rows / (8LL * threads) + 63) / 64 * 64));
+        fc_ = (int)std::max((long long)db_, std::min((long long)F, rows / (8LL * threads) / db_ * db_));
     }
     gu_tasks_.clear();
     for (int e : active_)
@@ -423,54 +416,66 @@ void MoeJob::prepare(const MoeArgs& a, int threads) {
     // (prefill: up to 128 rows, which halves how often each task re-reads all experts' activations)
     const int dmax = T <= 4 ? 256 : 128;
     dc_ = std::max(16, std::min(dmax, (ceil_div(D, 8 * threads) + 15) / 16 * 16));
-    const int counts[4] = {ceil_div(n_pairs_, tq_x_), (int)gu_tasks_.size(), ceil_div(n_pairs_, tq_h_),
-                           ceil_div(D, dc_)};
-    set_phases(counts, T > 0 ? 4 : 0);
+    const int counts[3] = {ceil_div(T, tq_x_), (int)gu_tasks_.size(), ceil_div(D, dc_)};
+    set_phases(counts, T > 0 ? 3 : 0);
 }
 
 void MoeJob::run_task(int phase, int i) {
     const int D = a_.d_model, F = a_.d_ff;
     switch (phase) {
-        case 0: {  // quantize x into each pair's tile slot
-            const int p1 = std::min(n_pairs_, (i + 1) * tq_x_);
-            for (int p = i * tq_x_; p < p1; ++p) {
-                const float* x = a_.x + (size_t)pair_tok_[p] * D;
-                const int p0 = pair_tile_[p], nt = pair_nt_[p];
-                quant_g_(x, xq_g_.data() + p0 * arb_g_ + (p - p0) * ab_g_, D, nt * ab_g_);
-                if (!share_xq_) quant_u_(x, xq_u_.data() + p0 * arb_u_ + (p - p0) * ab_u_, D, nt * ab_u_);
+        case 0: {  // quantize each token's x once (tasks gather it into expert tiles)
+            const int t1 = std::min(a_.T, (i + 1) * tq_x_);
+            for (int t = i * tq_x_; t < t1; ++t) {
+                const float* x = a_.x + (size_t)t * D;
+                quant_g_(x, xq_g_.data() + t * arb_g_, D, ab_g_);
+                if (!share_xq_) quant_u_(x, xq_u_.data() + t * arb_u_, D, ab_u_);
             }
             break;
         }
         case 1:
             gate_up(gu_tasks_[i]);
             break;
-        case 2: {  // quantize h for down
-            const int p1 = std::min(n_pairs_, (i + 1) * tq_h_);
-            for (int p = i * tq_h_; p < p1; ++p) {
-                const int p0 = pair_tile_[p], nt = pair_nt_[p];
-                quant_d_(h_.data() + (size_t)p * F, hq_.data() + p0 * arb_d_ + (p - p0) * ab_d_, F, nt * ab_d_);
-            }
-            break;
-        }
-        case 3:
+        case 2:
             down_rows(i * dc_, std::min(dc_, D - i * dc_));
             break;
     }
 }
 
-// Rows [f0, f0+nf) of gate and up for every token of expert e, then h = silu(gate) * up.
+// The block-major activation tile (kernels.h) of pairs [p0, p0+nt) from the tokens' quantized rows,
+// in this thread's scratch (a single pair's row already is its tile).
+const uint8_t* MoeJob::gather_tile(const uint8_t* rows, size_t arb, size_t ab, int p0, int nt, int which) {
+    if (nt == 1) return rows + (size_t)pair_tok_[p0] * arb;
+    thread_local std::vector<uint8_t> buf[2];
+    std::vector<uint8_t>& tile = buf[which];
+    if (tile.size() < arb * nt) tile.resize(arb * nt);
+    const size_t nb = arb / ab;
+    for (int t = 0; t < nt; ++t) {
+        const uint8_t* row = rows + (size_t)pair_tok_[p0 + t] * arb;
+        for (size_t b = 0; b < nb; ++b) std::memcpy(tile.data() + (b * nt + t) * ab, row + b * ab, ab);
+    }
+    return tile.data();
+}
+
+// Rows [f0, f0+nf) of gate and up for every token of expert e, h = silu(gate) * up, and h's slice
+// quantized for down (the task owns whole activation blocks of h, so it quantizes them alone).
 void MoeJob::gate_up(const GateUpTask& task) {
     const int D = a_.d_model, F = a_.d_ff, nf = task.nf;
     float* g = scratch(2 * (size_t)GEMM_MAX_TOKENS * nf);
     float* u = g + (size_t)GEMM_MAX_TOKENS * nf;
     const uint8_t* wg = a_.gate + ((size_t)task.e * F + task.f0) * rb_g_;
     const uint8_t* wu = a_.up + ((size_t)task.e * F + task.f0) * rb_u_;
+    const size_t blk0 = (size_t)(task.f0 / db_);  // first activation block of h this task owns
     for (int p0 = off_[task.e]; p0 < off_[task.e + 1]; p0 += GEMM_MAX_TOKENS) {
         const int nt = std::min(GEMM_MAX_TOKENS, off_[task.e + 1] - p0);
-        const uint8_t* xu = share_xq_ ? xq_g_.data() + p0 * arb_g_ : xq_u_.data() + p0 * arb_u_;
-        gemm_g_(wg, rb_g_, nf, D, xq_g_.data() + p0 * arb_g_, nt, g, nf);
+        const uint8_t* xg = gather_tile(xq_g_.data(), arb_g_, ab_g_, p0, nt, 0);
+        const uint8_t* xu = share_xq_ ? xg : gather_tile(xq_u_.data(), arb_u_, ab_u_, p0, nt, 1);
+        gemm_g_(wg, rb_g_, nf, D, xg, nt, g, nf);
         gemm_u_(wu, rb_u_, nf, D, xu, nt, u, nf);
-        for (int t = 0; t < nt; ++t) ks_->silu_mul(g + t * nf, u + t * nf, h_.data() + (size_t)(p0 + t) * F + task.f0, nf);
+        uint8_t* tile = hq_.data() + p0 * arb_d_ + blk0 * nt * ab_d_;  // block-major tile (kernels.h)
+        for (int t = 0; t < nt; ++t) {
+            ks_->silu_mul(g + t * nf, u + t * nf, g + t * nf, nf);
+            quant_d_(g + t * nf, tile + t * ab_d_, nf, nt * ab_d_);
+        }
     }
 }
 

@@ -32,8 +32,6 @@ bool spin_until(Pred pred, int us) {
     }
 }
 
-// How long an idle worker keeps polling before it sleeps: decode issues ops back to back.
-constexpr int kWorkerSpinUs = 200;
 constexpr int kWaiterSpinUs = 2000;
 
 }  // namespace
@@ -144,7 +142,8 @@ void ThreadPool::worker_loop() {
             if (!stop_) job = pick_locked();
             if (!job && !stop_) {
                 lk.unlock();
-                spin_until([&] { return submitted_.load(std::memory_order_acquire) != seen; }, kWorkerSpinUs);
+                spin_until([&] { return submitted_.load(std::memory_order_acquire) != seen; },
+                           spin_us_.load(std::memory_order_relaxed));
                 lk.lock();
                 work_cv_.wait(lk, [&] { return stop_ || (job = pick_locked()) != nullptr; });
             }

@@ -45,6 +45,12 @@ public:
     void set_threads(int n);
     int threads() const { return n_threads_; }
 
+    // How long an idle worker polls for the next job before it sleeps. Decode issues small ops
+    // back to back (a sleeping worker costs a wake-up per op); while other threads (torch's) want
+    // the cores, a short poll leaves them free.
+    void set_spin_us(int us) { spin_us_.store(us < 0 ? 0 : us, std::memory_order_relaxed); }
+    int spin_us() const { return spin_us_.load(std::memory_order_relaxed); }
+
     void submit(Job* job);  // workers start at once
     void wait(Job* job);    // the caller helps, then returns once no thread touches the job
     void run(Job* job) {
@@ -69,6 +75,7 @@ private:
     std::deque<Job*> queue_;
     std::atomic<uint64_t> submitted_{0};
     bool stop_ = false;
+    std::atomic<int> spin_us_{200};
 };
 
 }  // namespace hmoe

@@ -25,3 +25,8 @@ def default_threads() -> int:
 
 def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def malloc_tuning() -> bool:
+    """HETERO_MOE_MALLOC_TUNE=0 keeps glibc's default malloc policy (see runtime/memory.py)."""
+    return os.environ.get("HETERO_MOE_MALLOC_TUNE", "1") != "0"

@@ -85,6 +85,13 @@ def set_num_threads(n: int) -> None:
     _threads_set = True
 
 
+def set_spin_us(us: int) -> None:
+    """How long an idle pool worker polls for the next op before sleeping (microseconds)."""
+    if not isinstance(us, int) or isinstance(us, bool) or not 0 <= us <= 1_000_000:
+        raise ValueError(f"set_spin_us: us={us!r} must be an int in [0, 1000000]")
+    _lib().set_spin_us(us)
+
+
 def get_num_threads() -> int:
     return _lib().get_num_threads()
 

@@ -6,6 +6,7 @@ and the placement, so swapping in a faster kernel is a change to the table, not 
 """
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -19,8 +20,18 @@ from ..quant.act import fake_quant
 from ..runtime.placement import Tier
 
 
+F32 = 0
+
+
 def float_tensor(t: TensorInfo) -> torch.Tensor:
-    """A small float tensor (norm weight, bias, router) as an owned float32 torch tensor."""
+    """A small float tensor (norm weight, bias, router) as a float32 torch tensor.
+
+    F32 tensors are views of the read-only mmap (no second copy in memory): callers never write
+    into them."""
+    if t.ggml_type == F32 and t.data.ctypes.data % 4 == 0:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")      # "not writable": the view is only ever read
+            return torch.from_numpy(t.data.view(np.float32).reshape(t.shape))
     return quant.dequantize(t.data, t.ggml_type, t.shape).float().contiguous()
 
 
@@ -133,7 +144,11 @@ def apply_group(layers: "list[QuantLinear]", x: torch.Tensor) -> list[torch.Tens
 
 
 class Embedding:
-    """Row lookup straight from the quantized table: only the rows asked for are dequantized."""
+    """Row lookup straight from the quantized table: only the rows asked for are dequantized.
+
+    Rows are read with pread, not through the mmap: touching a mapped row maps the pages around
+    it too (the kernel's fault-around), so random token ids would pull most of a large table into
+    the process's resident memory."""
 
     def __init__(self, t: TensorInfo, device: str):
         if len(t.ne) != 2:
@@ -142,14 +157,37 @@ class Embedding:
         self.ggml_type = t.ggml_type
         self.row_bytes = quant.row_bytes(t.ggml_type, self.n_embd)
         self.rows = t.data.reshape(self.n_vocab, self.row_bytes)
+        self.path, self.offset = t.path, t.offset
+        self._fd: int | None = None
         self.device = device
+
+    def _read_rows(self, idx: np.ndarray) -> np.ndarray:
+        if self._fd is None:
+            try:
+                self._fd = os.open(self.path, os.O_RDONLY)
+            except OSError:
+                self._fd = -1
+        if self._fd < 0:                       # file gone (or a buffer-backed tensor): the map
+            return np.ascontiguousarray(self.rows[idx])
+        rb = self.row_bytes
+        out = np.empty((len(idx), rb), dtype=np.uint8)
+        for i, r in enumerate(idx.tolist()):
+            b = os.pread(self._fd, rb, self.offset + r * rb)
+            if len(b) != rb:
+                raise GGUFFormatError(f"{self.path}: short read of embedding row {r}")
+            out[i] = np.frombuffer(b, dtype=np.uint8)
+        return out
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None and self._fd >= 0:
+            os.close(self._fd)
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:  # ids: [T] -> [T, n_embd]
         idx = ids.cpu().numpy()
         if idx.size and (idx.min() < 0 or idx.max() >= self.n_vocab):
             bad = int(idx[(idx < 0) | (idx >= self.n_vocab)][0])
             raise ValueError(f"token id {bad} is out of range for a vocabulary of {self.n_vocab}")
-        raw = np.ascontiguousarray(self.rows[idx])
+        raw = self._read_rows(idx)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             out = quant.dequantize(raw, self.ggml_type, (len(idx), self.n_embd))
