@@ -80,7 +80,7 @@ setup(
         "tokenizers>=0.15",
     ],
     extras_require={
-        "test": ["pytest>=7", "llama-cpp-python>=0.3.0"],
+        "test": ["pytest>=7", "llama-cpp-python>=0.3.0", "triton"],
         "triton": ["triton"],
     },
     entry_points={"console_scripts": ["hetero-moe=hetero_moe.cli:main"]},
