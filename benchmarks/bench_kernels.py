@@ -3,7 +3,7 @@ gate/up Q4_K, down Q6_K).
 
   GEMV  (decode, T=1): GB/s of weight bytes streamed, weights larger than the L3 cache.
   GEMM  (prefill): GFLOP/s (2*rows*cols*T) on one expert's matrices, T=32 (a typical expert's share of
-        a 512-token prompt) and T=512.
+        a 512-token prompt) and T=512; Q8_0 at the gate/up shape for the legacy-quant path.
   MoE   the fused FFN layer: T=1 decode (fresh random experts every call, so they come from DRAM) and
         T=512 prefill; ms per call, and for decode GB/s of the 8 experts' bytes.
 
@@ -24,7 +24,8 @@ import torch
 
 from hetero_moe import cpu_backend as cb
 
-Q4_K, Q6_K = 12, 14
+Q8_0, Q4_K, Q6_K = 8, 12, 14
+F16_OFFSETS = {Q8_0: [0], Q6_K: [208]}  # byte offsets of a block's f16 scales (default: d, dmin)
 D, F, E, K = 2048, 768, 128, 8
 
 
@@ -34,7 +35,7 @@ def rand_weights(t: int, n_rows: int, n_cols: int, rng) -> np.ndarray:
     nb = n_cols // info["block"]
     b = rng.integers(0, 256, size=(n_rows, nb, info["bytes"]), dtype=np.uint8)
     h = np.frombuffer(np.float16(1e-3).tobytes(), np.uint8)
-    for off in ([208] if t == Q6_K else [0, 2]):
+    for off in F16_OFFSETS.get(t, [0, 2]):
         b[:, :, off], b[:, :, off + 1] = h[0], h[1]
     return b.reshape(n_rows, nb * info["bytes"])
 
@@ -118,6 +119,7 @@ def main(argv=None) -> int:
         for T in (32, 512):
             results.append(bench_gemm(Q4_K, F, D, T, args, rng))
             results.append(bench_gemm(Q6_K, D, F, T, args, rng))
+            results.append(bench_gemm(Q8_0, F, D, T, args, rng))
     if "moe" in only:
         n_exp = 32 if args.quick else E
         layer = (rand_weights(Q4_K, n_exp * F, D, rng).reshape(-1), rand_weights(Q4_K, n_exp * F, D, rng).reshape(-1),
