@@ -5,6 +5,7 @@ prefill tokens/s (512-token prompt), decode tokens/s (64 tokens), their ratios, 
 size, and decode bytes-per-token over time as a fraction of measured read bandwidth.
 
     python benchmarks/bench_vs_llama.py --model qwen3moe-a3b --threads 2 --rounds 3 --json out.json
+    python benchmarks/bench_vs_llama.py --model deepseek-v2-lite --layers 4
     python benchmarks/bench_vs_llama.py --model smollm2
     python benchmarks/bench_vs_llama.py --model path/to/file.gguf
 
@@ -34,7 +35,7 @@ def resolve_model(name: str, layers: int) -> str:
         return str(demo_model_path())
     from hetero_moe.testing.make_model import PRESETS, cached_test_model
     if name in PRESETS:
-        arch = "qwen3moe" if name.startswith("qwen3moe") else name.split("-")[0]
+        arch = {"qwen3moe-a3b": "qwen3moe", "deepseek-v2-lite": "deepseek2"}.get(name, name.split("-")[0])
         return str(cached_test_model(arch, preset=name, quant="Q4_K_M", layers=layers))
     raise SystemExit(f"unknown model {name!r}: give a .gguf path, 'smollm2', 'demo' or a preset "
                      f"({', '.join(PRESETS)})")

@@ -9,12 +9,15 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .config_env import default_threads
-from .errors import ContextLengthError, HeteroMoEError
+from .config_env import default_threads, malloc_tuning
+from .errors import ContextLengthError, HeteroMoEError, MissingTensorError, UnsupportedError
 from .gguf import GGUFFile
 from .layers.linear import KernelOptions
+from .layers.sparse_attn import SparseAttnConfig
+from .layers.sparse_attn import resolve as resolve_sparse
 from .models.base import ModelConfig, config_from_gguf
 from .models.transformer import Transformer
+from .runtime.memory import return_large_blocks_to_os
 from .runtime.placement import plan_placement
 
 DEFAULT_MAX_CTX = 4096
@@ -82,6 +85,7 @@ class Model:
         self.load_seconds = load_seconds
         self._tokenizer = None
         self._cached: list[int] = []   # tokens whose keys/values are in the cache
+        self._cached_sparse: SparseAttnConfig | None = None   # the attention they were made with
         self.last_completion: Completion | None = None
 
     # -- logits ------------------------------------------------------------------------------
@@ -93,10 +97,28 @@ class Model:
             raise ValueError(f"token id {bad} is out of range [0, {self.config.n_vocab})")
         return t
 
-    def eval(self, token_ids: Sequence[int], pos0: int = 0, all_logits: bool = False
-             ) -> torch.Tensor:
+    @property
+    def sparse_attn(self) -> SparseAttnConfig:
+        """The sparse-attention settings calls use unless they pass sparse_attn=."""
+        return self.net.sparse
+
+    def _sparse(self, value) -> SparseAttnConfig:
+        sp = resolve_sparse(value, self.net.sparse)
+        if sp.mode == "nsa" and getattr(self.config, "mla", None) is not None:
+            raise UnsupportedError(f"sparse_attn mode 'nsa' has no learned weights for Multi-head "
+                                   f"Latent Attention models ({self.config.arch}); use 'approx'")
+        if sp.mode == "nsa" and self.net.nsa_missing:
+            raise MissingTensorError(f"{self.path}: sparse_attn mode 'nsa' needs tensor "
+                                     f"{self.net.nsa_missing!r}, which is missing (use 'approx' "
+                                     f"for a model trained without NSA)")
+        return sp
+
+    def eval(self, token_ids: Sequence[int], pos0: int = 0, all_logits: bool = False,
+             sparse_attn=None) -> torch.Tensor:
         """Feed tokens at positions pos0.. (keeping the cache before pos0) -> logits.
 
+        sparse_attn: this call's sparse attention (None: the loaded default; "off", "approx",
+        "nsa" or a SparseAttnConfig).
         Returns [T, V] float32 if all_logits else the last position's [1, V].
         Raises ContextLengthError if pos0 + len(token_ids) exceeds n_ctx.
         """
@@ -111,28 +133,30 @@ class Model:
         if pos0 > self.net.cache.pos:
             raise ValueError(f"cannot evaluate at position {pos0}: the cache holds "
                              f"{self.net.cache.pos} positions")
+        sp = self._sparse(sparse_attn)
         self.net.cache.reset(pos0)
         outs = []
         with torch.inference_mode():
             for s in range(0, T, PREFILL_CHUNK):
                 logits = self.net.forward(ids[s:s + PREFILL_CHUNK], pos0 + s,
-                                          all_logits=all_logits)
+                                          all_logits=all_logits, sparse=sp)
                 if all_logits or s + PREFILL_CHUNK >= T:
                     outs.append(logits)
         return torch.cat(outs) if all_logits else outs[-1]
 
-    def logits(self, token_ids: Sequence[int]) -> torch.Tensor:
+    def logits(self, token_ids: Sequence[int], sparse_attn=None) -> torch.Tensor:
         """Teacher-forced logits: float32 [len(token_ids), n_vocab], row i predicts token i+1.
 
         Args:
             token_ids: prompt token ids (ints in [0, n_vocab)).
+            sparse_attn: None (the loaded default), a mode name or a SparseAttnConfig.
         Returns:
             torch.Tensor float32 of shape [len, vocab].
         Raises:
             ContextLengthError: the input is longer than the context window.
             ValueError: empty input or a token id out of range.
         """
-        return self.eval(token_ids, 0, all_logits=True)
+        return self.eval(token_ids, 0, all_logits=True, sparse_attn=sparse_attn)
 
     # -- text ---------------------------------------------------------------------------------
     @property
@@ -169,7 +193,7 @@ class Model:
             raise ValueError("the prompt is empty (no tokens)")
         return ids
 
-    def _events(self, ids: list[int], p) -> Iterator:
+    def _events(self, ids: list[int], p, sparse_attn=None) -> Iterator:
         """Generate: yields text pieces; returns the Completion (StopIteration.value)."""
         from .sampling import Sampler, StopMatcher, token_logprob
         from .tokenizer import StreamDecoder
@@ -178,6 +202,10 @@ class Model:
             raise ContextLengthError(f"the prompt has {len(ids)} tokens; the context window is "
                                      f"{self.n_ctx} (load with n_ctx=... up to the model's "
                                      f"{self.config.n_ctx_train})")
+        sp = self._sparse(sparse_attn)
+        if sp != self._cached_sparse:           # cached keys/values depend on the attention
+            self._cached = []
+        self._cached_sparse = sp
         sampler = Sampler(p, self.config.n_vocab)
         text_of = (lambda t: tok.token_str(t)) if tok else str
         timings = Timings(prompt_tokens=len(ids))
@@ -185,7 +213,7 @@ class Model:
         prompt_lp = None
         self._cached = []
         if p.echo:
-            rows = self.eval(ids, 0, all_logits=True)
+            rows = self.eval(ids, 0, all_logits=True, sparse_attn=sp)
             logits = rows[-1]
             prompt_lp = [TokenLogprob(ids[0], text_of(ids[0]), None)]
             for i in range(1, len(ids)):
@@ -195,13 +223,9 @@ class Model:
                                               token_logprob(rows[i - 1], ids[i]), top))
             self._cached = list(ids)
         else:
-            # reuse the cached prefix (multi-turn chat, repeated prompts)
-            n = 0
-            limit = min(len(self._cached), len(ids) - 1, self.net.cache.pos)
-            while n < limit and self._cached[n] == ids[n]:
-                n += 1
-            logits = self.eval(ids[n:], n)[-1]
-            timings.prompt_tokens = len(ids) - n
+            # the whole prompt every call: a cached prefix would make a call's result depend on
+            # the calls before it (a suffix evaluated alone rounds differently from one prefill)
+            logits = self.eval(ids, 0, sparse_attn=sp)[-1]
             self._cached = list(ids)
         timings.prefill_seconds = time.perf_counter() - t0
         dec = StreamDecoder(tok, skip_special=True) if tok else None
@@ -236,7 +260,7 @@ class Model:
                 break
             if len(out_ids) >= p.max_tokens or pos + 1 >= self.n_ctx:
                 break
-            logits = self.eval([t], pos)[-1]
+            logits = self.eval([t], pos, sparse_attn=sp)[-1]
             self._cached.append(t)
             pos += 1
         if not stops.stopped:
@@ -252,7 +276,8 @@ class Model:
             text = (tok.decode(ids) if tok else "") + text
         return Completion(text, out_ids, finish, list(ids), timings, lps, prompt_lp)
 
-    def generate(self, prompt: str | Sequence[int], params=None, **sampling) -> Completion:
+    def generate(self, prompt: str | Sequence[int], params=None, sparse_attn=None,
+                 **sampling) -> Completion:
         """Complete a prompt.
 
         Args:
@@ -260,6 +285,8 @@ class Model:
             params: a SamplingParams, or its fields as keyword arguments (max_tokens, temperature,
                 top_k, top_p, min_p, repeat_penalty, repeat_last_n, frequency_penalty,
                 presence_penalty, seed, stop, logprobs, echo).
+            sparse_attn: this call's sparse attention ("off", "approx", "nsa" or a
+                SparseAttnConfig); None keeps the setting chosen at load().
         Returns:
             Completion (text, tokens, finish_reason, logprobs, timings).
         Raises:
@@ -267,7 +294,7 @@ class Model:
             ContextLengthError: the prompt does not fit in the context window.
         """
         p = self._params(params, sampling)
-        gen = self._events(self._prompt_ids(prompt), p)
+        gen = self._events(self._prompt_ids(prompt), p, sparse_attn)
         while True:
             try:
                 next(gen)
@@ -275,12 +302,13 @@ class Model:
                 self.last_completion = stop.value
                 return stop.value
 
-    def stream(self, prompt: str | Sequence[int], params=None, **sampling) -> Iterator[str]:
+    def stream(self, prompt: str | Sequence[int], params=None, sparse_attn=None,
+               **sampling) -> Iterator[str]:
         """Like generate(), yielding text pieces as they are produced (never a split UTF-8
         character). The Completion is in `model.last_completion` afterwards."""
         p = self._params(params, sampling)
         ids = self._prompt_ids(prompt)
-        self.last_completion = yield from self._events(ids, p)
+        self.last_completion = yield from self._events(ids, p, sparse_attn)
 
     def chat_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of `messages` rendered with the model's chat template."""
@@ -289,12 +317,13 @@ class Model:
         return chat_prompt_ids(self.tokenizer, tmpl, messages,
                                add_generation_prompt=add_generation_prompt)
 
-    def chat(self, messages: list[dict], params=None, stream: bool = False, **sampling):
+    def chat(self, messages: list[dict], params=None, stream: bool = False, sparse_attn=None,
+             **sampling):
         """Reply to a conversation [{"role": "user", "content": "..."}, ...] rendered through the
         GGUF's chat template. Returns a Completion, or an iterator of text pieces if stream."""
         ids = self.chat_ids(messages)
-        return self.stream(ids, params, **sampling) if stream else \
-            self.generate(ids, params, **sampling)
+        return self.stream(ids, params, sparse_attn, **sampling) if stream else \
+            self.generate(ids, params, sparse_attn, **sampling)
 
     # -- info --------------------------------------------------------------------------------
     def __repr__(self) -> str:
@@ -308,7 +337,7 @@ class Model:
 
 def load(path: str | os.PathLike, threads: int | None = None, *, n_ctx: int | None = None,
          gpu: str | bool = "auto", cpu_kernels: str = "auto", progress: bool = False,
-         **options) -> Model:
+         sparse_attn: str | SparseAttnConfig | None = None, **options) -> Model:
     """Open a GGUF model (single file, or the first part of a split model).
 
     Args:
@@ -318,6 +347,9 @@ def load(path: str | os.PathLike, threads: int | None = None, *, n_ctx: int | No
         gpu: "auto" (CUDA when present), False/"cpu", or a torch device string.
         cpu_kernels: "auto" (C++ quantized kernels when built) or "torch" (reference path).
         progress: show a progress bar on stderr while loading.
+        sparse_attn: default attention for every call: "off" (dense, the default), "approx"
+            (training-free block selection over mean-pooled keys), "nsa" (learned NSA weights
+            from the file: blk.N.nsa_*), or a SparseAttnConfig for block sizes and thresholds.
     Returns:
         Model.
     Raises:
@@ -335,14 +367,20 @@ def load(path: str | os.PathLike, threads: int | None = None, *, n_ctx: int | No
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
     torch.set_num_threads(threads)
+    if malloc_tuning():
+        return_large_blocks_to_os()
     try:
         from . import cpu_backend
         if cpu_backend.available():
             cpu_backend.set_num_threads(threads)
     except ImportError:
         pass
+    sparse = resolve_sparse(sparse_attn)
     g = GGUFFile(path)
     cfg = config_from_gguf(g)
+    if sparse.mode == "nsa" and getattr(cfg, "mla", None) is not None:
+        raise UnsupportedError(f"{path}: sparse_attn mode 'nsa' has no learned weights for "
+                               f"Multi-head Latent Attention models ({cfg.arch}); use 'approx'")
     if n_ctx is None:
         n_ctx = min(cfg.n_ctx_train or DEFAULT_MAX_CTX, DEFAULT_MAX_CTX)
     if not 1 <= n_ctx <= (1 << 20):
@@ -358,7 +396,8 @@ def load(path: str | os.PathLike, threads: int | None = None, *, n_ctx: int | No
         def cb(i, n):
             bar.update(1)
     try:
-        net = Transformer(cfg, g, plan, n_ctx, KernelOptions(cpu_kernels=cpu_kernels), cb)
+        net = Transformer(cfg, g, plan, n_ctx, KernelOptions(cpu_kernels=cpu_kernels), cb,
+                          sparse=sparse)
     finally:
         if bar is not None:
             bar.close()

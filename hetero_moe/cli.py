@@ -22,6 +22,34 @@ def _add_model_opts(ap: argparse.ArgumentParser) -> None:
                     help="CPU matmul path: C++ quantized kernels (auto) or torch reference")
 
 
+def _add_sparse_opts(ap: argparse.ArgumentParser) -> None:
+    from .layers.sparse_attn import MODES, SparseAttnConfig
+    d = SparseAttnConfig()
+    g = ap.add_argument_group("sparse attention (long contexts)")
+    g.add_argument("--sparse-attn", choices=MODES, default="off",
+                   help="off: dense attention; approx: each KV head attends to its top blocks "
+                        "by mean-pooled key score plus a recent window (any model); nsa: "
+                        "DeepSeek NSA with the file's learned blk.N.nsa_* tensors (off)")
+    g.add_argument("--sparse-block", type=int, default=d.sel_block,
+                   help=f"selection block length in tokens, a multiple of {d.cmp_stride} "
+                        f"({d.sel_block})")
+    g.add_argument("--sparse-top-n", type=int, default=d.top_n,
+                   help=f"blocks attended per KV head, counting the first and the "
+                        f"{d.n_local} most recent ({d.top_n})")
+    g.add_argument("--sparse-window", type=int, default=d.window,
+                   help=f"most recent tokens always attended ({d.window})")
+    g.add_argument("--sparse-min-len", type=int, default=d.min_len,
+                   help=f"context length from which attention is sparse, dense below "
+                        f"({d.min_len})")
+
+
+def _sparse_config(args):
+    from .layers.sparse_attn import SparseAttnConfig
+    return SparseAttnConfig(mode=args.sparse_attn, sel_block=args.sparse_block,
+                            top_n=args.sparse_top_n, window=args.sparse_window,
+                            min_len=args.sparse_min_len)
+
+
 def _add_sampling_opts(ap: argparse.ArgumentParser) -> None:
     g = ap.add_argument_group("sampling")
     g.add_argument("-n", "--max-tokens", type=int, default=256, help="tokens to generate (256)")
@@ -61,7 +89,8 @@ def _model_path(args) -> str:
 def _load(args, path: str):
     import hetero_moe
     return hetero_moe.load(path, threads=args.threads, n_ctx=args.ctx_size,
-                           cpu_kernels=args.cpu_kernels, progress=True)
+                           cpu_kernels=args.cpu_kernels, progress=True,
+                           sparse_attn=args.sparse)
 
 
 def _print_stats(c, stream=sys.stderr) -> None:
@@ -162,9 +191,11 @@ def inspect_model(path: str) -> dict:
     info = {
         "path": str(g.path), "files": [str(p) for p in g.paths], "file_size": g.file_size,
         "architecture": cfg.arch, "name": cfg.name, "parameters": n_params,
-        "config": {k: v for k, v in vars(cfg).items() if k != "extra"},
+        "config": {k: v for k, v in vars(cfg).items() if k not in ("extra", "mla")},
         "groups": groups,
     }
+    if cfg.mla is not None:
+        info["mla"] = _mla_info(cfg)
     if cfg.is_moe:
         t = g.tensors.get("blk.0.ffn_gate_exps.weight")
         info["experts"] = {
@@ -174,8 +205,29 @@ def inspect_model(path: str) -> dict:
             "active_parameters_per_token_estimate": int(
                 n_params - groups.get("routed experts", {}).get("params", 0)
                 * (1 - cfg.n_expert_used / cfg.n_expert)),
+            "gating": cfg.gating, "norm_topk": cfg.norm_topk,
+            "weights_scale": cfg.expert_weights_scale, "groups": cfg.n_expert_groups,
+            "groups_used": cfg.n_group_used, "leading_dense_blocks": cfg.n_layer_dense_lead,
+            "selection_bias": "blk.%d.exp_probs_b.bias" % cfg.n_layer_dense_lead in g.tensors,
         }
     return info
+
+
+def _mla_info(cfg) -> dict:
+    """Multi-head Latent Attention shapes, RoPE/YaRN numbers and the latent cache size."""
+    from dataclasses import asdict
+
+    from .models.deepseek2 import cache_bytes_per_token, mha_cache_bytes_per_token
+    m = cfg.mla
+    return {
+        "q_lora_rank": m.q_lora, "kv_lora_rank": m.kv_lora, "qk_nope_head_dim": m.qk_nope,
+        "qk_rope_head_dim": m.qk_rope, "v_head_dim": m.v_head,
+        "layout": "attn_k_b/attn_v_b" if m.split else "attn_kv_b (legacy)",
+        "kq_scale": m.kq_scale, "rope": asdict(m.rope),
+        "cache_bytes_per_token_f16": cache_bytes_per_token(cfg.n_layer, m.kv_lora, m.qk_rope),
+        "mha_cache_bytes_per_token_f16": mha_cache_bytes_per_token(cfg.n_layer, cfg.n_head,
+                                                                   m.k_head, m.v_head),
+    }
 
 
 def _fmt_count(n: float) -> str:
@@ -217,8 +269,25 @@ def cmd_inspect(args) -> int:
               + (f", shared expert FFN {e['shared_ffn']}" if e["shared_ffn"] else "")
               + (f"; gate/up stack {e['gate_up_shape']}" if e["gate_up_shape"] else ""))
         print(f"active params: ~{_fmt_count(e['active_parameters_per_token_estimate'])} per token")
+        if "mla" in info:
+            print(f"routing:       {e['gating']}"
+                  + (" + selection bias" if e["selection_bias"] else "")
+                  + (f", best {e['groups_used']} of {e['groups']} groups"
+                     if e["groups"] > 1 else "")
+                  + (", renormalised" if e["norm_topk"] else "")
+                  + (f", x{e['weights_scale']:g}" if e["weights_scale"] not in (0, 1) else "")
+                  + f"; first {e['leading_dense_blocks']} block(s) dense (FFN {c['n_ff']})")
     elif c["n_ff"]:
         print(f"FFN:           dense {c['n_ff']}")
+    if "mla" in info:
+        a, r = info["mla"], info["mla"]["rope"]
+        print(f"MLA:           q_lora {a['q_lora_rank'] or 'none'}, kv_lora {a['kv_lora_rank']}, "
+              f"head qk {a['qk_nope_head_dim']}+{a['qk_rope_head_dim']} rope, v "
+              f"{a['v_head_dim']}; {a['layout']}; kq scale {a['kq_scale']:.6g}")
+        print(f"RoPE/YaRN:     freq scale {r['freq_scale']:g}, ext {r['ext_factor']:g}, "
+              f"attn factor {r['attn_factor']:.6g}, original ctx {r['n_ctx_orig']}")
+        print(f"latent cache:  {_fmt_bytes(a['cache_bytes_per_token_f16'])} per token (f16; "
+              f"per-head K/V would be {_fmt_bytes(a['mha_cache_bytes_per_token_f16'])})")
     print("tensor groups:")
     for name, grp in sorted(info["groups"].items(), key=lambda kv: -kv[1]["bytes"]):
         types = ", ".join(f"{k} x{v}" for k, v in sorted(grp["types"].items()))
@@ -228,7 +297,7 @@ def cmd_inspect(args) -> int:
 
 
 def run_bench(path: str, n_prompt: int = 512, n_gen: int = 64, threads=None, repeats: int = 1,
-              cpu_kernels: str = "auto", seed: int = 0) -> dict:
+              cpu_kernels: str = "auto", seed: int = 0, sparse_attn=None) -> dict:
     """Prefill tokens/s on an n_prompt-token prompt and decode tokens/s over n_gen tokens."""
     import numpy as np
     import psutil
@@ -236,7 +305,7 @@ def run_bench(path: str, n_prompt: int = 512, n_gen: int = 64, threads=None, rep
     import hetero_moe
     t0 = time.perf_counter()
     model = hetero_moe.load(path, threads=threads, n_ctx=n_prompt + n_gen + 8,
-                            cpu_kernels=cpu_kernels)
+                            cpu_kernels=cpu_kernels, sparse_attn=sparse_attn)
     load_s = time.perf_counter() - t0
     rng = np.random.default_rng(seed)
     ids = rng.integers(10, model.config.n_vocab, size=n_prompt).tolist()
@@ -265,7 +334,7 @@ def run_bench(path: str, n_prompt: int = 512, n_gen: int = 64, threads=None, rep
         "load_seconds": load_s, "prefill_seconds": pre_s, "prefill_tps": n_prompt / pre_s,
         "decode_seconds": dec_s, "decode_tps": n_gen / dec_s, "peak_rss_bytes": peak,
         "rss_over_file": peak / model.gguf.file_size if peak else None,
-        "cpu_kernels": cpu_kernels,
+        "cpu_kernels": cpu_kernels, "sparse_attn": model.sparse_attn.mode,
     }
 
 
@@ -273,7 +342,7 @@ def cmd_bench(args) -> int:
     if not os.path.exists(args.model):
         raise FileNotFoundError(f"model file not found: {args.model}")
     r = run_bench(args.model, args.n_prompt, args.n_gen, args.threads, args.repeats,
-                  args.cpu_kernels)
+                  args.cpu_kernels, sparse_attn=args.sparse)
     if args.json:
         print(json.dumps(r, indent=2))
     else:
@@ -303,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--raw", action="store_true",
                    help="use the prompt as plain text, without the chat template")
     _add_model_opts(r)
+    _add_sparse_opts(r)
     _add_sampling_opts(r)
     r.set_defaults(func=cmd_run)
     i = sub.add_parser("inspect", help="describe a GGUF model")
@@ -316,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("-r", "--repeats", type=int, default=1, help="repetitions, median reported")
     b.add_argument("--json", action="store_true", help="print JSON")
     _add_model_opts(b)
+    _add_sparse_opts(b)
     b.set_defaults(func=cmd_bench)
     return ap
 
@@ -328,6 +399,11 @@ def main(argv=None) -> int:
         if v is not None and v < (0 if name == "max_tokens" else 1):
             ap.error(f"--{name.replace('_', '-')} must be >= {0 if name == 'max_tokens' else 1},"
                      f" got {v}")
+    if hasattr(args, "sparse_attn"):
+        try:
+            args.sparse = _sparse_config(args)
+        except ValueError as e:
+            ap.error(str(e))
     try:
         return args.func(args)
     except (FileNotFoundError, HeteroMoEError) as e:

@@ -13,7 +13,9 @@ from hetero_moe.errors import HeteroMoEError, UnsupportedError
 from hetero_moe.testing import make_model as mm
 
 REPO = Path(__file__).resolve().parent.parent
-TINY_CASES = [(arch, "tiny") for arch in mm.ARCHES] + [("llama", "tiny-tied")]
+TINY_CASES = [(arch, "tiny") for arch, spec in mm.ARCHES.items() if spec.mla_split is None] + \
+    [("llama", "tiny-tied")]
+DS_CASES = [("deepseek2", "tiny-lite"), ("deepseek2", "tiny-v3"), ("deepseek2-kvb", "tiny-lite")]
 PROMPT = b"The quick brown fox jumps over the lazy dog."
 
 
@@ -115,7 +117,10 @@ def test_tensor_names_are_llama_cpp_names_for_each_arch():
 
 
 def test_every_quantized_row_is_a_multiple_of_qk_k():
+    """Except in the deepseek2 presets, whose real shapes make llama.cpp fall back (tested below)."""
     for preset, p in mm.PRESETS.items():
+        if p.mla is not None:
+            continue
         for arch in (p.only or mm.ARCHES):
             try:
                 s = mm.resolve_shape(arch, preset)
@@ -139,6 +144,47 @@ def test_a3b_shapes_match_qwen3_30b_a3b():
     assert shapes["blk.0.ffn_gate_inp.weight"] == (128, 2048)
     # about 10.4 GB of F32 before quantizing
     assert 9e9 < mm.f32_size("qwen3moe", "qwen3moe-a3b") < 11e9
+
+
+def test_v2_lite_shapes_match_deepseek_v2_lite():
+    s = mm.resolve_shape("deepseek2", "deepseek-v2-lite")
+    shapes = {t.name: t.shape for t in mm.tensor_plan("deepseek2", s)}
+    assert s.n_layer == 4 and s.n_head_kv == 1
+    assert shapes["blk.0.attn_q.weight"] == (16 * 192, 2048)
+    assert shapes["blk.0.attn_kv_a_mqa.weight"] == (512 + 64, 2048)
+    assert shapes["blk.0.attn_k_b.weight"] == (16, 512, 128)
+    assert shapes["blk.0.attn_v_b.weight"] == (16, 128, 512)
+    assert shapes["blk.0.attn_output.weight"] == (2048, 16 * 128)
+    assert shapes["blk.0.ffn_gate.weight"] == (10944, 2048)
+    assert "blk.0.ffn_gate_inp.weight" not in shapes
+    assert shapes["blk.1.ffn_gate_exps.weight"] == (64, 1408, 2048)
+    assert shapes["blk.3.ffn_down_exps.weight"] == (64, 2048, 1408)
+    assert shapes["blk.1.ffn_up_shexp.weight"] == (2 * 1408, 2048)
+    assert "blk.1.exp_probs_b.bias" not in shapes and "blk.1.attn_q_a.weight" not in shapes
+    # about 8.1 GB of F32 before quantizing
+    assert 7.5e9 < mm.f32_size("deepseek2", "deepseek-v2-lite") < 8.5e9
+
+
+class _KeyRecorder:
+    def __init__(self):
+        self.keys = {}
+
+    def __getattr__(self, name):
+        if name.startswith("add_"):
+            return lambda key, value: self.keys.__setitem__(key, value)
+        raise AttributeError(name)
+
+
+@pytest.mark.parametrize("layers,written", [(2, True), (26, False), (27, False), (28, True)])
+def test_lite_q_lora_rank_key_as_llama_cpp_reads_it(layers, written):
+    """llama.cpp reads q_lora_rank unless the block count says "lite" (26/27), so a tiny lite file
+    states q_lora_rank = 0 instead, and a 26/27-block one leaves it out like the converter."""
+    w = _KeyRecorder()
+    s = mm.resolve_shape("deepseek2", "tiny-lite", layers=layers)
+    mm._add_mla_metadata(w, lambda k: k.format(arch="deepseek2"), s, split=True)
+    assert ("deepseek2.attention.q_lora_rank" in w.keys) == written
+    assert w.keys.get("deepseek2.attention.q_lora_rank", 0) == 0
+    assert w.keys["deepseek2.rope.scaling.yarn_log_multiplier"] == pytest.approx(0.0707)
 
 
 # --- files without llama.cpp ------------------------------------------------------------------------
@@ -174,6 +220,53 @@ def test_file_layout_and_metadata(build, arch, preset):
         assert meta[f"{a}.expert_shared_feed_forward_length"] == 256
         assert tensors["blk.0.ffn_gate_inp_shexp.weight"][1] == (256,)
         assert tensors["blk.1.attn_q.bias"][1] == (256,)
+
+
+@pytest.mark.parametrize("arch,preset", DS_CASES)
+def test_deepseek2_layout_and_metadata(build, arch, preset):
+    path = build(arch, preset, LAYOUT_QUANT)
+    meta, tensors = read_header(path)
+    spec, s = mm.ARCHES[arch], mm.resolve_shape(arch, preset)
+    m, a = s.p.mla, "deepseek2"
+    assert {n: shp for n, (_, shp, _) in tensors.items()} == \
+        {t.name: t.shape for t in mm.tensor_plan(arch, s)}
+    assert meta["general.architecture"] == a and meta[f"{a}.block_count"] == 2
+    assert meta[f"{a}.attention.head_count_kv"] == (1 if spec.mla_split else 4)
+    assert meta[f"{a}.attention.kv_lora_rank"] == 128
+    assert meta[f"{a}.attention.q_lora_rank"] == m.q_lora
+    assert meta[f"{a}.rope.dimension_count"] == 32
+    if spec.mla_split:
+        assert (meta[f"{a}.attention.key_length"], meta[f"{a}.attention.value_length"]) == (160, 128)
+        assert (meta[f"{a}.attention.key_length_mla"], meta[f"{a}.attention.value_length_mla"]) == (96, 64)
+        assert tensors["blk.0.attn_k_b.weight"][1] == (4, 128, 64)
+    else:
+        assert (meta[f"{a}.attention.key_length"], meta[f"{a}.attention.value_length"]) == (96, 64)
+        assert f"{a}.attention.key_length_mla" not in meta
+        assert tensors["blk.0.attn_kv_b.weight"][1] == (4 * (64 + 64), 128)
+    assert meta[f"{a}.leading_dense_block_count"] == 1
+    assert "blk.0.ffn_gate.weight" in tensors and "blk.0.ffn_gate_exps.weight" not in tensors
+    assert meta[f"{a}.expert_gating_func"] == (2 if preset == "tiny-v3" else 1)
+    assert ("blk.1.exp_probs_b.bias" in tensors) == (preset == "tiny-v3")
+    assert (f"{a}.expert_group_count" in meta) == (preset == "tiny-v3")
+    assert meta[f"{a}.expert_shared_count"] == m.n_shared
+    assert meta[f"{a}.rope.scaling.type"] == "yarn"
+    assert meta[f"{a}.rope.scaling.original_context_length"] == 4096
+
+
+@pytest.mark.parametrize("arch,preset", DS_CASES)
+def test_deepseek2_q4_k_m_fallback_types_are_all_supported(build, arch, preset):
+    """Rows that are not a multiple of 256 get llama.cpp's fallback types; we read them all."""
+    _llama_cpp()
+    from hetero_moe import quant
+    supported = {quant.type_name(t).split()[0] for t in quant.QUANT_TYPES}
+    _, tensors = read_header(build(arch, preset))
+    fallbacks = 0
+    for name, (t, shape, _) in tensors.items():
+        assert t in supported, (name, t)
+        if len(shape) >= 2 and shape[-1] % mm.QK_K:
+            assert not t.endswith("_K"), (name, t, shape)
+            fallbacks += 1
+    assert fallbacks >= 2   # k_b / v_b or kv_b rows are 64 / 128 long
 
 
 def test_weight_values_and_scales(build):
@@ -246,6 +339,8 @@ def test_cached_test_model_builds_once(tmp_path, monkeypatch):
     (dict(arch="llama", quant="Q4_K_X"), "unknown quant 'Q4_K_X'"),
     (dict(arch="llama", layers=0), "layers must be a positive integer, got 0"),
     (dict(arch="llama", seed=-1), "seed must be a non-negative integer, got -1"),
+    (dict(arch="deepseek2"), "preset 'tiny' has no MLA dimensions"),
+    (dict(arch="llama", preset="tiny-lite"), "preset 'tiny-lite' is for deepseek2, deepseek2-kvb"),
 ])
 def test_clear_errors(tmp_path, kwargs, match):
     with pytest.raises(UnsupportedError, match=match):
@@ -314,7 +409,7 @@ def test_quant_names_match_llama_cpp_ftypes():
         assert getattr(llama_cpp, "LLAMA_FTYPE_" + ("ALL_F32" if ftype is None else "MOSTLY_" + name)) == want
 
 
-@pytest.mark.parametrize("arch,preset", TINY_CASES)
+@pytest.mark.parametrize("arch,preset", TINY_CASES + DS_CASES)
 def test_llama_cpp_loads_and_logits_are_sharp(build, arch, preset):
     llama_cpp = _llama_cpp()
     path = build(arch, preset)

@@ -10,11 +10,44 @@ import torch.nn.functional as F
 
 from ..models.base import ROPE_NEOX, ROPE_NORM, ModelConfig
 from ..runtime.kv_cache import LayerCache
-from .linear import QuantLinear
+from .linear import QuantLinear, apply_group
+from .sparse_attn import SparseAttnConfig
+from .sparse_attn import cpu as sparse_cpu
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+    # x * rsqrt(mean(x^2) + eps) * w in one op (bit-identical to the spelled-out form)
+    return F.rms_norm(x, (x.shape[-1],), w, eps)
+
+
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """One query token over the cache: q [H, Dk], keys [L, Hkv, Dk], values [L, Hkv, Dv] -> [H, Dv].
+
+    Torch's matmuls by default; the C++ op (reads the cache in place) when CPP_DECODE_ATTENTION is
+    set: it avoids the transposed copies but its kernel is still ~2x slower than torch's GEMM at
+    8k+ cached positions (benchmarks/bench_sparse_attn.py)."""
+    if CPP_DECODE_ATTENTION and q.is_cpu and q.dtype == torch.float32 and _cpu_attention():
+        from .. import cpu_backend
+        return cpu_backend.attn_decode(q.contiguous(), keys, values, scale)
+    Hkv = keys.shape[1]
+    qg = q.reshape(Hkv, q.shape[0] // Hkv, q.shape[1])                   # [Hkv, G, Dk]
+    s = torch.bmm(qg, keys.permute(1, 2, 0)) * scale                     # [Hkv, G, L]
+    return torch.bmm(torch.softmax(s, dim=-1), values.transpose(0, 1)).reshape(q.shape[0], -1)
+
+
+CPP_DECODE_ATTENTION = False
+_CPU_ATTN: list[bool] = []
+
+
+def _cpu_attention() -> bool:
+    if not _CPU_ATTN:
+        try:
+            from .. import cpu_backend
+            _CPU_ATTN.append(cpu_backend.available())
+        except ImportError:
+            _CPU_ATTN.append(False)
+    return _CPU_ATTN[0]
 
 
 class Rope:
@@ -57,11 +90,13 @@ class Attention:
         self.q_norm, self.k_norm = q_norm, k_norm
         self.rope = rope
         self.scale = cfg.head_dim ** -0.5
+        self.nsa: sparse_cpu.NSAWeights | None = None    # learned sparse-attention weights
 
-    def __call__(self, x: torch.Tensor, pos0: int, cache: LayerCache) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, pos0: int, cache: LayerCache,
+                 sparse: SparseAttnConfig | None = None) -> torch.Tensor:
         cfg = self.cfg
         T = x.shape[0]
-        q, k, v = self.q(x), self.k(x), self.v(x)               # [T, H*Dh], [T, Hkv*Dh] x2
+        q, k, v = apply_group([self.q, self.k, self.v], x)     # [T, H*Dh], [T, Hkv*Dh] x2
         if cfg.qk_norm == "full":
             q = rms_norm(q, self.q_norm, cfg.rms_eps)
             k = rms_norm(k, self.k_norm, cfg.rms_eps)
@@ -74,19 +109,23 @@ class Attention:
         q, k = self.rope(q, pos0), self.rope(k, pos0)
         keys, values = cache.append(k, v, pos0)                 # [L, Hkv, Dh] each
         L = keys.shape[0]
+        if cache.sparse is not None:            # rewritten positions void their compressed blocks
+            cache.sparse.truncate(pos0)
+        if sparse is not None and sparse.enabled and L >= sparse.min_len:
+            return self.o(sparse_cpu.attend(q, keys, values, pos0, cache, sparse, self.scale,
+                                            self.nsa, x))
         qh = q.transpose(0, 1)                                  # [H, T, Dh]
         kh, vh = keys.transpose(0, 1), values.transpose(0, 1)   # [Hkv, L, Dh]
-        if T == 1:                                              # decode: small matmuls beat SDPA
-            G = cfg.n_head // cfg.n_head_kv
-            qg = q.view(cfg.n_head_kv, G, cfg.head_dim)         # [Hkv, G, Dh]
-            s = torch.bmm(qg, kh.transpose(1, 2)) * self.scale  # [Hkv, G, L]
-            out = torch.bmm(torch.softmax(s, dim=-1), vh)       # [Hkv, G, Dh]
+        if T == 1:
+            out = decode_attention(q[0], keys, values, self.scale)  # [H, Dh]
             return self.o(out.reshape(1, cfg.n_head * cfg.head_dim))
         else:
             j = torch.arange(L, device=x.device)
             i = torch.arange(pos0, pos0 + T, device=x.device)
             mask = j[None, :] <= i[:, None]                     # [T, L] causal
-        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=self.scale,
-                                             enable_gqa=cfg.n_head != cfg.n_head_kv)
+        # a batch dimension lets torch pick its fused CPU kernel (2-3x faster than 3-D inputs)
+        out = F.scaled_dot_product_attention(qh[None], kh[None], vh[None], attn_mask=mask,
+                                             scale=self.scale,
+                                             enable_gqa=cfg.n_head != cfg.n_head_kv)[0]
         out = out.transpose(0, 1).reshape(T, cfg.n_head * cfg.head_dim)
         return self.o(out)

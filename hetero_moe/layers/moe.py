@@ -17,7 +17,7 @@ from ..gguf import TensorInfo
 from ..models.base import ModelConfig
 from ..quant.act import fake_quant
 from ..runtime.placement import PlacementPlan
-from .linear import KernelOptions, QuantLinear, cpu_kernels_usable
+from .linear import KernelOptions, QuantLinear, apply_group, cpu_kernels_usable
 
 
 class DenseFFN:
@@ -27,7 +27,20 @@ class DenseFFN:
         self.gate, self.up, self.down = gate, up, down
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:       # [T, D] -> [T, D]
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+        g, u = apply_group([self.gate, self.up], x)
+        return self.down(F.silu(g) * u)
+
+
+def group_limited(scores: torch.Tensor, n_group: int, n_used: int) -> torch.Tensor:
+    """Scores [T, E] with every expert outside the n_used best groups set to -inf; a group's score
+    is the sum of its two best experts (DeepSeek-V3)."""
+    T, E = scores.shape
+    g = scores.view(T, n_group, E // n_group)                  # [T, G, E/G]
+    group_score = torch.topk(g, min(2, g.shape[-1]), dim=-1).values.sum(-1)   # [T, G]
+    keep = torch.topk(group_score, n_used, dim=-1).indices     # [T, n_used]
+    mask = torch.zeros(T, n_group, dtype=torch.bool, device=scores.device)
+    mask.scatter_(1, keep, True)
+    return g.masked_fill(~mask[:, :, None], float("-inf")).view(T, E)
 
 
 class ExpertStack:
@@ -60,9 +73,11 @@ class MoE:
 
     def __init__(self, cfg: ModelConfig, layer: int, router: torch.Tensor, gate: ExpertStack,
                  up: ExpertStack, down: ExpertStack, plan: PlacementPlan, options: KernelOptions,
-                 shared: DenseFFN | None = None, shared_gate: torch.Tensor | None = None):
+                 shared: DenseFFN | None = None, shared_gate: torch.Tensor | None = None,
+                 probs_bias: torch.Tensor | None = None):
         self.cfg, self.layer = cfg, layer
         self.router = router                                   # [E, D] float32
+        self.probs_bias = probs_bias                           # [E]: added for choosing only
         self.gate, self.up, self.down = gate, up, down
         self.shared, self.shared_gate = shared, shared_gate    # shared_gate: [D]
         self.gpu_experts = plan.experts_on_gpu(layer)
@@ -72,15 +87,28 @@ class MoE:
             cpu_kernels_usable(s.ggml_type, options) for s in (gate, up, down)))
 
     def route(self, x: torch.Tensor):
-        """-> (weights [T, K] float32, ids [T, K] int64)."""
-        probs = torch.softmax(x @ self.router.T, dim=-1)       # [T, E]
-        k = self.cfg.n_expert_used
-        if self.margin_log is not None and k < self.cfg.n_expert:
-            top = torch.topk(probs, k + 1, dim=-1).values          # [T, K+1]
+        """-> (weights [T, K] float32, ids [T, K] int64).
+
+        Experts are chosen on probs (+ probs_bias, within the best groups when grouped); their
+        weights are the unbiased probs, optionally renormalised and scaled."""
+        c = self.cfg
+        logits = x @ self.router.T                             # [T, E]
+        probs = torch.sigmoid(logits) if c.gating == "sigmoid" else torch.softmax(logits, dim=-1)
+        select = probs if self.probs_bias is None else probs + self.probs_bias
+        if c.n_expert_groups > 1:
+            select = group_limited(select, c.n_expert_groups, c.n_group_used)
+        k = c.n_expert_used
+        if self.margin_log is not None and k < c.n_expert:
+            top = torch.topk(select, k + 1, dim=-1).values         # [T, K+1]
             self.margin_log.append(top[:, k - 1] - top[:, k])     # gap of the last pick
-        w, ids = torch.topk(probs, k, dim=-1)
-        if self.cfg.norm_topk:
-            w = w / w.sum(-1, keepdim=True)
+        w, ids = torch.topk(select, k, dim=-1)
+        if select is not probs:
+            w = probs.gather(1, ids)
+        if c.norm_topk:
+            # llama.cpp floors the sum at the smallest normal f16 so all-zero weights stay finite
+            w = w / w.sum(-1, keepdim=True).clamp_min(6.103515625e-5)
+        if c.expert_weights_scale not in (0.0, 1.0):
+            w = w * c.expert_weights_scale
         return w, ids
 
     def experts_torch(self, x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

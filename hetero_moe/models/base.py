@@ -6,7 +6,7 @@ Each architecture file turns GGUF metadata into a `ModelConfig` and registers it
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from ..errors import MissingKeyError, UnsupportedError
 from ..gguf import GGUFFile
@@ -41,6 +41,12 @@ class ModelConfig:
     qk_norm: str | None = None        # None | "head" (per head, over head_dim) | "full" (over all heads)
     attn_bias: bool = False           # q/k/v projections have biases
     tied_embeddings: bool = False
+    n_layer_dense_lead: int = 0       # leading blocks with a dense FFN in an MoE model
+    gating: str = "softmax"           # router: "softmax" or "sigmoid" over the E logits
+    n_expert_groups: int = 0          # > 1: top-k only among the best n_group_used groups
+    n_group_used: int = 0
+    expert_weights_scale: float = 0.0  # routing weights multiplied by this (0 or 1: unscaled)
+    mla: Any = None                   # deepseek2.MLAConfig: Multi-head Latent Attention
     name: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -169,7 +175,7 @@ def register(spec: ArchSpec) -> ArchSpec:
 
 
 def _load_all() -> None:
-    from . import llama, olmoe, qwen2moe, qwen3moe  # noqa: F401  (they register themselves)
+    from . import deepseek2, llama, olmoe, qwen2moe, qwen3moe  # noqa: F401  (they register themselves)
 
 
 def get_arch(name: str, path: str = "?") -> ArchSpec:

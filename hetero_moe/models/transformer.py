@@ -14,13 +14,29 @@ from ..gguf import GGUFFile, TensorInfo
 from ..layers.attention import Attention, Rope, rms_norm
 from ..layers.linear import Embedding, KernelOptions, QuantLinear, float_tensor
 from ..layers.moe import DenseFFN, ExpertStack, MoE
-from ..runtime.kv_cache import KVCache
+from ..layers.sparse_attn import SparseAttnConfig
+from ..layers.sparse_attn.cpu import load_nsa_weights
+from ..runtime.kv_cache import KVCache, LatentKVCache
 from ..runtime.placement import PlacementPlan
 from .base import ModelConfig
 
 # tensors llama.cpp may carry that never change the output
 _IGNORED = ("rope_freqs.weight",)
 SMALL_BATCH = 4
+# Pool workers poll this long between ops: in decode the gaps between C++ ops are short torch ops
+# on one thread (a sleeping worker would cost a wake-up per op); with larger batches torch runs
+# its own threads in the gaps and the pool must leave the cores to them.
+DECODE_SPIN_US = 2000
+BATCH_SPIN_US = 50
+
+
+def _pool_spin(us: int) -> None:
+    try:
+        from .. import cpu_backend
+    except ImportError:
+        return
+    if cpu_backend.available():
+        cpu_backend.set_spin_us(us)
 _IGNORED_SUFFIX = (".attn_rot_embd",)
 
 
@@ -62,8 +78,10 @@ class Transformer:
     """Embeddings -> blocks (attention + dense FFN or MoE) -> norm -> lm_head."""
 
     def __init__(self, cfg: ModelConfig, g: GGUFFile, plan: PlacementPlan, n_ctx: int,
-                 options: KernelOptions, progress=None):
+                 options: KernelOptions, progress=None, sparse: SparseAttnConfig | None = None):
         self.cfg, self.plan, self.n_ctx = cfg, plan, n_ctx
+        self.sparse = sparse or SparseAttnConfig()   # the default; forward(sparse=) overrides
+        self.nsa_missing: str | None = None          # first absent NSA tensor, if any
         self.torch_threads = torch.get_num_threads()
         ts = _Tensors(g)
         dev = plan.device_of
@@ -85,7 +103,10 @@ class Transformer:
         self.embed = Embedding(tok, dev(plan.tier_of(tok.name)))
         self.rope = Rope(cfg, n_ctx, dev(plan.tier_of("rope")))
         self.blocks: list[Block] = []
-        for i in range(cfg.n_layer):
+        if cfg.mla is not None:          # deepseek2: MLA attention, leading dense blocks
+            from .deepseek2 import build_blocks
+            self.blocks = build_blocks(cfg, ts, lin, vec, plan, options, n_ctx, progress)
+        for i in range(len(self.blocks), cfg.n_layer):
             p = f"blk.{i}."
             qn = kn = None
             if cfg.qk_norm == "head":
@@ -119,6 +140,7 @@ class Transformer:
                 ffn = DenseFFN(lin(p + "ffn_gate.weight", (Fd, D)),
                                lin(p + "ffn_up.weight", (Fd, D)),
                                lin(p + "ffn_down.weight", (D, Fd)))
+            attn.nsa = self._nsa_weights(ts, p, dev)
             self.blocks.append(Block(vec(p + "attn_norm.weight", D), attn,
                                      vec(p + "ffn_norm.weight", D), ffn))
             if progress is not None:
@@ -130,21 +152,58 @@ class Transformer:
         else:
             self.lm_head = lin("output.weight", (V, D))
         ts.check_all_used()
-        self.cache = KVCache(cfg.n_layer, n_ctx, cfg.n_head_kv, cfg.head_dim,
-                             dev(plan.tier_of("kv")))
+        if cfg.mla is not None:
+            # sparse attention reads a few blocks of the latent in place: f32, so no call has to
+            # convert the whole cache (the dense path's f16 matches llama.cpp's rounding)
+            self.cache = LatentKVCache(cfg.n_layer, n_ctx, cfg.mla.latent_dim,
+                                       dev(plan.tier_of("kv")),
+                                       torch.float32 if self.sparse.enabled else torch.float16)
+        else:
+            self.cache = KVCache(cfg.n_layer, n_ctx, cfg.n_head_kv, cfg.head_dim,
+                                 dev(plan.tier_of("kv")))
+
+    def _nsa_weights(self, ts: _Tensors, p: str, dev):
+        """A layer's learned sparse-attention tensors: loaded whenever the file has them (so a
+        per-call `nsa` override can use them), required when the model loads in `nsa` mode."""
+        def get(name):
+            t = ts.get(name, optional=True)
+            return None if t is None else float_tensor(t).to(dev(self.plan.tier_of(name)))
+        try:
+            w = load_nsa_weights(get, p)
+        except KeyError as e:
+            raise MissingTensorError(f"{ts.g.path}: NSA tensor {e.args[0]!r} is missing while "
+                                     f"the layer has the other NSA tensors") from None
+        if w is None:
+            self.nsa_missing = self.nsa_missing or p + "nsa_cmp_k.weight"
+            if self.sparse.mode == "nsa":
+                raise MissingTensorError(f"{ts.g.path}: sparse_attn mode 'nsa' needs tensor "
+                                         f"{self.nsa_missing!r}, which is missing (use 'approx' "
+                                         f"for a model trained without NSA)")
+        elif self.sparse.mode == "nsa":
+            try:
+                w.check(self.sparse, self.cfg.n_head, self.cfg.head_dim, self.cfg.head_dim)
+            except ValueError as e:
+                raise GGUFFormatError(f"{ts.g.path}: layer {p!r}: {e}") from None
+        return w
 
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, pos0: int, all_logits: bool = True) -> torch.Tensor:
-        """Run tokens ids [T] at positions pos0..pos0+T-1 -> logits [T or 1, V] float32."""
+    def forward(self, ids: torch.Tensor, pos0: int, all_logits: bool = True,
+                sparse: SparseAttnConfig | None = None) -> torch.Tensor:
+        """Run tokens ids [T] at positions pos0..pos0+T-1 -> logits [T or 1, V] float32.
+        sparse: this call's sparse-attention settings (default: the model's)."""
         cfg = self.cfg
+        sp = self.sparse if sparse is None else sparse
+        attn_kw = {"sparse": sp} if sp.enabled else {}
         # decode steps are many tiny torch ops: extra intra-op threads only contend with the
         # CPU kernels' pool on the same cores
         want = 1 if ids.shape[0] <= SMALL_BATCH else self.torch_threads
         if torch.get_num_threads() != want:
             torch.set_num_threads(want)
+            _pool_spin(DECODE_SPIN_US if want == 1 else BATCH_SPIN_US)
         x = self.embed(ids)                                     # [T, D]
         for i, b in enumerate(self.blocks):
-            x = x + b.attn(rms_norm(x, b.attn_norm, cfg.rms_eps), pos0, self.cache.layers[i])
+            x = x + b.attn(rms_norm(x, b.attn_norm, cfg.rms_eps), pos0, self.cache.layers[i],
+                           **attn_kw)
             x = x + b.ffn(rms_norm(x, b.ffn_norm, cfg.rms_eps))
         if not all_logits:
             x = x[-1:]

@@ -16,6 +16,7 @@ class LayerCache:
         self.v = torch.empty(n_ctx, n_head_kv, head_dim, dtype=dtype, device=device)
         self.n_ctx = n_ctx
         self.length = 0
+        self.sparse = None   # sparse attention's compressed-key cache, made on first use
 
     def append(self, k: torch.Tensor, v: torch.Tensor, pos0: int):
         """Store k/v [T, Hkv, Dh] at positions pos0.., return all keys/values up to pos0+T."""
@@ -44,7 +45,50 @@ class KVCache:
         self.pos = pos
         for c in self.layers:
             c.length = min(c.length, pos)
+            if getattr(c, "sparse", None) is not None:
+                c.sparse.truncate(pos)
 
     def bytes_per_token(self) -> int:
         c = self.layers[0]
         return 2 * len(self.layers) * c.k[0].numel() * c.k.element_size()
+
+
+class LatentLayerCache:
+    """One layer's MLA cache: per token the latent and its rotated key part, [n_ctx, C + R],
+    shared by every head (one "KV head" whose key is all C + R dims and whose value is the first C).
+
+    Stored in f16 by default, like llama.cpp's default cache type: half the bytes, and the same
+    rounding (on DeepSeek-V2-Lite shapes that rounding is most of the difference to llama.cpp)."""
+
+    def __init__(self, n_ctx: int, latent_dim: int, device: str,
+                 dtype: torch.dtype = torch.float16):
+        self.latent = torch.empty(n_ctx, latent_dim, dtype=dtype, device=device)
+        self.n_ctx = n_ctx
+        self.length = 0
+        self.sparse = None   # sparse attention's compressed-key cache, made on first use
+
+    def append(self, latent: torch.Tensor, pos0: int) -> torch.Tensor:
+        """Store latent [T, C + R] at positions pos0.., return all rows up to pos0+T (float32)."""
+        T = latent.shape[0]
+        if pos0 + T > self.n_ctx:
+            raise ContextLengthError(f"position {pos0 + T} exceeds the context length "
+                                     f"{self.n_ctx}")
+        if pos0 > self.length:
+            raise ValueError(f"cache holds {self.length} positions; cannot write at {pos0}")
+        self.latent[pos0:pos0 + T] = latent
+        self.length = pos0 + T
+        return self.latent[:self.length].float()   # a view when the cache is f32
+
+
+class LatentKVCache(KVCache):
+    """All layers' MLA latent caches plus the shared position counter."""
+
+    def __init__(self, n_layer: int, n_ctx: int, latent_dim: int, device: str,
+                 dtype: torch.dtype = torch.float16):
+        self.layers = [LatentLayerCache(n_ctx, latent_dim, device, dtype) for _ in range(n_layer)]
+        self.n_ctx = n_ctx
+        self.pos = 0
+
+    def bytes_per_token(self) -> int:
+        c = self.layers[0]
+        return len(self.layers) * c.latent[0].numel() * c.latent.element_size()

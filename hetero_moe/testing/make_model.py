@@ -10,6 +10,7 @@ Dimension key (numpy order below is ggml's ``ne`` reversed):
     H  query heads             Hk KV heads                       Dh head dim
     F  dense FFN width         E  routed experts                 K  experts used per token
     Fe routed-expert FFN width Fs shared-expert FFN width
+    deepseek2 (MLA): Cq q LoRA rank, C kv LoRA rank, N no-rope head dim, R rope head dim, Dv value head dim
 """
 from __future__ import annotations
 
@@ -35,8 +36,9 @@ from ..errors import HeteroMoEError, UnsupportedError
 # Bump when the bytes a given (arch, preset, layers, quant, seed) produce change; part of cache names.
 FORMAT_VERSION = 1
 
-# Every quantized row length in the presets is a multiple of 256 (QK_K), so K-quants apply as asked.
-# Otherwise llama.cpp falls back per tensor: Q4_K->Q5_0, Q5_K->Q5_1, Q6_K->Q8_0 (F16 when the row is not
+# Every quantized row length in the llama/qwen presets is a multiple of 256 (QK_K), so K-quants apply as
+# asked. The deepseek2 presets are not (k_b rows are N wide, V2-Lite's expert FFN is 1408): there llama.cpp
+# falls back per tensor: Q4_K->Q5_0, Q5_K->Q5_1, Q6_K->Q8_0 (F16 when the row is not
 # a multiple of 32 either), and output.weight goes to Q8_0 instead of Q6_K.
 QK_K = 256
 
@@ -59,7 +61,32 @@ class Preset:
     rms_eps: float
     tied: bool = False     # no output.weight: llama.cpp then reuses token_embd as the lm_head
     only: tuple[str, ...] = ()   # architectures this preset is meant for; empty means all
+    mla: "MLAPreset | None" = None   # deepseek2 only
 
+
+@dataclass(frozen=True)
+class MLAPreset:
+    """deepseek2 extras: Multi-head Latent Attention dims, DeepSeek MoE routing, YaRN.
+
+    Fs (Preset.shared_ff) must be n_shared * Fe, as llama.cpp derives it."""
+    q_lora: int            # Cq; 0: one attn_q projection (V2-Lite)
+    kv_lora: int           # C
+    qk_nope: int           # N
+    qk_rope: int           # R
+    v_head: int            # Dv
+    n_shared: int          # shared experts
+    dense_lead: int        # leading dense (non-MoE) blocks
+    gating: str = "softmax"          # "softmax" (V2) or "sigmoid" (V3, with exp_probs_b)
+    n_group: int = 0                 # expert groups (V3 group-limited top-k); 0: none
+    n_group_used: int = 0
+    weights_norm: bool = False
+    weights_scale: float = 1.0
+    yarn_factor: float = 0.0         # 0: no rope scaling
+    yarn_orig_ctx: int = 0
+    yarn_mscale_all_dim: float = 0.0  # written as yarn_log_multiplier = 0.1 * this, like the converter
+
+
+_DEEPSEEK2 = ("deepseek2", "deepseek2-kvb")
 
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(hidden=256, n_head=4, n_head_kv=2, head_dim=64, n_layer=2, ff=512,
@@ -74,6 +101,34 @@ PRESETS: dict[str, Preset] = {
                            n_expert=128, n_expert_used=8, expert_ff=768, shared_ff=0,
                            context=32768, rope_base=1_000_000.0, rms_eps=1e-6,
                            only=("qwen3moe",)),
+    # DeepSeek-V2-Lite-like: no q LoRA, softmax gating, 2 shared experts, first block dense, YaRN.
+    # The tiny deepseek2 presets have one dense and one MoE block by default: Q4_K_M noise through
+    # a second MoE block flips enough routes that llama.cpp misses its own top-1 bar vs F32.
+    "tiny-lite": Preset(hidden=256, n_head=4, n_head_kv=4, head_dim=96, n_layer=2, ff=512,
+                        n_expert=8, n_expert_used=2, expert_ff=256, shared_ff=512,
+                        context=16384, rope_base=10000.0, rms_eps=1e-6, only=_DEEPSEEK2,
+                        mla=MLAPreset(q_lora=0, kv_lora=128, qk_nope=64, qk_rope=32, v_head=64,
+                                      n_shared=2, dense_lead=1, yarn_factor=40.0,
+                                      yarn_orig_ctx=4096, yarn_mscale_all_dim=0.707)),
+    # DeepSeek-V3-like: q LoRA, sigmoid gating with exp_probs_b, group-limited top-k (4 groups of 3,
+    # best 2 by their top-2 sum), scaled weights. Renormalised sigmoid weights make every routing
+    # flip a jump; few experts per pick and a small scale (V3 uses 2.5) keep Q4_K_M's flips rare and
+    # small enough for the parity bars (llama.cpp's own Q4_K_M vs F32 top-1 stays >= 99%).
+    "tiny-v3": Preset(hidden=256, n_head=4, n_head_kv=4, head_dim=96, n_layer=2, ff=512,
+                      n_expert=12, n_expert_used=3, expert_ff=128, shared_ff=128,
+                      context=16384, rope_base=10000.0, rms_eps=1e-6, only=_DEEPSEEK2,
+                      mla=MLAPreset(q_lora=96, kv_lora=128, qk_nope=64, qk_rope=32, v_head=64,
+                                    n_shared=1, dense_lead=1, gating="sigmoid", n_group=4,
+                                    n_group_used=2, weights_norm=True, weights_scale=0.5,
+                                    yarn_factor=40.0, yarn_orig_ctx=4096, yarn_mscale_all_dim=1.0)),
+    # DeepSeek-V2-Lite layer shapes; only the layer count differs (27 in the real model).
+    "deepseek-v2-lite": Preset(hidden=2048, n_head=16, n_head_kv=16, head_dim=192, n_layer=4,
+                               ff=10944, n_expert=64, n_expert_used=6, expert_ff=1408,
+                               shared_ff=2816, context=163840, rope_base=10000.0, rms_eps=1e-6,
+                               only=_DEEPSEEK2,
+                               mla=MLAPreset(q_lora=0, kv_lora=512, qk_nope=128, qk_rope=64,
+                                             v_head=128, n_shared=2, dense_lead=1, yarn_factor=40.0,
+                                             yarn_orig_ctx=4096, yarn_mscale_all_dim=0.707)),
 }
 
 
@@ -92,6 +147,14 @@ class Shape:
     @property
     def kv_dim(self) -> int:     # Hk*Dh
         return self.n_head_kv * self.p.head_dim
+
+    @property
+    def m(self) -> MLAPreset:
+        return self.p.mla
+
+    @property
+    def mla_q_dim(self) -> int:  # H*(N+R)
+        return self.p.n_head * (self.m.qk_nope + self.m.qk_rope)
 
 
 # How each weight is initialised: std of a normal draw, or a norm weight near 1.
@@ -158,6 +221,19 @@ ROLES: dict[str, Role] = {
     "ffn_gate_shexp": Role("FFN_GATE_SHEXP", lambda s: (s.p.shared_ff, s.p.hidden), "linear"),  # [Fs, D]
     "ffn_up_shexp":   Role("FFN_UP_SHEXP", lambda s: (s.p.shared_ff, s.p.hidden), "linear"),    # [Fs, D]
     "ffn_down_shexp": Role("FFN_DOWN_SHEXP", lambda s: (s.p.hidden, s.p.shared_ff), "linear"),  # [D, Fs]
+    # deepseek2: Multi-head Latent Attention
+    "mla_q":        Role("ATTN_Q", lambda s: (s.mla_q_dim, s.p.hidden), "linear"),              # [H*(N+R), D]
+    "mla_q_a":      Role("ATTN_Q_A", lambda s: (s.m.q_lora, s.p.hidden), "linear"),             # [Cq, D]
+    "mla_q_a_norm": Role("ATTN_Q_A_NORM", lambda s: (s.m.q_lora,), "norm"),                     # [Cq]
+    "mla_q_b":      Role("ATTN_Q_B", lambda s: (s.mla_q_dim, s.m.q_lora), "linear"),            # [H*(N+R), Cq]
+    "mla_kv_a_mqa": Role("ATTN_KV_A_MQA", lambda s: (s.m.kv_lora + s.m.qk_rope, s.p.hidden), "linear"),  # [C+R, D]
+    "mla_kv_a_norm": Role("ATTN_KV_A_NORM", lambda s: (s.m.kv_lora,), "norm"),                  # [C]
+    "mla_k_b":      Role("ATTN_K_B", lambda s: (s.p.n_head, s.m.kv_lora, s.m.qk_nope), "linear"),  # [H, C, N]
+    "mla_v_b":      Role("ATTN_V_B", lambda s: (s.p.n_head, s.m.v_head, s.m.kv_lora), "linear"),  # [H, Dv, C]
+    "mla_kv_b":     Role("ATTN_KV_B", lambda s: (s.p.n_head * (s.m.qk_nope + s.m.v_head), s.m.kv_lora),
+                         "linear"),                                                             # [H*(N+Dv), C]
+    "mla_output":   Role("ATTN_OUT", lambda s: (s.p.hidden, s.p.n_head * s.m.v_head), "linear"),  # [D, H*Dv]
+    "exp_probs_b":  Role("FFN_EXP_PROBS_B", lambda s: (s.p.n_expert,), "bias", "bias"),         # [E]
 }
 
 _ATTN = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output")
@@ -167,6 +243,24 @@ _QK_HEAD = ("attn_q_norm_head", "attn_k_norm_head")
 _QK_FULL = ("attn_q_norm_full", "attn_k_norm_full")
 _QKV_BIAS = ("attn_q_bias", "attn_k_bias", "attn_v_bias")
 _SHEXP = ("ffn_gate_inp_shexp", "ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp")
+_DS_SHEXP = ("ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp")   # no sigmoid gate in deepseek2
+_MLA_SPLIT = ("mla_k_b", "mla_v_b")
+_MLA_ALL = ("attn_norm", "mla_q", "mla_q_a", "mla_q_a_norm", "mla_q_b", "mla_kv_a_mqa",
+            "mla_kv_a_norm", "mla_kv_b", "mla_k_b", "mla_v_b", "mla_output")
+
+
+def _deepseek2_block(split: bool) -> Callable[[Shape, int], tuple[str, ...]]:
+    """Roles of block i: q LoRA or not, k_b/v_b (split) or kv_b, dense lead or MoE."""
+    def roles(s: Shape, i: int) -> tuple[str, ...]:
+        m = s.m
+        q = ("mla_q_a", "mla_q_a_norm", "mla_q_b") if m.q_lora else ("mla_q",)
+        attn = ("attn_norm",) + q + ("mla_kv_a_mqa", "mla_kv_a_norm") + \
+            (_MLA_SPLIT if split else ("mla_kv_b",)) + ("mla_output",)
+        if i < m.dense_lead:
+            return attn + _DENSE
+        bias = ("exp_probs_b",) if m.gating == "sigmoid" else ()
+        return attn + _MOE + bias + _DS_SHEXP
+    return roles
 
 
 @dataclass(frozen=True)
@@ -185,6 +279,8 @@ class ArchSpec:
     header_keys: tuple[str, ...] = ()   # optional keys: "vocab_size", "rope_dims", "head_dim"
     mha_only: bool = False          # q/k norm spans the whole projection, so K must be as wide as Q
     shared_expert: bool = False
+    block_roles: Callable[[Shape, int], tuple[str, ...]] | None = None   # per-block roles (deepseek2)
+    mla_split: bool | None = None   # deepseek2: k_b/v_b (True) or the legacy kv_b (False)
 
 
 ARCHES: dict[str, ArchSpec] = {
@@ -203,6 +299,16 @@ ARCHES: dict[str, ArchSpec] = {
                          shared_expert=True),
     "olmoe": ArchSpec("olmoe", _ATTN + _QK_FULL + _MOE, moe=True, expert_ff_key="feed_forward_length",
                       rope="neox", topk_renorm=False, mha_only=True),
+    # DeepSeek-V2/V3: MLA with k_b/v_b split out of kv_b (what current converters write) ...
+    "deepseek2": ArchSpec("deepseek2", _MLA_ALL + _DENSE + _MOE + ("exp_probs_b",) + _DS_SHEXP,
+                          moe=True, expert_ff_key="expert_feed_forward_length", rope="norm",
+                          topk_renorm=None, header_keys=("vocab_size",),
+                          block_roles=_deepseek2_block(split=True), mla_split=True),
+    # ... and the legacy layout with one attn_kv_b, which llama.cpp still loads (as plain MHA).
+    "deepseek2-kvb": ArchSpec("deepseek2", _MLA_ALL + _DENSE + _MOE + ("exp_probs_b",) + _DS_SHEXP,
+                              moe=True, expert_ff_key="expert_feed_forward_length", rope="norm",
+                              topk_renorm=None, header_keys=("vocab_size",),
+                              block_roles=_deepseek2_block(split=False), mla_split=False),
 }
 
 # Name -> llama_ftype (include/llama.h; the same numbers are general.file_type). None: keep F32.
@@ -254,8 +360,17 @@ def resolve_shape(arch: str, preset: str = "tiny", layers: int | None = None, vo
         raise UnsupportedError(f"layers must be a positive integer, got {layers!r}")
     # llama.cpp's olmoe normalises K over a width-D vector, so K (Hk*Dh) must be D wide: MHA only.
     n_head_kv = p.n_head if spec.mha_only else p.n_head_kv
+    if spec.mla_split is not None:
+        if p.mla is None:
+            raise UnsupportedError(f"preset {preset!r} has no MLA dimensions; {arch!r} needs a "
+                                   f"deepseek2 preset ({', '.join(n for n, q in PRESETS.items() if q.mla)})")
+        if p.shared_ff != p.mla.n_shared * p.expert_ff:
+            raise UnsupportedError(f"preset {preset!r}: shared_ff {p.shared_ff} must be n_shared "
+                                   f"({p.mla.n_shared}) x expert_ff ({p.expert_ff})")
+        # the converter writes MLA files as MQA over the latent (one KV head), legacy ones as MHA
+        n_head_kv = 1 if spec.mla_split else p.n_head
     s = Shape(p=p, n_layer=n_layer, n_head_kv=n_head_kv, vocab=vocab)
-    if "head_dim" not in spec.header_keys and s.q_dim != p.hidden:
+    if spec.mla_split is None and "head_dim" not in spec.header_keys and s.q_dim != p.hidden:
         raise UnsupportedError(f"{arch!r} derives the head dim as hidden/heads, so heads*head_dim "
                                f"({s.q_dim}) must equal hidden ({p.hidden}) in preset {preset!r}")
     return s
@@ -276,7 +391,8 @@ def tensor_plan(arch: str, s: Shape) -> list[TensorPlan]:
 
     out = [plan("token_embd")]
     for i in range(s.n_layer):
-        out += [plan(r, i) for r in spec.layer_roles]
+        roles = spec.block_roles(s, i) if spec.block_roles else spec.layer_roles
+        out += [plan(r, i) for r in roles]
     out.append(plan("output_norm"))
     if not s.p.tied:
         out.append(plan("output"))
@@ -378,10 +494,51 @@ def _add_metadata(w, arch: str, preset: str, s: Shape, seed: int) -> None:
     if "head_dim" in spec.header_keys:
         w.add_uint32(key(A.KEY_LENGTH), p.head_dim)
         w.add_uint32(key(A.VALUE_LENGTH), p.head_dim)
+    if spec.mla_split is not None:
+        _add_mla_metadata(w, key, s, spec.mla_split)
     w.add_file_type(0)   # LLAMA_FTYPE_ALL_F32; the quantizer rewrites it
     for k, value, vtype, sub in _tokenizer_kv():
         sub_type = None if sub is None else gguf.GGUFValueType(sub)
         w.add_key_value(k, value, gguf.GGUFValueType(vtype), sub_type=sub_type)
+
+
+# llama.cpp's llama_expert_gating_func_type
+GATING_FUNC = {"softmax": 1, "sigmoid": 2}
+# llama.cpp treats a deepseek2 file of this many blocks as "lite" and then does not read q_lora_rank
+LITE_LAYER_COUNTS = (26, 27)
+
+
+def _add_mla_metadata(w, key: Callable[[str], str], s: Shape, split: bool) -> None:
+    """deepseek2 keys as convert_hf_to_gguf.py writes them."""
+    import gguf
+
+    K, A, R = gguf.Keys.LLM, gguf.Keys.Attention, gguf.Keys.Rope
+    m = s.m
+    if m.q_lora or s.n_layer not in LITE_LAYER_COUNTS:
+        w.add_uint32(key(A.Q_LORA_RANK), m.q_lora)   # 0 = no q LoRA when not recognised as lite
+    w.add_uint32(key(A.KV_LORA_RANK), m.kv_lora)
+    if split:    # MLA files: K/V "heads" are the latent (C+R / C), the real head dims go to *_mla
+        w.add_uint32(key(A.KEY_LENGTH), m.kv_lora + m.qk_rope)
+        w.add_uint32(key(A.VALUE_LENGTH), m.kv_lora)
+        w.add_uint32(key(A.KEY_LENGTH_MLA), m.qk_nope + m.qk_rope)
+        w.add_uint32(key(A.VALUE_LENGTH_MLA), m.v_head)
+    else:
+        w.add_uint32(key(A.KEY_LENGTH), m.qk_nope + m.qk_rope)
+        w.add_uint32(key(A.VALUE_LENGTH), m.v_head)
+    w.add_uint32(key(R.DIMENSION_COUNT), m.qk_rope)
+    w.add_uint32(key(K.LEADING_DENSE_BLOCK_COUNT), m.dense_lead)
+    w.add_uint32(key(K.EXPERT_SHARED_COUNT), m.n_shared)
+    w.add_float32(key(K.EXPERT_WEIGHTS_SCALE), m.weights_scale)
+    w.add_bool(key(K.EXPERT_WEIGHTS_NORM), m.weights_norm)
+    w.add_uint32(key(K.EXPERT_GATING_FUNC), GATING_FUNC[m.gating])
+    if m.n_group:
+        w.add_uint32(key(K.EXPERT_GROUP_COUNT), m.n_group)
+        w.add_uint32(key(K.EXPERT_GROUP_USED_COUNT), m.n_group_used)
+    if m.yarn_factor:
+        w.add_string(key(R.SCALING_TYPE), "yarn")
+        w.add_float32(key(R.SCALING_FACTOR), m.yarn_factor)
+        w.add_uint32(key(R.SCALING_ORIG_CTX_LEN), m.yarn_orig_ctx)
+        w.add_float32(key(R.SCALING_YARN_LOG_MUL), 0.1 * m.yarn_mscale_all_dim)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,0 +1,90 @@
+"""Where decode time goes: quantized matmuls (C++ kernels), the fused MoE op, attention over the
+cache, routing, and everything else (Python and small torch ops), in ms per token.
+
+    python benchmarks/profile_decode.py [--model qwen3moe-a3b] [--threads 2] [--ctx 512] [--json]
+
+Wall time of each part is taken around its call on the decoding thread; "glue" is the token's
+total minus the parts.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="qwen3moe-a3b", help="preset name, 'smollm2' or a .gguf path")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ctx", type=int, default=512, help="cached positions before decoding (512)")
+    ap.add_argument("--tokens", type=int, default=48, help="decoded tokens measured (48)")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    import hetero_moe
+    from bench_vs_llama import resolve_model
+    from hetero_moe.layers import attention, linear, moe
+
+    path = resolve_model(args.model, args.layers)
+    m = hetero_moe.load(path, threads=args.threads, n_ctx=args.ctx + args.tokens + 8)
+    acc: dict[str, float] = collections.defaultdict(float)
+    on = [False]
+
+    def timed(key_of, f):
+        def g(*a, **k):
+            if not on[0]:
+                return f(*a, **k)
+            t0 = time.perf_counter()
+            r = f(*a, **k)
+            acc[key_of(*a)] += time.perf_counter() - t0
+            return r
+        return g
+
+    lm_head = m.net.lm_head
+    linear.QuantLinear.__call__ = timed(
+        lambda s, *_: "lm_head" if s is lm_head else "matmul (attention projections, dense FFN)",
+        linear.QuantLinear.__call__)
+    linear.apply_group = timed(lambda *_: "matmul (attention projections, dense FFN)",
+                               linear.apply_group)
+    attention.apply_group = linear.apply_group
+    moe.apply_group = linear.apply_group
+    moe.MoE.experts_kernel = timed(lambda *_: "MoE experts (fused op)", moe.MoE.experts_kernel)
+    moe.MoE.experts_torch = timed(lambda *_: "MoE experts (fused op)", moe.MoE.experts_torch)
+    moe.MoE.route = timed(lambda *_: "routing", moe.MoE.route)
+    attention.decode_attention = timed(lambda *_: "attention over the cache",
+                                       attention.decode_attention)
+
+    ids = list(range(10, 10 + args.ctx))
+    m.eval(ids, 0)
+    tok = 5
+    for i in range(4):                                   # warm-up
+        tok = int(m.eval([tok], args.ctx + i)[-1].argmax())
+    m.eval(ids, 0)
+    on[0] = True
+    t0 = time.perf_counter()
+    for i in range(args.tokens):
+        tok = int(m.eval([tok], args.ctx + i)[-1].argmax())
+    total = (time.perf_counter() - t0) / args.tokens
+    parts = {k: v / args.tokens for k, v in acc.items()}
+    parts["glue (Python, norms, rope, residuals, sampling)"] = total - sum(parts.values())
+    print(f"decode {total * 1e3:.2f} ms/token ({1 / total:.1f} tok/s), {args.threads} threads, "
+          f"{args.ctx} cached positions, {os.path.basename(path)}")
+    for k, v in sorted(parts.items(), key=lambda kv: -kv[1]):
+        print(f"  {k:52s} {v * 1e3:7.2f} ms  {100 * v / total:5.1f}%")
+    if args.json:
+        print(json.dumps({"model": path, "ms_per_token": total * 1e3,
+                          "parts_ms": {k: v * 1e3 for k, v in parts.items()}}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,171 @@
+"""Multi-head Latent Attention (DeepSeek-V2/V3) over a cache of compressed latents.
+
+Per token the cache holds c (the RMS-normed latent, C dims) and k_pe (the rotated key part, R dims),
+shared by all heads. Head h's key is [c @ k_b[h], k_pe] and its value c @ v_b[h]^T.
+Two equal ways to attend:
+  expanded: decompress every cached latent to per-head keys/values, then ordinary attention
+            (cheaper for long prompts: the decompression is paid once per cached token);
+  absorbed: fold k_b into the query and v_b into the output, so scores and the weighted sum run
+            over the latent itself, as one KV head (cheaper for decode: nothing per cached token
+            but a dot product). `latent_attention` is that inner step.
+Decode always runs absorbed. Prompts run absorbed too for split k_b/v_b files, as llama.cpp computes
+them (its rounding: query in the cache's f16, k_b/v_b activations quantized along their rows);
+legacy kv_b files, which llama.cpp runs expanded, take whichever form costs fewer multiply-adds.
+
+Dimension key: T tokens in this call, L cached positions after it, H heads, C kv_lora_rank,
+R RoPE dims, N no-RoPE key dims, Dv value dims, Cq q_lora_rank, D model width.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import UnsupportedError
+from ..models.base import ModelConfig
+from ..quant.act import fake_quant
+from ..runtime.kv_cache import LatentLayerCache
+from .attention import rms_norm
+from .linear import QuantLinear
+from .sparse_attn import SparseAttnConfig
+from .sparse_attn import cpu as sparse_cpu
+from .rope_yarn import YarnRope
+
+
+def causal_mask(T: int, L: int, pos0: int, device) -> torch.Tensor:
+    """[T, L] True where query pos0+t may see cached position j."""
+    j = torch.arange(L, device=device)
+    i = torch.arange(pos0, pos0 + T, device=device)
+    return j[None, :] <= i[:, None]
+
+
+def latent_attention(q: torch.Tensor, latent: torch.Tensor, n_value: int, scale: float,
+                     pos0: int) -> torch.Tensor:
+    """Attention of absorbed queries over the latent cache, as a single shared KV head.
+
+    q [T, H, C+R] (query already multiplied by k_b), latent [L, C+R] (key: all dims, value: the
+    first n_value = C dims) -> [T, H, C], the weighted sum of latents per head.
+    """
+    T, H, K = q.shape
+    L = latent.shape[0]
+    s = (q.reshape(T * H, K) @ latent.T).view(T, H, L) * scale          # [T, H, L]
+    if T > 1:
+        s = s.masked_fill(~causal_mask(T, L, pos0, q.device)[:, None, :], float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    return (p.view(T * H, L) @ latent[:, :n_value]).view(T, H, n_value)
+
+
+class MLAttention:
+    """MLA with a q projection (attn_q, or attn_q_a -> norm -> attn_q_b), attn_kv_a_mqa -> norm,
+    per-head k_b [H, C, N] / v_b [H, Dv, C] (dequantized once), attn_output.
+
+    Called like Attention: (x [T, D], pos0, cache) -> [T, D].
+    """
+
+    def __init__(self, cfg: ModelConfig, q: QuantLinear | None, q_a: QuantLinear | None,
+                 q_a_norm: torch.Tensor | None, q_b: QuantLinear | None, kv_a: QuantLinear,
+                 kv_a_norm: torch.Tensor, k_b: torch.Tensor, v_b: torch.Tensor, o: QuantLinear,
+                 rope: YarnRope, k_b_type: int | None = None, v_b_type: int | None = None,
+                 act_quant: bool = False):
+        m = cfg.mla
+        self.cfg, self.m = cfg, m
+        self.q, self.q_a, self.q_a_norm, self.q_b = q, q_a, q_a_norm, q_b
+        self.kv_a, self.kv_a_norm, self.o, self.rope = kv_a, kv_a_norm, o, rope
+        self.k_b = k_b                                      # [H, C, N]
+        self.k_b_t = k_b.transpose(1, 2).contiguous()       # [H, N, C]
+        self.v_b = v_b                                      # [H, Dv, C]
+        self.v_b_t = v_b.transpose(1, 2).contiguous()       # [H, C, Dv]
+        # llama.cpp quantizes the activation along the weight's rows: q_nope / the attention
+        # output for split k_b / v_b (rows N / C long, its absorbed form), the latent c for a
+        # legacy kv_b (rows C long, its expanded form). The other form keeps f32 activations.
+        self.k_b_type = k_b_type if act_quant else None
+        self.v_b_type = v_b_type if act_quant else None
+        self.quant_form = "absorbed" if m.split else "expanded"
+        self.prefill_form = "absorbed" if m.split else "auto"   # "absorbed", "expanded", "auto"
+
+    def _aq(self, x: torch.Tensor, ggml_type: int | None, form: str) -> torch.Tensor:
+        if ggml_type is None or form != self.quant_form:
+            return x
+        return fake_quant(x, ggml_type)
+
+    def project(self, x: torch.Tensor, pos0: int):
+        """-> q_nope [T, H, N], q_pe [T, H, R] (rotated), new latent rows [T, C+R]."""
+        cfg, m = self.cfg, self.m
+        T = x.shape[0]
+        if self.q is not None:
+            q = self.q(x)                                              # [T, H*(N+R)]
+        else:
+            q = self.q_b(rms_norm(self.q_a(x), self.q_a_norm, cfg.rms_eps))
+        q = q.view(T, cfg.n_head, m.k_head)
+        q_nope, q_pe = q[..., :m.qk_nope], q[..., m.qk_nope:]
+        kv = self.kv_a(x)                                              # [T, C+R]
+        c = rms_norm(kv[:, :m.kv_lora], self.kv_a_norm, cfg.rms_eps)   # [T, C]
+        k_pe = self.rope(kv[:, None, m.kv_lora:], pos0)[:, 0]         # [T, R]
+        return q_nope, self.rope(q_pe, pos0), torch.cat((c, k_pe), dim=-1)
+
+    def absorbed_is_cheaper(self, T: int, L: int) -> bool:
+        """Multiply-adds of the absorbed form vs decompressing L latents (see the module doc)."""
+        m = self.m
+        C, N, R, Dv = m.kv_lora, m.qk_nope, m.qk_rope, m.v_head
+        absorbed = T * (N * C + L * (2 * C + R) + C * Dv)
+        expanded = L * C * (N + Dv) + T * L * (N + R + Dv)
+        return absorbed <= expanded
+
+    def attend_absorbed(self, q_nope, q_pe, latent, pos0, q_dtype=torch.float32,
+                        inner=None) -> torch.Tensor:
+        """-> [T, H, Dv]; the query is rounded to q_dtype (the cache's), as a matmul against an
+        f16 cache does in llama.cpp. inner(q [T, H, C+R], latent, pos0) -> [T, H, C] replaces the
+        dense latent attention (sparse attention does)."""
+        m = self.m
+        qn = self._aq(q_nope, self.k_b_type, "absorbed").transpose(0, 1)           # [H, T, N]
+        q_abs = torch.bmm(qn, self.k_b_t).transpose(0, 1)              # [T, H, C]
+        q = torch.cat((q_abs, q_pe), dim=-1)                           # [T, H, C+R]
+        if q_dtype != torch.float32:
+            q = q.to(q_dtype).float()
+        if inner is not None:
+            o_lat = inner(q, latent, pos0)
+        else:
+            o_lat = latent_attention(q, latent, m.kv_lora, m.kq_scale, pos0)   # [T, H, C]
+        o_lat = self._aq(o_lat, self.v_b_type, "absorbed").transpose(0, 1)         # [H, T, C]
+        return torch.bmm(o_lat, self.v_b_t).transpose(0, 1)            # [T, H, Dv]
+
+    def attend_expanded(self, q_nope, q_pe, latent, pos0, q_dtype=None) -> torch.Tensor:
+        """-> [T, H, Dv]"""
+        m = self.m
+        T, H, L = q_nope.shape[0], self.cfg.n_head, latent.shape[0]
+        c, k_pe = latent[:, :m.kv_lora], latent[:, m.kv_lora:]         # [L, C], [L, R]
+        k_nope = torch.matmul(self._aq(c, self.k_b_type, "expanded"), self.k_b)    # [H, L, N]
+        v = torch.matmul(self._aq(c, self.v_b_type, "expanded"), self.v_b_t)       # [H, L, Dv]
+        k = torch.cat((k_nope, k_pe[None].expand(H, L, m.qk_rope)), dim=-1)   # [H, L, N+R]
+        q = torch.cat((q_nope, q_pe), dim=-1).transpose(0, 1)          # [H, T, N+R]
+        mask = causal_mask(T, L, pos0, q.device)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=m.kq_scale)
+        return out.transpose(0, 1)                                     # [T, H, Dv]
+
+    def __call__(self, x: torch.Tensor, pos0: int, cache: LatentLayerCache,
+                 absorbed: bool | None = None, sparse: SparseAttnConfig | None = None
+                 ) -> torch.Tensor:
+        T = x.shape[0]
+        q_nope, q_pe, new = self.project(x, pos0)
+        latent = cache.append(new, pos0)                               # [L, C+R]
+        if cache.sparse is not None:            # rewritten positions void their compressed blocks
+            cache.sparse.truncate(pos0)
+        if sparse is not None and sparse.enabled and latent.shape[0] >= sparse.min_len:
+            if sparse.mode == "nsa":
+                raise UnsupportedError(f"sparse_attn mode 'nsa' has no learned weights for "
+                                       f"Multi-head Latent Attention ({self.cfg.arch}); use "
+                                       f"'approx'")
+            C = self.m.kv_lora
+
+            def inner(q, lat, p0):                                     # one KV head: the latent
+                o = sparse_cpu.attend(q, lat[:, None, :], lat[:, None, :C], p0, cache, sparse,
+                                      self.m.kq_scale)
+                return o.view(q.shape[0], q.shape[1], C)
+            out = self.attend_absorbed(q_nope, q_pe, latent, pos0, cache.latent.dtype, inner)
+            return self.o(out.reshape(T, self.cfg.n_head * self.m.v_head))
+        if absorbed is None:
+            form = "absorbed" if T == 1 else self.prefill_form
+            absorbed = (form == "absorbed" or
+                        form == "auto" and self.absorbed_is_cheaper(T, latent.shape[0]))
+        attend = self.attend_absorbed if absorbed else self.attend_expanded
+        out = attend(q_nope, q_pe, latent, pos0, cache.latent.dtype)
+        return self.o(out.reshape(T, self.cfg.n_head * self.m.v_head))
