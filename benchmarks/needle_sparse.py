@@ -7,8 +7,7 @@ tokens agree with dense over a longer generation (--gen tokens, first divergence
 
 Sparse settings are the defaults except min_len, lowered to half the prompt where the prompt is
 shorter than 4096 tokens so that sparse attention is really used there. Prompts of one length
-share their filler, so depths are run in increasing order and each reuses the cached prefix
-before its needle (the model's prompt-prefix cache).
+share their filler; every run evaluates its whole prompt.
 
     python benchmarks/needle_sparse.py [--lengths 2048,4096,8000] [--depths 0.1,0.5,0.9]
         [--gen 48] [--json]
