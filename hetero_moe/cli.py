@@ -41,13 +41,16 @@ def _add_sparse_opts(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--sparse-min-len", type=int, default=d.min_len,
                    help=f"context length from which attention is sparse, dense below "
                         f"({d.min_len})")
+    g.add_argument("--sparse-prefill", choices=("dense", "sparse"), default=d.prefill,
+                   help="prompts: dense attention with sparse decode steps after them, or "
+                        f"sparse rows from --sparse-min-len on ({d.prefill})")
 
 
 def _sparse_config(args):
     from .layers.sparse_attn import SparseAttnConfig
     return SparseAttnConfig(mode=args.sparse_attn, sel_block=args.sparse_block,
                             top_n=args.sparse_top_n, window=args.sparse_window,
-                            min_len=args.sparse_min_len)
+                            min_len=args.sparse_min_len, prefill=args.sparse_prefill)
 
 
 def _add_sampling_opts(ap: argparse.ArgumentParser) -> None:

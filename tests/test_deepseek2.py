@@ -313,7 +313,7 @@ def test_sparse_approx_over_the_latent_cache(llama_cpp):
     path = _twin(tiny_model("deepseek2", preset="tiny-v3"))    # f32: no activation rounding
     ids = _ids(160)
     every = SparseAttnConfig(mode="approx", cmp_block=8, cmp_stride=4, sel_block=16, top_n=64,
-                             window=16, min_len=0)
+                             window=16, min_len=0, prefill="sparse")
     m = hetero_moe.load(path, threads=2, n_ctx=256, sparse_attn=every)
     assert m.net.cache.layers[0].latent.dtype == torch.float32
     dense = m.logits(ids, sparse_attn="off")
@@ -325,6 +325,14 @@ def test_sparse_approx_over_the_latent_cache(llama_cpp):
     m.eval(ids[:100], 0, sparse_attn=few)
     rows = torch.cat([m.eval([t], 100 + i, sparse_attn=few) for i, t in enumerate(ids[100:])])
     torch.testing.assert_close(rows, pre[100:], rtol=1e-4, atol=1e-4)
+    # the default prefill: dense prompt rows, the last row a decode step
+    few_d = few.with_(prefill="dense")
+    pre_d = m.logits(ids, sparse_attn=few_d)
+    torch.testing.assert_close(pre_d[:-1], dense[:-1], rtol=1e-4, atol=1e-4)
+    m.eval(ids[:-1], 0, sparse_attn="off")
+    last = m.eval(ids[-1:], len(ids) - 1, sparse_attn=few_d)
+    torch.testing.assert_close(last, pre_d[-1:], rtol=1e-4, atol=1e-4)
+    assert (last[0] - dense[-1]).abs().max() > 1e-3
 
 
 def test_sparse_nsa_mode_is_refused_for_mla(llama_cpp):

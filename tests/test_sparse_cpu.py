@@ -372,7 +372,10 @@ def _decode_logits(model, ids, n_prefill, sparse_attn=None):
     return torch.cat(rows)
 
 
-RESTRICT = SparseAttnConfig(mode="approx", top_n=2, n_local=1, window=16, min_len=0)
+# prefill "sparse": every row of a prompt takes the sparse rule, so prompts and decode agree row
+# by row (the default "dense" prefill is tested on its own below)
+RESTRICT = SparseAttnConfig(mode="approx", top_n=2, n_local=1, window=16, min_len=0,
+                            prefill="sparse")
 
 
 @pytest.fixture(scope="module")
@@ -381,7 +384,8 @@ def sparse_model(tiny_llama):
 
 
 def test_model_every_block_selected_equals_dense(sparse_model, dense_model):
-    every = SparseAttnConfig(mode="approx", top_n=N_CTX // 64 + 1, window=1, min_len=0)
+    every = SparseAttnConfig(mode="approx", top_n=N_CTX // 64 + 1, window=1, min_len=0,
+                             prefill="sparse")
     ids = _ids(240)
     dense = dense_model.logits(ids)
     torch.testing.assert_close(sparse_model.logits(ids, sparse_attn=every), dense,
@@ -408,6 +412,26 @@ def test_model_decode_equals_prefill_and_cache_reuse(sparse_model):
     again = sparse_model.eval(ids2[150:], 150, all_logits=True, sparse_attn=cfg)
     fresh = sparse_model.logits(ids2, sparse_attn=cfg)[150:]
     torch.testing.assert_close(again, fresh, atol=1e-5, rtol=1e-5)
+
+
+def test_dense_prefill_is_a_dense_prompt_then_a_decode_step(sparse_model, dense_model):
+    """prefill "dense" (the default): every prompt row but the last is dense; the last row is a
+    decode step over the cache the dense rows wrote."""
+    cfg = RESTRICT.with_(window=32, min_len=100, prefill="dense")
+    assert SparseAttnConfig().prefill == "dense"
+    ids = _ids(230, seed=5)
+    pre = sparse_model.logits(ids, sparse_attn=cfg)
+    dense = dense_model.logits(ids)
+    torch.testing.assert_close(pre[:-1], dense[:-1], atol=1e-4, rtol=1e-4)
+    assert (pre[-1] - dense[-1]).abs().max() > 1e-2          # the last row really is sparse
+    sparse_model.eval(ids[:-1], 0, sparse_attn="off")
+    last = sparse_model.eval(ids[-1:], len(ids) - 1, sparse_attn=cfg)
+    torch.testing.assert_close(last, pre[-1:], atol=1e-4, rtol=1e-4)
+    # below min_len even the last row stays dense
+    short = sparse_model.logits(ids[:99], sparse_attn=cfg)
+    torch.testing.assert_close(short, dense_model.logits(ids[:99]), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="prefill"):
+        SparseAttnConfig(mode="approx", prefill="fast")
 
 
 def test_per_call_override(sparse_model, dense_model):
@@ -438,7 +462,8 @@ def test_nsa_missing_weights_named(tiny_llama, dense_model):
 def test_nsa_model(tiny_llama, dense_model, tmp_path):
     import hetero_moe
     from hetero_moe.errors import MissingTensorError
-    cfg = SparseAttnConfig(mode="nsa", top_n=2, n_local=1, window=32, min_len=64)
+    cfg = SparseAttnConfig(mode="nsa", top_n=2, n_local=1, window=32, min_len=64,
+                           prefill="sparse")
     path = _with_nsa(tiny_llama, tmp_path / "nsa.gguf", cfg)
     m = _load(path, sparse_attn=cfg)
     ids = _ids(200, seed=4)
@@ -464,8 +489,9 @@ def test_cli_sparse_flags():
                                       "--sparse-window", "256", "--sparse-min-len", "4096"])
     assert _sparse_config(args) == SparseAttnConfig(mode="approx", top_n=8, sel_block=128,
                                                     window=256, min_len=4096)
-    args = build_parser().parse_args(["bench", "m.gguf", "--sparse-attn", "nsa"])
-    assert _sparse_config(args).mode == "nsa"
+    args = build_parser().parse_args(["bench", "m.gguf", "--sparse-attn", "nsa",
+                                      "--sparse-prefill", "sparse"])
+    assert _sparse_config(args).mode == "nsa" and _sparse_config(args).prefill == "sparse"
     assert _sparse_config(build_parser().parse_args(["bench", "m.gguf"])).mode == "off"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["run", "m.gguf", "--sparse-attn", "dense"])

@@ -26,13 +26,15 @@ def smol(smollm2):
     return hetero_moe.load(smollm2, n_ctx=640)
 
 
-def test_needle_found_by_sparse_where_dense_finds_it(smol):
+@pytest.mark.parametrize("prefill", ["dense", "sparse"])
+def test_needle_found_by_sparse_where_dense_finds_it(smol, prefill):
     ids = build_prompt(smol, 500, 0.4, filler_sentences(400))
     reach = TIGHT.top_n * TIGHT.sel_block + TIGHT.window
     assert len(ids) > reach + 200               # much of the prompt is outside the selection
     dense = smol.generate(ids, max_tokens=20, temperature=0, sparse_attn="off")
     assert ANSWER in dense.text, dense.text
-    sparse = smol.generate(ids, max_tokens=20, temperature=0, sparse_attn=TIGHT)
+    sparse = smol.generate(ids, max_tokens=20, temperature=0,
+                           sparse_attn=TIGHT.with_(prefill=prefill))
     assert ANSWER in sparse.text, sparse.text
     # the needle is far outside the window: it was reached through block selection
     needle_at = next(i for i in range(len(ids)) if smol.detokenize(ids[:i]).count("7-4") == 1)

@@ -111,7 +111,8 @@ class Attention:
         L = keys.shape[0]
         if cache.sparse is not None:            # rewritten positions void their compressed blocks
             cache.sparse.truncate(pos0)
-        if sparse is not None and sparse.enabled and L >= sparse.min_len:
+        n_sparse = 0 if sparse is None else sparse.sparse_rows(T, L)
+        if n_sparse == T:
             return self.o(sparse_cpu.attend(q, keys, values, pos0, cache, sparse, self.scale,
                                             self.nsa, x))
         qh = q.transpose(0, 1)                                  # [H, T, Dh]
@@ -119,13 +120,16 @@ class Attention:
         if T == 1:
             out = decode_attention(q[0], keys, values, self.scale)  # [H, Dh]
             return self.o(out.reshape(1, cfg.n_head * cfg.head_dim))
-        else:
-            j = torch.arange(L, device=x.device)
-            i = torch.arange(pos0, pos0 + T, device=x.device)
-            mask = j[None, :] <= i[:, None]                     # [T, L] causal
+        j = torch.arange(L, device=x.device)
+        i = torch.arange(pos0, pos0 + T, device=x.device)
+        mask = j[None, :] <= i[:, None]                         # [T, L] causal
         # a batch dimension lets torch pick its fused CPU kernel (2-3x faster than 3-D inputs)
         out = F.scaled_dot_product_attention(qh[None], kh[None], vh[None], attn_mask=mask,
                                              scale=self.scale,
                                              enable_gqa=cfg.n_head != cfg.n_head_kv)[0]
         out = out.transpose(0, 1).reshape(T, cfg.n_head * cfg.head_dim)
+        if n_sparse:                                 # the prompt's last row: a decode step
+            out[-n_sparse:] = sparse_cpu.attend(q[-n_sparse:], keys, values, pos0 + T - n_sparse,
+                                                cache, sparse, self.scale, self.nsa,
+                                                x[-n_sparse:])
         return self.o(out)

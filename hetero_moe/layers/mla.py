@@ -149,7 +149,8 @@ class MLAttention:
         latent = cache.append(new, pos0)                               # [L, C+R]
         if cache.sparse is not None:            # rewritten positions void their compressed blocks
             cache.sparse.truncate(pos0)
-        if sparse is not None and sparse.enabled and latent.shape[0] >= sparse.min_len:
+        n_sparse = 0 if sparse is None else sparse.sparse_rows(T, latent.shape[0])
+        if n_sparse:
             if sparse.mode == "nsa":
                 raise UnsupportedError(f"sparse_attn mode 'nsa' has no learned weights for "
                                        f"Multi-head Latent Attention ({self.cfg.arch}); use "
@@ -160,12 +161,17 @@ class MLAttention:
                 o = sparse_cpu.attend(q, lat[:, None, :], lat[:, None, :C], p0, cache, sparse,
                                       self.m.kq_scale)
                 return o.view(q.shape[0], q.shape[1], C)
-            out = self.attend_absorbed(q_nope, q_pe, latent, pos0, cache.latent.dtype, inner)
-            return self.o(out.reshape(T, self.cfg.n_head * self.m.v_head))
+            if n_sparse == T:
+                out = self.attend_absorbed(q_nope, q_pe, latent, pos0, cache.latent.dtype, inner)
+                return self.o(out.reshape(T, self.cfg.n_head * self.m.v_head))
         if absorbed is None:
             form = "absorbed" if T == 1 else self.prefill_form
             absorbed = (form == "absorbed" or
                         form == "auto" and self.absorbed_is_cheaper(T, latent.shape[0]))
         attend = self.attend_absorbed if absorbed else self.attend_expanded
         out = attend(q_nope, q_pe, latent, pos0, cache.latent.dtype)
+        if n_sparse:                                 # the prompt's last row: a decode step
+            out[-n_sparse:] = self.attend_absorbed(q_nope[-n_sparse:], q_pe[-n_sparse:], latent,
+                                                   pos0 + T - n_sparse, cache.latent.dtype,
+                                                   inner)
         return self.o(out.reshape(T, self.cfg.n_head * self.m.v_head))
