@@ -12,12 +12,12 @@ from setuptools.command.build_ext import build_ext
 # hetero_moe._cpu: the CPU kernels (csrc/, C++17, no torch headers). SIMD variants are compiled with
 # per-file target pragmas, so the same build runs on any x86-64 CPU and picks its variant at load.
 _CPU_SOURCES = ["csrc/" + f for f in (
-    "bindings.cpp", "ops.cpp", "dispatch.cpp", "threadpool.cpp",
+    "bindings.cpp", "ops.cpp", "decode.cpp", "dispatch.cpp", "threadpool.cpp",
     "kernels_scalar.cpp", "kernels_avx2.cpp", "kernels_avx512.cpp")]
 _CPU_EXT = Extension(
     "hetero_moe._cpu",
     sources=_CPU_SOURCES,
-    depends=["csrc/" + f for f in ("kernels.h", "kernels_simd.inc", "ops.h", "quant_blocks.h", "threadpool.h")],
+    depends=["csrc/" + f for f in ("kernels.h", "kernels_simd.inc", "ops.h", "decode.h", "quant_blocks.h", "threadpool.h")],
     language="c++",
     extra_compile_args=["-O3", "-std=c++17", "-fvisibility=hidden", "-g0"]
     + os.environ.get("HETERO_MOE_CFLAGS", "").split(),

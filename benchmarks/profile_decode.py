@@ -1,10 +1,13 @@
 """Where decode time goes: quantized matmuls (C++ kernels), the fused MoE op, attention over the
-cache, routing, and everything else (Python and small torch ops), in ms per token.
+cache, routing, lm_head and everything else, in ms per token.
 
     python benchmarks/profile_decode.py [--model qwen3moe-a3b] [--threads 2] [--ctx 512] [--json]
+        [--per-op]
 
-Wall time of each part is taken around its call on the decoding thread; "glue" is the token's
-total minus the parts.
+By default decode runs as one C++ step per token (runtime/fused_decode.py), which times its parts
+itself; "Python" is the token's total minus the step (embedding row, call, sampling). --per-op
+profiles the per-op path instead (HETERO_MOE_FUSED_DECODE=0): wall time around each op's call on
+the decoding thread, "glue" being the total minus the parts.
 """
 from __future__ import annotations
 
@@ -26,7 +29,10 @@ def main(argv=None) -> int:
     ap.add_argument("--ctx", type=int, default=512, help="cached positions before decoding (512)")
     ap.add_argument("--tokens", type=int, default=48, help="decoded tokens measured (48)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--per-op", action="store_true", help="profile the per-op path")
     args = ap.parse_args(argv)
+    if args.per_op:
+        os.environ["HETERO_MOE_FUSED_DECODE"] = "0"
 
     import torch
 
@@ -69,19 +75,28 @@ def main(argv=None) -> int:
     for i in range(4):                                   # warm-up
         tok = int(m.eval([tok], args.ctx + i)[-1].argmax())
     m.eval(ids, 0)
+    fused = bool(m.net.fused)
+    lib = m.net.fused._lib if fused else None
     on[0] = True
+    if fused:
+        lib.decode_profile(True)
     t0 = time.perf_counter()
     for i in range(args.tokens):
         tok = int(m.eval([tok], args.ctx + i)[-1].argmax())
     total = (time.perf_counter() - t0) / args.tokens
+    if fused:
+        acc.update({k: v for k, v in lib.decode_profile(False).items() if v > 0})
     parts = {k: v / args.tokens for k, v in acc.items()}
-    parts["glue (Python, norms, rope, residuals, sampling)"] = total - sum(parts.values())
+    rest = ("Python (embedding row, call, argmax)" if fused
+            else "glue (Python, norms, rope, residuals, sampling)")
+    parts[rest] = total - sum(parts.values())
+    how = "one C++ step per token" if fused else f"per-op path ({m.net.fused_reason})"
     print(f"decode {total * 1e3:.2f} ms/token ({1 / total:.1f} tok/s), {args.threads} threads, "
-          f"{args.ctx} cached positions, {os.path.basename(path)}")
+          f"{args.ctx} cached positions, {os.path.basename(path)}, {how}")
     for k, v in sorted(parts.items(), key=lambda kv: -kv[1]):
         print(f"  {k:52s} {v * 1e3:7.2f} ms  {100 * v / total:5.1f}%")
     if args.json:
-        print(json.dumps({"model": path, "ms_per_token": total * 1e3,
+        print(json.dumps({"model": path, "ms_per_token": total * 1e3, "fused": fused,
                           "parts_ms": {k: v * 1e3 for k, v in parts.items()}}))
     return 0
 

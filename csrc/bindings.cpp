@@ -5,6 +5,7 @@
 
 #include <string>
 
+#include "decode.h"
 #include "ops.h"
 #include "threadpool.h"
 
@@ -262,6 +263,70 @@ PyObject* py_moe_submit(PyObject*, PyObject* args) {
     return reinterpret_cast<PyObject*>(h);
 }
 
+// ---- whole-model decode step ----
+const char* kPlanName = "hetero_moe._cpu.DecodePlan";
+
+void plan_free(PyObject* cap) {
+    delete static_cast<DecodeModel*>(PyCapsule_GetPointer(cap, kPlanName));
+}
+
+// decode_plan(ints, floats) -> capsule: ints int64 and floats float64 buffers (decode.cpp's layout).
+// The caller keeps every buffer the description points to alive as long as the plan.
+PyObject* py_decode_plan(PyObject*, PyObject* args) {
+    PyObject *io, *fo;
+    if (!PyArg_ParseTuple(args, "OO", &io, &fo)) return nullptr;
+    Buf ib, fb;
+    if (!ib.get(io, "ints", false) || !fb.get(fo, "floats", false)) return nullptr;
+    if (ib.len() % 8 || fb.len() % 8) return PyErr_Format(PyExc_ValueError, "ints/floats must hold 8-byte items");
+    auto* m = new DecodeModel();
+    const std::string e = parse_decode_model(ib.ptr<int64_t>(), ib.len() / 8, fb.ptr<double>(), fb.len() / 8, m);
+    if (!e.empty()) {
+        delete m;
+        PyErr_SetString(PyExc_ValueError, e.c_str());
+        return nullptr;
+    }
+    PyObject* cap = PyCapsule_New(m, kPlanName, plan_free);
+    if (!cap) delete m;
+    return cap;
+}
+
+// decode_step(plan, x, pos, logits): x [D] float32 (overwritten), logits [V] float32
+PyObject* py_decode_step(PyObject*, PyObject* args) {
+    PyObject *cap, *xo, *lo;
+    long long pos;
+    if (!PyArg_ParseTuple(args, "OOLO", &cap, &xo, &pos, &lo)) return nullptr;
+    auto* m = static_cast<DecodeModel*>(PyCapsule_GetPointer(cap, kPlanName));
+    if (!m) return nullptr;
+    Buf x, l;
+    if (!x.get(xo, "x", true) || !l.get(lo, "logits", true)) return nullptr;
+    if (x.len() != (size_t)m->D * 4) return PyErr_Format(PyExc_ValueError, "x has %zu bytes, expected %d", x.len(), m->D * 4);
+    if (l.len() != (size_t)m->V * 4)
+        return PyErr_Format(PyExc_ValueError, "logits has %zu bytes, expected %lld", l.len(), (long long)m->V * 4);
+    if (pos < 0 || pos >= m->n_ctx)
+        return PyErr_Format(PyExc_ValueError, "position %lld is outside the context [0, %d)", pos, m->n_ctx);
+    Py_BEGIN_ALLOW_THREADS decode_step(*m, x.ptr<float>(), (int)pos, l.ptr<float>());
+    Py_END_ALLOW_THREADS Py_RETURN_NONE;
+}
+
+// decode_profile(on) -> {part: seconds} accumulated since the last call; timing on/off from now
+PyObject* py_decode_profile(PyObject*, PyObject* arg) {
+    const int on = PyObject_IsTrue(arg);
+    if (on < 0) return nullptr;
+    double t[DECODE_PARTS];
+    decode_profile(on != 0, t);
+    PyObject* d = PyDict_New();
+    for (int i = 0; i < DECODE_PARTS && d; ++i) {
+        PyObject* v = PyFloat_FromDouble(t[i]);
+        if (!v || PyDict_SetItemString(d, decode_part_name(i), v) < 0) {
+            Py_XDECREF(v);
+            Py_DECREF(d);
+            return nullptr;
+        }
+        Py_DECREF(v);
+    }
+    return d;
+}
+
 PyMethodDef methods[] = {
     {"features", py_features, METH_NOARGS, "CPU flags and the active kernel variant."},
     {"variants", py_variants, METH_NOARGS, "Kernel variants this CPU can run."},
@@ -275,6 +340,9 @@ PyMethodDef methods[] = {
     {"matmul_multi", py_matmul_multi, METH_VARARGS, "Several quantized matmuls of the same x in one job."},
     {"attn_decode", py_attn_decode, METH_VARARGS, "Decode attention over a float32 KV cache."},
     {"moe_submit", py_moe_submit, METH_VARARGS, "Start the fused MoE FFN; returns a handle."},
+    {"decode_plan", py_decode_plan, METH_VARARGS, "A whole-model decode plan from a flat description."},
+    {"decode_step", py_decode_step, METH_VARARGS, "One token through the whole model -> logits."},
+    {"decode_profile", py_decode_profile, METH_O, "Per-part decode_step seconds so far; timing on/off."},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import GGUFFormatError, MissingTensorError
+from ..errors import ContextLengthError, GGUFFormatError, MissingTensorError
 from ..gguf import GGUFFile, TensorInfo
 from ..layers.attention import Attention, Rope, rms_norm
 from ..layers.linear import Embedding, KernelOptions, QuantLinear, float_tensor
@@ -83,6 +83,8 @@ class Transformer:
         self.sparse = sparse or SparseAttnConfig()   # the default; forward(sparse=) overrides
         self.nsa_missing: str | None = None          # first absent NSA tensor, if any
         self.torch_threads = torch.get_num_threads()
+        self.fused = None                            # whole-model C++ decode step: None = not built
+        self.fused_reason: str | None = None         # why it could not be built
         ts = _Tensors(g)
         dev = plan.device_of
 
@@ -162,6 +164,33 @@ class Transformer:
             self.cache = KVCache(cfg.n_layer, n_ctx, cfg.n_head_kv, cfg.head_dim,
                                  dev(plan.tier_of("kv")))
 
+    def _fused_ready(self) -> bool:
+        """Whether this decode step can take the whole-model C++ step (built on first use)."""
+        if self.fused is None:
+            from ..runtime import fused_decode
+            if not fused_decode.enabled_by_env():
+                self.fused_reason = "turned off by HETERO_MOE_FUSED_DECODE=0"
+            self.fused = (fused_decode.build(self) if fused_decode.enabled_by_env() else None) \
+                or False
+        return bool(self.fused) and not any(
+            getattr(b.ffn, "margin_log", None) is not None for b in self.blocks)
+
+    def _fused_step(self, ids: torch.Tensor, pos0: int) -> torch.Tensor:
+        for c in self.cache.layers:                 # the checks LayerCache.append makes
+            if pos0 + 1 > c.n_ctx:
+                raise ContextLengthError(f"position {pos0 + 1} exceeds the context length "
+                                         f"{c.n_ctx}")
+            if pos0 > c.length:
+                raise ValueError(f"cache holds {c.length} positions; cannot write at {pos0}")
+        x = self.embed(ids).float().clone()                     # [1, D], written in place
+        logits = self.fused.step(x, pos0)
+        for c in self.cache.layers:
+            c.length = pos0 + 1
+            if c.sparse is not None:            # the rewritten position voids its blocks
+                c.sparse.truncate(pos0)
+        self.cache.pos = pos0 + 1
+        return logits
+
     def _nsa_weights(self, ts: _Tensors, p: str, dev):
         """A layer's learned sparse-attention tensors: loaded whenever the file has them (so a
         per-call `nsa` override can use them), required when the model loads in `nsa` mode."""
@@ -200,6 +229,8 @@ class Transformer:
         if torch.get_num_threads() != want:
             torch.set_num_threads(want)
             _pool_spin(DECODE_SPIN_US if want == 1 else BATCH_SPIN_US)
+        if ids.shape[0] == 1 and not sp.sparse_rows(1, pos0 + 1) and self._fused_ready():
+            return self._fused_step(ids, pos0)
         x = self.embed(ids)                                     # [T, D]
         for i, b in enumerate(self.blocks):
             x = x + b.attn(rms_norm(x, b.attn_norm, cfg.rms_eps), pos0, self.cache.layers[i],

@@ -1,0 +1,425 @@
+// One decode step through the whole decoder (see decode.h).
+#include "decode.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <functional>
+
+#include "ops.h"
+#include "threadpool.h"
+
+namespace hmoe {
+
+// ================================================================ the flat description
+//
+// ints, in order (a "buffer" is two ints: address, byte length; address 0 = absent; a "matrix" is
+// a buffer followed by ggml type, rows, cols):
+//   n_layer D H Hkv Dh n_ctx n_rot V rope_neox E K sigmoid_gating norm_topk
+//   rope_cos rope_sin out_norm (buffers)  lm_head (matrix)
+//   per layer: attn_norm (buffer)  q k v o (matrices)  bq bk bv bo (buffers)
+//              qk_norm_kind  q_norm k_norm k_cache v_cache ffn_norm (buffers)  is_moe
+//              dense: gate up down (matrices)
+//              moe:   router (buffer)  gate_exps up_exps down_exps (matrices, rows/cols of one
+//                     expert, E stacked)  sh_gate sh_up sh_down (matrices, address 0 = none)
+//                     sh_scale (buffer)
+// floats: eps attn_scale expert_scale
+
+namespace {
+
+struct Reader {
+    const int64_t* p;
+    size_t n, i = 0;
+    std::string err;
+    int64_t next(const char* what) {
+        if (i >= n) {
+            if (err.empty()) err = std::string("description ends before ") + what;
+            return 0;
+        }
+        return p[i++];
+    }
+};
+
+std::string fmt(const char* f, const std::string& a, long long b = 0, long long c = 0) {
+    char s[512];
+    std::snprintf(s, sizeof s, f, a.c_str(), b, c);
+    return s;
+}
+
+// A float buffer of exactly n floats (or absent when allowed).
+template <class T>
+bool read_buf(Reader& r, const std::string& name, long long n_floats, bool optional, T** out) {
+    const int64_t addr = r.next(name.c_str()), len = r.next(name.c_str());
+    if (!r.err.empty()) return false;
+    if (addr == 0) {
+        if (!optional) r.err = fmt("%s is missing", name);
+        *out = nullptr;
+        return optional;
+    }
+    if (len != n_floats * 4) {
+        r.err = fmt("%s has %lld bytes, expected %lld", name, len, n_floats * 4);
+        return false;
+    }
+    *out = reinterpret_cast<T*>(addr);
+    return true;
+}
+
+bool read_mat(Reader& r, const std::string& name, long long rows, long long cols, long long n_stack, bool optional,
+              QMat* m) {
+    const int64_t addr = r.next(name.c_str()), len = r.next(name.c_str());
+    const int64_t type = r.next(name.c_str()), nr = r.next(name.c_str()), nc = r.next(name.c_str());
+    if (!r.err.empty()) return false;
+    if (addr == 0) {
+        if (!optional) r.err = fmt("%s is missing", name);
+        *m = QMat{};
+        return optional;
+    }
+    if (rows >= 0 && nr != rows) {
+        r.err = fmt("%s has %lld rows, expected %lld", name, nr, rows);
+        return false;
+    }
+    if (nc != cols || nr <= 0 || nr > (1LL << 30)) {
+        r.err = fmt("%s has shape [%lld, %lld]: wrong column count", name, nr, nc);
+        return false;
+    }
+    const TypeInfo* ti = type >= 0 && type < MAX_TYPE_ID ? type_info((int)type) : nullptr;
+    if (!ti || !active_kernels()->gemm[type]) {
+        r.err = fmt("%s: ggml_type %lld is not supported by the CPU kernels", name, type);
+        return false;
+    }
+    if (nc % ti->block) {
+        r.err = fmt("%s: %lld columns are not a multiple of the block size %lld", name, nc, ti->block);
+        return false;
+    }
+    const long long want = n_stack * nr * (nc / ti->block) * ti->bytes;
+    if (len != want) {
+        r.err = fmt("%s has %lld bytes, expected %lld", name, len, want);
+        return false;
+    }
+    m->w = reinterpret_cast<const uint8_t*>(addr);
+    m->type = (int)type, m->rows = (int)nr, m->cols = (int)nc;
+    return true;
+}
+
+}  // namespace
+
+std::string parse_decode_model(const int64_t* ints, size_t n_ints, const double* floats, size_t n_floats,
+                               DecodeModel* out) {
+    Reader r{ints, n_ints};
+    DecodeModel m;
+    int64_t h[13];
+    static const char* hn[13] = {"n_layer", "D", "H", "Hkv", "Dh", "n_ctx", "n_rot", "V", "rope_neox", "E", "K",
+                                 "sigmoid_gating", "norm_topk"};
+    for (int i = 0; i < 13; ++i) h[i] = r.next(hn[i]);
+    if (!r.err.empty()) return r.err;
+    for (int i = 0; i < 8; ++i)
+        if (h[i] <= 0 || h[i] > (1LL << 30)) return fmt("%s = %lld must be in [1, 2^30]", hn[i], h[i]);
+    m.n_layer = (int)h[0], m.D = (int)h[1], m.H = (int)h[2], m.Hkv = (int)h[3], m.Dh = (int)h[4];
+    m.n_ctx = (int)h[5], m.n_rot = (int)h[6], m.V = (int)h[7], m.rope_neox = h[8] != 0;
+    m.E = (int)h[9], m.K = (int)h[10], m.sigmoid_gating = h[11] != 0, m.norm_topk = h[12] != 0;
+    if (m.H % m.Hkv) return fmt("%s: H = %lld is not a multiple of Hkv = %lld", "heads", m.H, m.Hkv);
+    if (m.n_rot > m.Dh || m.n_rot % 2) return fmt("%s = %lld must be even and <= Dh = %lld", "n_rot", m.n_rot, m.Dh);
+    if (m.E < 0 || m.K < 0 || m.K > m.E || m.K > 64) return fmt("%s: K = %lld must be in [0, min(E, 64)], E = %lld", "experts", m.K, m.E);
+    if (n_floats != 3) return fmt("%s: expected 3 floats, got %lld", "floats", (long long)n_floats);
+    m.eps = (float)floats[0], m.attn_scale = (float)floats[1], m.expert_scale = (float)floats[2];
+    const long long D = m.D, qd = (long long)m.H * m.Dh, kvd = (long long)m.Hkv * m.Dh;
+    const long long half = m.n_rot / 2;
+    if (!read_buf(r, "rope_cos", (long long)m.n_ctx * half, half == 0, &m.rope_cos)) return r.err;
+    if (!read_buf(r, "rope_sin", (long long)m.n_ctx * half, half == 0, &m.rope_sin)) return r.err;
+    if (!read_buf(r, "output_norm", D, false, &m.out_norm)) return r.err;
+    if (!read_mat(r, "lm_head", m.V, D, 1, false, &m.lm_head)) return r.err;
+    m.layers.resize(m.n_layer);
+    for (int l = 0; l < m.n_layer; ++l) {
+        DecodeLayer& L = m.layers[l];
+        const std::string p = "blk." + std::to_string(l) + ".";
+        if (!read_buf(r, p + "attn_norm", D, false, &L.attn_norm)) return r.err;
+        if (!read_mat(r, p + "attn_q", qd, D, 1, false, &L.q) || !read_mat(r, p + "attn_k", kvd, D, 1, false, &L.k) ||
+            !read_mat(r, p + "attn_v", kvd, D, 1, false, &L.v) || !read_mat(r, p + "attn_output", D, qd, 1, false, &L.o))
+            return r.err;
+        if (!read_buf(r, p + "attn_q.bias", qd, true, &L.bq) || !read_buf(r, p + "attn_k.bias", kvd, true, &L.bk) ||
+            !read_buf(r, p + "attn_v.bias", kvd, true, &L.bv) || !read_buf(r, p + "attn_output.bias", D, true, &L.bo))
+            return r.err;
+        L.qk_norm = (int)r.next("qk_norm");
+        if (L.qk_norm < 0 || L.qk_norm > 2) return fmt("%sqk_norm kind %lld must be 0, 1 or 2", p, L.qk_norm);
+        const long long nq = L.qk_norm == 1 ? m.Dh : qd, nk = L.qk_norm == 1 ? m.Dh : kvd;
+        if (!read_buf(r, p + "attn_q_norm", nq, L.qk_norm == 0, &L.q_norm) ||
+            !read_buf(r, p + "attn_k_norm", nk, L.qk_norm == 0, &L.k_norm))
+            return r.err;
+        if (!read_buf(r, p + "k_cache", (long long)m.n_ctx * kvd, false, &L.k_cache) ||
+            !read_buf(r, p + "v_cache", (long long)m.n_ctx * kvd, false, &L.v_cache))
+            return r.err;
+        if (!read_buf(r, p + "ffn_norm", D, false, &L.ffn_norm)) return r.err;
+        L.moe = r.next("is_moe") != 0;
+        if (!L.moe) {
+            if (!read_mat(r, p + "ffn_gate", -1, D, 1, false, &L.gate)) return r.err;
+            const int F = L.gate.rows;
+            if (!read_mat(r, p + "ffn_up", F, D, 1, false, &L.up) || !read_mat(r, p + "ffn_down", D, F, 1, false, &L.down))
+                return r.err;
+            continue;
+        }
+        if (m.E <= 0 || m.K <= 0) return fmt("%s: an MoE layer needs E, K > 0 (E = %lld, K = %lld)", p, m.E, m.K);
+        if (!read_buf(r, p + "ffn_gate_inp", (long long)m.E * D, false, &L.router)) return r.err;
+        if (!read_mat(r, p + "ffn_gate_exps", -1, D, m.E, false, &L.gate_exps)) return r.err;
+        const int F = L.gate_exps.rows;
+        if (!read_mat(r, p + "ffn_up_exps", F, D, m.E, false, &L.up_exps) ||
+            !read_mat(r, p + "ffn_down_exps", D, F, m.E, false, &L.down_exps))
+            return r.err;
+        if (!read_mat(r, p + "ffn_gate_shexp", -1, D, 1, true, &L.sh_gate)) return r.err;
+        const bool sh = L.sh_gate.w != nullptr;
+        const int Fs = sh ? L.sh_gate.rows : 0;
+        if (!read_mat(r, p + "ffn_up_shexp", sh ? Fs : -1, D, 1, !sh, &L.sh_up) ||
+            !read_mat(r, p + "ffn_down_shexp", D, sh ? Fs : 1, 1, !sh, &L.sh_down))
+            return r.err;
+        if (!sh && (L.sh_up.w || L.sh_down.w)) return fmt("%s: shared expert up/down without gate", p);
+        if (!read_buf(r, p + "ffn_gate_inp_shexp", D, true, &L.sh_scale)) return r.err;
+        if (L.sh_scale && !sh) return fmt("%s: shared-expert gate without a shared expert", p);
+    }
+    if (r.i != r.n) return fmt("%s: %lld ints left over after the last layer", "description", (long long)(r.n - r.i));
+    *out = std::move(m);
+    return "";
+}
+
+// ================================================================ the step
+
+namespace {
+
+// Optional wall-time accounting per part (decode_profile), on the calling thread.
+bool g_prof_on = false;
+double g_prof[DECODE_PARTS] = {};
+
+struct Timer {
+    int part;
+    std::chrono::steady_clock::time_point t0;
+    explicit Timer(int p) : part(p) {
+        if (g_prof_on) t0 = std::chrono::steady_clock::now();
+    }
+    void next(int p) {  // close this part, open the next
+        if (g_prof_on) {
+            const auto t = std::chrono::steady_clock::now();
+            g_prof[part] += std::chrono::duration<double>(t - t0).count();
+            t0 = t;
+        }
+        part = p;
+    }
+    ~Timer() { next(part); }
+};
+
+struct ForJob : public Job {
+    std::function<void(int)> fn;
+    void run_task(int, int i) override { fn(i); }
+};
+
+// run fn(0..n-1) on the pool
+void parallel_for(int n, const std::function<void(int)>& fn) {
+    thread_local ForJob job;
+    job.fn = fn;
+    const int counts[1] = {n};
+    job.set_phases(counts, 1);
+    ThreadPool::instance().run(&job);
+}
+
+float dot(const float* a, const float* b, int n) {
+    float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; ++j) s[j] += a[i + j] * b[i + j];
+    float t = ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
+    for (; i < n; ++i) t += a[i] * b[i];
+    return t;
+}
+
+// y = x / sqrt(mean(x^2) + eps) * w
+void rms_norm(const float* x, const float* w, int n, float eps, float* y) {
+    double s = 0;
+    for (int i = 0; i < n; ++i) s += (double)x[i] * x[i];
+    const float scale = 1.f / std::sqrt((float)(s / n) + eps);
+    for (int i = 0; i < n; ++i) y[i] = x[i] * scale * w[i];
+}
+
+void rope(const DecodeModel& m, float* x, int n_head, int pos) {
+    const int half = m.n_rot / 2;
+    const float* c = m.rope_cos + (size_t)pos * half;
+    const float* s = m.rope_sin + (size_t)pos * half;
+    for (int h = 0; h < n_head; ++h) {
+        float* v = x + (size_t)h * m.Dh;
+        for (int i = 0; i < half; ++i) {
+            const int ia = m.rope_neox ? i : 2 * i, ib = m.rope_neox ? i + half : 2 * i + 1;
+            const float a = v[ia], b = v[ib];
+            v[ia] = a * c[i] - b * s[i];
+            v[ib] = a * s[i] + b * c[i];
+        }
+    }
+}
+
+void add(float* y, const float* b, int n) {
+    for (int i = 0; i < n; ++i) y[i] += b[i];
+}
+
+struct Buffers {
+    std::vector<float> xn, q, k, v, att, y, ys, g, u, logit, w;
+    std::vector<int32_t> ids;
+    std::vector<char> taken;
+};
+
+void attention(const DecodeModel& m, const DecodeLayer& L, Buffers& b, float* x, int pos) {
+    const int D = m.D, qd = m.H * m.Dh, kvd = m.Hkv * m.Dh;
+    Timer tm(PART_OTHER);
+    rms_norm(x, L.attn_norm, D, m.eps, b.xn.data());
+    float* k = L.k_cache + (size_t)pos * kvd;  // k and v land in the cache directly
+    float* v = L.v_cache + (size_t)pos * kvd;
+    MultiMatmulArgs a{};
+    a.n = 3, a.n_cols = D, a.T = 1, a.x = b.xn.data();
+    const QMat* mats[3] = {&L.q, &L.k, &L.v};
+    float* outs[3] = {b.q.data(), k, v};
+    for (int i = 0; i < 3; ++i)
+        a.w[i] = mats[i]->w, a.type[i] = mats[i]->type, a.n_rows[i] = mats[i]->rows, a.out[i] = outs[i];
+    tm.next(PART_PROJ);
+    matmul_multi(a);
+    tm.next(PART_OTHER);
+    if (L.bq) add(b.q.data(), L.bq, qd);
+    if (L.bk) add(k, L.bk, kvd);
+    if (L.bv) add(v, L.bv, kvd);
+    if (L.qk_norm == 2) {
+        rms_norm(b.q.data(), L.q_norm, qd, m.eps, b.q.data());
+        rms_norm(k, L.k_norm, kvd, m.eps, k);
+    } else if (L.qk_norm == 1) {
+        for (int h = 0; h < m.H; ++h) rms_norm(b.q.data() + h * m.Dh, L.q_norm, m.Dh, m.eps, b.q.data() + h * m.Dh);
+        for (int h = 0; h < m.Hkv; ++h) rms_norm(k + h * m.Dh, L.k_norm, m.Dh, m.eps, k + h * m.Dh);
+    }
+    if (m.n_rot) {
+        rope(m, b.q.data(), m.H, pos);
+        rope(m, k, m.Hkv, pos);
+    }
+    AttnArgs at{};
+    at.q = b.q.data(), at.k = L.k_cache, at.v = L.v_cache, at.out = b.att.data();
+    at.H = m.H, at.Hkv = m.Hkv, at.dk = m.Dh, at.dv = m.Dh, at.L = pos + 1;
+    at.ks = kvd, at.khs = m.Dh, at.vs = kvd, at.vhs = m.Dh, at.scale = m.attn_scale;
+    tm.next(PART_ATTN);
+    attn_decode(at);
+    tm.next(PART_PROJ);
+    matmul(L.o.w, L.o.type, L.o.rows, L.o.cols, b.att.data(), 1, b.y.data());
+    tm.next(PART_OTHER);
+    if (L.bo) add(b.y.data(), L.bo, D);
+    add(x, b.y.data(), D);
+}
+
+// silu(gate(xn)) * up(xn) -> down, into out [D]
+void swiglu(const QMat& gate, const QMat& up, const QMat& down, Buffers& b, float* out) {
+    const int F = gate.rows;
+    MultiMatmulArgs a{};
+    a.n = 2, a.n_cols = gate.cols, a.T = 1, a.x = b.xn.data();
+    a.w[0] = gate.w, a.type[0] = gate.type, a.n_rows[0] = F, a.out[0] = b.g.data();
+    a.w[1] = up.w, a.type[1] = up.type, a.n_rows[1] = F, a.out[1] = b.u.data();
+    matmul_multi(a);
+    active_kernels()->silu_mul(b.g.data(), b.u.data(), b.g.data(), F);
+    matmul(down.w, down.type, down.rows, down.cols, b.g.data(), 1, out);
+}
+
+void route(const DecodeModel& m, const DecodeLayer& L, Buffers& b) {
+    const int E = m.E, D = m.D, K = m.K;
+    const float* xn = b.xn.data();
+    float* lg = b.logit.data();
+    const int per = 16;
+    parallel_for((E + per - 1) / per, [&](int t) {
+        for (int e = t * per; e < std::min(E, (t + 1) * per); ++e) lg[e] = dot(L.router + (size_t)e * D, xn, D);
+    });
+    if (m.sigmoid_gating) {
+        for (int e = 0; e < E; ++e) lg[e] = 1.f / (1.f + std::exp(-lg[e]));
+    } else {
+        float mx = -INFINITY;
+        for (int e = 0; e < E; ++e) mx = std::max(mx, lg[e]);
+        float sum = 0.f;
+        for (int e = 0; e < E; ++e) sum += (lg[e] = std::exp(lg[e] - mx));
+        const float inv = 1.f / sum;
+        for (int e = 0; e < E; ++e) lg[e] *= inv;
+    }
+    // top-K, ties to the lower id, in descending order
+    b.taken.assign(E, 0);
+    float sum = 0.f;
+    for (int j = 0; j < K; ++j) {
+        int best = -1;
+        for (int e = 0; e < E; ++e)
+            if (!b.taken[e] && (best < 0 || lg[e] > lg[best])) best = e;
+        b.taken[best] = 1;
+        b.ids[j] = best;
+        b.w[j] = lg[best];
+        sum += lg[best];
+    }
+    if (m.norm_topk) {
+        const float inv = 1.f / std::max(sum, 6.103515625e-5f);  // llama.cpp's floor
+        for (int j = 0; j < K; ++j) b.w[j] *= inv;
+    }
+    if (m.expert_scale != 0.f && m.expert_scale != 1.f)
+        for (int j = 0; j < K; ++j) b.w[j] *= m.expert_scale;
+}
+
+void ffn(const DecodeModel& m, const DecodeLayer& L, Buffers& b, float* x) {
+    const int D = m.D;
+    Timer tm(PART_OTHER);
+    rms_norm(x, L.ffn_norm, D, m.eps, b.xn.data());
+    if (!L.moe) {
+        tm.next(PART_PROJ);
+        swiglu(L.gate, L.up, L.down, b, b.y.data());
+        tm.next(PART_OTHER);
+        add(x, b.y.data(), D);
+        return;
+    }
+    tm.next(PART_ROUTE);
+    route(m, L, b);
+    tm.next(PART_MOE);
+    MoeArgs a{};
+    a.x = b.xn.data(), a.ids = b.ids.data(), a.weights = b.w.data();
+    a.gate = L.gate_exps.w, a.up = L.up_exps.w, a.down = L.down_exps.w, a.out = b.y.data();
+    a.T = 1, a.k = m.K, a.n_expert = m.E, a.d_model = D, a.d_ff = L.gate_exps.rows;
+    a.gate_type = L.gate_exps.type, a.up_type = L.up_exps.type, a.down_type = L.down_exps.type;
+    moe_wait(moe_submit(a));
+    tm.next(PART_SHARED);
+    if (L.sh_gate.w) {
+        swiglu(L.sh_gate, L.sh_up, L.sh_down, b, b.ys.data());
+        if (L.sh_scale) {
+            const float s = 1.f / (1.f + std::exp(-dot(b.xn.data(), L.sh_scale, D)));
+            for (int i = 0; i < D; ++i) b.ys[i] *= s;
+        }
+        add(b.y.data(), b.ys.data(), D);
+    }
+    tm.next(PART_OTHER);
+    add(x, b.y.data(), D);
+}
+
+}  // namespace
+
+void decode_profile(bool on, double* parts_out) {
+    if (parts_out)
+        for (int i = 0; i < DECODE_PARTS; ++i) parts_out[i] = g_prof[i];
+    for (double& t : g_prof) t = 0;
+    g_prof_on = on;
+}
+
+const char* decode_part_name(int i) {
+    static const char* names[DECODE_PARTS] = {"norms, rope, residuals, cache write", "matmul (attention projections, dense FFN)",
+                                              "attention over the cache", "routing", "MoE experts (fused op)",
+                                              "shared expert", "lm_head"};
+    return i >= 0 && i < DECODE_PARTS ? names[i] : "";
+}
+
+void decode_step(const DecodeModel& m, float* x, int pos, float* logits) {
+    thread_local Buffers b;
+    size_t F = 1;
+    for (const DecodeLayer& L : m.layers)
+        F = std::max<size_t>(F, std::max({L.gate.rows, L.sh_gate.rows, 1}));
+    const size_t qd = (size_t)m.H * m.Dh;
+    b.xn.resize(m.D), b.q.resize(qd), b.att.resize(qd), b.y.resize(m.D), b.ys.resize(m.D);
+    b.g.resize(F), b.u.resize(F), b.logit.resize(std::max(m.E, 1)), b.w.resize(std::max(m.K, 1));
+    b.ids.resize(std::max(m.K, 1));
+    for (const DecodeLayer& L : m.layers) {
+        attention(m, L, b, x, pos);
+        ffn(m, L, b, x);
+    }
+    Timer tm(PART_OTHER);
+    rms_norm(x, m.out_norm, m.D, m.eps, b.xn.data());
+    tm.next(PART_LM_HEAD);
+    matmul(m.lm_head.w, m.lm_head.type, m.lm_head.rows, m.lm_head.cols, b.xn.data(), 1, logits);
+}
+
+}  // namespace hmoe

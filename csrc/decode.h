@@ -1,0 +1,66 @@
+// One decode step (a single token) through a whole standard decoder in C++: per layer RMSNorm, q/k/v,
+// q/k norms, RoPE, the KV-cache write, attention over the cache, the output projection, RMSNorm and the
+// FFN (dense SwiGLU or routed MoE with an optional shared expert), then the final norm and lm_head.
+// The same kernels and pool jobs as the separate ops, without a trip through Python between them.
+//
+// Dimension key: D model width, H query heads, Hkv KV heads, Dh head dim, E experts, K experts per
+// token, F expert (or dense) FFN width, Fs shared-expert width, V vocabulary.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace hmoe {
+
+struct QMat {  // a quantized matrix [rows, cols] in GGUF blocks
+    const uint8_t* w = nullptr;
+    int type = -1, rows = 0, cols = 0;
+};
+
+struct DecodeLayer {
+    const float* attn_norm = nullptr;                      // [D]
+    QMat q, k, v, o;                                       // [H*Dh, D], [Hkv*Dh, D] x2, [D, H*Dh]
+    const float *bq = nullptr, *bk = nullptr, *bv = nullptr, *bo = nullptr;  // optional biases
+    int qk_norm = 0;                                       // 0 none, 1 per head ([Dh]), 2 whole ([H*Dh])
+    const float *q_norm = nullptr, *k_norm = nullptr;
+    float *k_cache = nullptr, *v_cache = nullptr;          // [n_ctx, Hkv, Dh] float32
+    const float* ffn_norm = nullptr;                       // [D]
+    bool moe = false;
+    QMat gate, up, down;                                   // dense FFN: [F, D], [F, D], [D, F]
+    const float* router = nullptr;                         // MoE: [E, D] float32
+    QMat gate_exps, up_exps, down_exps;                    // MoE: rows/cols of one expert; E stacked
+    QMat sh_gate, sh_up, sh_down;                          // shared expert, optional (w == nullptr)
+    const float* sh_scale = nullptr;                       // [D]: output * sigmoid(x . sh_scale), optional
+};
+
+struct DecodeModel {
+    int n_layer = 0, D = 0, H = 0, Hkv = 0, Dh = 0, n_ctx = 0, n_rot = 0, V = 0;
+    bool rope_neox = false;
+    const float *rope_cos = nullptr, *rope_sin = nullptr;  // [n_ctx, n_rot/2]
+    float eps = 1e-6f, attn_scale = 1.f;
+    int E = 0, K = 0;
+    bool sigmoid_gating = false, norm_topk = false;
+    float expert_scale = 1.f;                               // 1: unscaled
+    std::vector<DecodeLayer> layers;
+    const float* out_norm = nullptr;                        // [D]
+    QMat lm_head;                                           // [V, D]
+};
+
+// Build a model from a flat description: `ints` (addresses, byte lengths, types, sizes) and `floats`
+// (eps, scales), in the order decode.cpp's parser documents. Every buffer's length is checked against
+// the size the dimensions call for; an error message names the field (empty when fine).
+std::string parse_decode_model(const int64_t* ints, size_t n_ints, const double* floats, size_t n_floats,
+                               DecodeModel* out);
+
+// x [D]: the token's embedding (overwritten); logits [V]; pos: the token's position (the caller checked
+// pos < n_ctx and that the cache holds positions [0, pos)).
+void decode_step(const DecodeModel& m, float* x, int pos, float* logits);
+
+// Wall time per part of decode_step, for profiling: decode_profile(on, out) copies the seconds
+// accumulated so far into out[DECODE_PARTS] (when not null), zeroes them and turns timing on/off.
+enum DecodePart { PART_OTHER, PART_PROJ, PART_ATTN, PART_ROUTE, PART_MOE, PART_SHARED, PART_LM_HEAD, DECODE_PARTS };
+void decode_profile(bool on, double* parts_out);
+const char* decode_part_name(int part);
+
+}  // namespace hmoe

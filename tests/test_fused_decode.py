@@ -1,0 +1,141 @@
+"""The whole-model C++ decode step (runtime/fused_decode.py, csrc/decode.cpp) against the per-op
+path it replaces: same logits and the same KV-cache rows, for every architecture shape it covers
+(q/k norms per head and over all heads, q/k/v biases, dense FFN, MoE with and without a gated shared
+expert), plus the cases it must hand back to the per-op path and its argument checks."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import hetero_moe
+from hetero_moe.errors import ContextLengthError
+from hetero_moe.runtime import fused_decode
+
+from .conftest import tiny_model
+
+ARCHS = ["llama", "qwen3moe", "qwen2moe", "olmoe", "llama-moe"]
+
+
+def _ids(n, vocab, seed=0):
+    return torch.randint(10, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _step(m, prompt, tok, fused):
+    """Prefill `prompt`, then one decode step of `tok` on the chosen path -> (logits [V], the
+    step's cache rows per layer)."""
+    m.net.fused = None if fused else False
+    m.eval(prompt, 0)
+    logits = m.eval([tok], len(prompt))[-1].clone()
+    p = len(prompt)
+    rows = [(c.k[p].clone(), c.v[p].clone()) for c in m.net.cache.layers]
+    return logits, rows
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fused_step_equals_per_op_path(llama_cpp, arch):
+    m = hetero_moe.load(tiny_model(arch), threads=2, n_ctx=128)
+    V = m.config.n_vocab
+    for seed, n in ((0, 1), (1, 17), (2, 90)):
+        ids = _ids(n + 1, V, seed)
+        got, got_rows = _step(m, ids[:-1], ids[-1], fused=True)
+        assert isinstance(m.net.fused, fused_decode.FusedDecode), m.net.fused_reason
+        want, want_rows = _step(m, ids[:-1], ids[-1], fused=False)
+        assert m.net.fused is False
+        # same kernels and math; only float summation order differs (norms, router, softmax)
+        torch.testing.assert_close(got, want, atol=1e-3 * float(want.abs().max()), rtol=0)
+        assert int(got.argmax()) == int(want.argmax())
+        for (gk, gv), (wk, wv) in zip(got_rows, want_rows):
+            torch.testing.assert_close(gk, wk, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(gv, wv, atol=1e-4, rtol=1e-4)
+
+
+def test_fused_generation_matches_per_op_greedy(llama_cpp):
+    m = hetero_moe.load(tiny_model("qwen3moe"), threads=2, n_ctx=128)
+    ids = _ids(12, m.config.n_vocab, 5)
+    m.net.fused = None
+    a = m.generate(ids, max_tokens=24, temperature=0)
+    assert isinstance(m.net.fused, fused_decode.FusedDecode)
+    m.net.fused = False
+    b = m.generate(ids, max_tokens=24, temperature=0)
+    assert a.tokens == b.tokens
+
+
+def test_fused_step_hands_back(llama_cpp, monkeypatch):
+    """Sparse attention that applies, routing-margin logging and the environment switch take the
+    per-op path; MLA models never build the plan."""
+    from hetero_moe.layers.sparse_attn import SparseAttnConfig
+    m = hetero_moe.load(tiny_model("qwen3moe"), threads=2, n_ctx=128)
+    ids = _ids(40, m.config.n_vocab, 3)
+    calls = []
+    real = fused_decode.FusedDecode.step
+    monkeypatch.setattr(fused_decode.FusedDecode, "step",
+                        lambda self, x, pos: calls.append(pos) or real(self, x, pos))
+    m.eval(ids[:-1], 0)
+    m.eval(ids[-1:], len(ids) - 1)
+    assert calls == [len(ids) - 1]
+    sp = SparseAttnConfig(mode="approx", min_len=8, sel_block=16, top_n=2, n_local=1, window=8)
+    m.eval(ids[-1:], len(ids) - 1, sparse_attn=sp)                  # sparse applies: per-op
+    m.eval(ids[-1:], len(ids) - 1, sparse_attn=sp.with_(min_len=64))   # below min_len: fused
+    assert calls == [len(ids) - 1] * 2
+    moe = m.net.blocks[0].ffn
+    moe.margin_log = []
+    m.eval(ids[-1:], len(ids) - 1)
+    assert len(calls) == 2 and len(moe.margin_log) == 1
+    moe.margin_log = None
+
+    monkeypatch.setenv("HETERO_MOE_FUSED_DECODE", "0")
+    off = hetero_moe.load(tiny_model("qwen3moe"), threads=2, n_ctx=128)
+    off.eval(ids, 0)
+    off.eval([5], len(ids))
+    assert off.net.fused is False and "HETERO_MOE_FUSED_DECODE" in off.net.fused_reason
+    monkeypatch.delenv("HETERO_MOE_FUSED_DECODE")
+
+    ds = hetero_moe.load(tiny_model("deepseek2", preset="tiny-lite"), threads=2, n_ctx=64)
+    ds.eval([5, 6, 7], 0)
+    ds.eval([8], 3)
+    assert ds.net.fused is False and "Latent" in ds.net.fused_reason
+
+
+def test_fused_step_cache_checks(llama_cpp):
+    m = hetero_moe.load(tiny_model("qwen3moe"), threads=2, n_ctx=16)
+    ids = _ids(16, m.config.n_vocab)
+    m.eval(ids[:15], 0)
+    m.eval(ids[15:], 15)                                   # the last position fits
+    assert isinstance(m.net.fused, fused_decode.FusedDecode)
+    with pytest.raises(ContextLengthError, match="context length 16"):
+        m.net.forward(torch.tensor([5]), 16)
+    m.net.cache.reset(4)
+    with pytest.raises(ValueError, match="cannot write at 9"):
+        m.net.forward(torch.tensor([5]), 9)
+
+
+def test_decode_plan_rejects_bad_descriptions(llama_cpp):
+    m = hetero_moe.load(tiny_model("qwen3moe"), threads=2, n_ctx=32)
+    m.eval([5, 6], 0)
+    m.eval([7], 2)
+    f = m.net.fused
+    lib = f._lib
+    ints, floats = f._ints.copy(), f._floats
+    with pytest.raises(ValueError, match="description ends"):
+        lib.decode_plan(ints[:40], floats)
+    with pytest.raises(ValueError, match="left over"):
+        lib.decode_plan(np.concatenate([ints, [0]]), floats)
+    bad = ints.copy()
+    bad[13 + 1] -= 4                                     # rope_cos byte length
+    with pytest.raises(ValueError, match="rope_cos has"):
+        lib.decode_plan(bad, floats)
+    bad = ints.copy()
+    bad[1] = 0                                           # D
+    with pytest.raises(ValueError, match="D = 0"):
+        lib.decode_plan(bad, floats)
+    with pytest.raises(ValueError, match="3 floats"):
+        lib.decode_plan(ints, floats[:2])
+    D, V = m.config.n_embd, m.config.n_vocab
+    x, logits = np.zeros(D, np.float32), np.zeros(V, np.float32)
+    with pytest.raises(ValueError, match="outside the context"):
+        lib.decode_step(f.plan, x, 32, logits)
+    with pytest.raises(ValueError, match="x has"):
+        lib.decode_step(f.plan, np.zeros(D - 1, np.float32), 0, logits)
+    with pytest.raises(ValueError, match="logits has"):
+        lib.decode_step(f.plan, x, 0, np.zeros(V + 1, np.float32))
