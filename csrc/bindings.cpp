@@ -263,6 +263,69 @@ PyObject* py_moe_submit(PyObject*, PyObject* args) {
     return reinterpret_cast<PyObject*>(h);
 }
 
+// attn_prep(q, k, v, bq, bk, bv, q_norm, k_norm, cos, sin, k_cache, v_cache,
+//           T, H, Hkv, Dh, n_rot, neox, qk_norm, pos0, eps): see decode.h (None for absent buffers)
+PyObject* py_attn_prep(PyObject*, PyObject* args) {
+    PyObject* o[12];
+    AttnPrepArgs a;
+    int neox;
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOOOOiiiiiiiif", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6], &o[7],
+                          &o[8], &o[9], &o[10], &o[11], &a.T, &a.H, &a.Hkv, &a.Dh, &a.n_rot, &neox, &a.qk_norm,
+                          &a.pos0, &a.eps))
+        return nullptr;
+    a.neox = neox != 0;
+    if (a.T < 0 || a.H <= 0 || a.Hkv <= 0 || a.Dh <= 0 || a.H > 65536 || a.Dh > 65536 || a.pos0 < 0 ||
+        a.n_rot < 0 || a.n_rot > a.Dh || a.n_rot % 2 || a.qk_norm < 0 || a.qk_norm > 2)
+        return PyErr_Format(PyExc_ValueError, "attn_prep: bad sizes T=%d H=%d Hkv=%d Dh=%d n_rot=%d pos0=%d qk_norm=%d",
+                            a.T, a.H, a.Hkv, a.Dh, a.n_rot, a.pos0, a.qk_norm);
+    static const char* names[12] = {"q", "k", "v", "bq", "bk", "bv", "q_norm", "k_norm", "cos", "sin", "k_cache", "v_cache"};
+    const long long qd = (long long)a.H * a.Dh, kvd = (long long)a.Hkv * a.Dh, half = a.n_rot / 2;
+    const long long nq = a.qk_norm == 1 ? a.Dh : qd, nk = a.qk_norm == 1 ? a.Dh : kvd;
+    // exact float counts; -1: at least (pos0 + T) rows of the row width given in `row`
+    const long long want[12] = {a.T * qd, a.T * kvd, a.T * kvd, qd, kvd, kvd, nq, nk, -1, -1, -1, -1};
+    const long long row[12] = {0, 0, 0, 0, 0, 0, 0, 0, half, half, kvd, kvd};
+    const bool optional[12] = {false, false, false, true, true, true, a.qk_norm == 0, a.qk_norm == 0,
+                               a.n_rot == 0, a.n_rot == 0, false, false};
+    Buf b[12];
+    for (int i = 0; i < 12; ++i) {
+        if (o[i] == Py_None) {
+            if (!optional[i]) return PyErr_Format(PyExc_ValueError, "attn_prep: %s is required", names[i]);
+            continue;
+        }
+        if (!b[i].get(o[i], names[i], i < 3 || i >= 10)) return nullptr;
+        const long long have = (long long)b[i].len();
+        if (want[i] >= 0 ? have != want[i] * 4 : have < (long long)(a.pos0 + a.T) * row[i] * 4 || have % (row[i] * 4))
+            return PyErr_Format(PyExc_ValueError, "attn_prep: %s has %lld bytes, expected %s%lld", names[i], have,
+                                want[i] >= 0 ? "" : "rows of this width for positions up to ",
+                                want[i] >= 0 ? want[i] * 4 : (long long)(a.pos0 + a.T));
+    }
+    a.q = b[0].ptr<float>(), a.k = b[1].ptr<float>(), a.v = b[2].ptr<float>();
+    a.bq = b[3].held ? b[3].ptr<float>() : nullptr, a.bk = b[4].held ? b[4].ptr<float>() : nullptr;
+    a.bv = b[5].held ? b[5].ptr<float>() : nullptr;
+    a.q_norm = b[6].held ? b[6].ptr<float>() : nullptr, a.k_norm = b[7].held ? b[7].ptr<float>() : nullptr;
+    a.cos = b[8].held ? b[8].ptr<float>() : nullptr, a.sin = b[9].held ? b[9].ptr<float>() : nullptr;
+    a.k_cache = b[10].ptr<float>(), a.v_cache = b[11].ptr<float>();
+    Py_BEGIN_ALLOW_THREADS attn_prep(a);
+    Py_END_ALLOW_THREADS Py_RETURN_NONE;
+}
+
+// rms_norm(x, w, rows, n, eps, out): out [rows, n] = RMSNorm of x's rows times w
+PyObject* py_rms_norm(PyObject*, PyObject* args) {
+    PyObject *xo, *wo, *oo;
+    long long rows, n;
+    float eps;
+    if (!PyArg_ParseTuple(args, "OOLLfO", &xo, &wo, &rows, &n, &eps, &oo)) return nullptr;
+    if (rows < 0 || n <= 0 || rows > (1LL << 30) || n > (1LL << 30))
+        return PyErr_Format(PyExc_ValueError, "rms_norm: rows=%lld, n=%lld out of range", rows, n);
+    Buf x, w, o;
+    if (!x.get(xo, "x", false) || !w.get(wo, "w", false) || !o.get(oo, "out", true)) return nullptr;
+    if ((long long)x.len() != rows * n * 4 || (long long)o.len() != rows * n * 4 || (long long)w.len() != n * 4)
+        return PyErr_Format(PyExc_ValueError, "rms_norm: x has %zu bytes, w %zu, out %zu; expected %lld, %lld, %lld",
+                            x.len(), w.len(), o.len(), rows * n * 4, n * 4, rows * n * 4);
+    Py_BEGIN_ALLOW_THREADS rms_norm_rows(x.ptr<float>(), w.ptr<float>(), (int)rows, (int)n, eps, o.ptr<float>());
+    Py_END_ALLOW_THREADS Py_RETURN_NONE;
+}
+
 // ---- whole-model decode step ----
 const char* kPlanName = "hetero_moe._cpu.DecodePlan";
 
@@ -340,6 +403,8 @@ PyMethodDef methods[] = {
     {"matmul_multi", py_matmul_multi, METH_VARARGS, "Several quantized matmuls of the same x in one job."},
     {"attn_decode", py_attn_decode, METH_VARARGS, "Decode attention over a float32 KV cache."},
     {"moe_submit", py_moe_submit, METH_VARARGS, "Start the fused MoE FFN; returns a handle."},
+    {"rms_norm", py_rms_norm, METH_VARARGS, "RMSNorm of rows times a weight vector, on the pool."},
+    {"attn_prep", py_attn_prep, METH_VARARGS, "Biases, q/k norms, RoPE and the KV-cache write for T tokens."},
     {"decode_plan", py_decode_plan, METH_VARARGS, "A whole-model decode plan from a flat description."},
     {"decode_step", py_decode_step, METH_VARARGS, "One token through the whole model -> logits."},
     {"decode_profile", py_decode_profile, METH_O, "Per-part decode_step seconds so far; timing on/off."},

@@ -237,14 +237,12 @@ void rms_norm(const float* x, const float* w, int n, float eps, float* y) {
     for (int i = 0; i < n; ++i) y[i] = x[i] * scale * w[i];
 }
 
-void rope(const DecodeModel& m, float* x, int n_head, int pos) {
-    const int half = m.n_rot / 2;
-    const float* c = m.rope_cos + (size_t)pos * half;
-    const float* s = m.rope_sin + (size_t)pos * half;
+void rope_heads(float* x, int n_head, int Dh, int n_rot, bool neox, const float* c, const float* s) {
+    const int half = n_rot / 2;
     for (int h = 0; h < n_head; ++h) {
-        float* v = x + (size_t)h * m.Dh;
+        float* v = x + (size_t)h * Dh;
         for (int i = 0; i < half; ++i) {
-            const int ia = m.rope_neox ? i : 2 * i, ib = m.rope_neox ? i + half : 2 * i + 1;
+            const int ia = neox ? i : 2 * i, ib = neox ? i + half : 2 * i + 1;
             const float a = v[ia], b = v[ib];
             v[ia] = a * c[i] - b * s[i];
             v[ib] = a * s[i] + b * c[i];
@@ -277,20 +275,12 @@ void attention(const DecodeModel& m, const DecodeLayer& L, Buffers& b, float* x,
     tm.next(PART_PROJ);
     matmul_multi(a);
     tm.next(PART_OTHER);
-    if (L.bq) add(b.q.data(), L.bq, qd);
-    if (L.bk) add(k, L.bk, kvd);
-    if (L.bv) add(v, L.bv, kvd);
-    if (L.qk_norm == 2) {
-        rms_norm(b.q.data(), L.q_norm, qd, m.eps, b.q.data());
-        rms_norm(k, L.k_norm, kvd, m.eps, k);
-    } else if (L.qk_norm == 1) {
-        for (int h = 0; h < m.H; ++h) rms_norm(b.q.data() + h * m.Dh, L.q_norm, m.Dh, m.eps, b.q.data() + h * m.Dh);
-        for (int h = 0; h < m.Hkv; ++h) rms_norm(k + h * m.Dh, L.k_norm, m.Dh, m.eps, k + h * m.Dh);
-    }
-    if (m.n_rot) {
-        rope(m, b.q.data(), m.H, pos);
-        rope(m, k, m.Hkv, pos);
-    }
+    AttnPrepArgs pa;
+    pa.q = b.q.data(), pa.k = k, pa.v = v, pa.T = 1, pa.H = m.H, pa.Hkv = m.Hkv, pa.Dh = m.Dh;
+    pa.n_rot = m.n_rot, pa.pos0 = pos, pa.neox = m.rope_neox, pa.cos = m.rope_cos, pa.sin = m.rope_sin;
+    pa.bq = L.bq, pa.bk = L.bk, pa.bv = L.bv, pa.qk_norm = L.qk_norm, pa.q_norm = L.q_norm, pa.k_norm = L.k_norm;
+    pa.eps = m.eps;  // k and v already sit in the cache row: no copy
+    attn_prep_token(pa, 0);
     AttnArgs at{};
     at.q = b.q.data(), at.k = L.k_cache, at.v = L.v_cache, at.out = b.att.data();
     at.H = m.H, at.Hkv = m.Hkv, at.dk = m.Dh, at.dv = m.Dh, at.L = pos + 1;
@@ -388,6 +378,47 @@ void ffn(const DecodeModel& m, const DecodeLayer& L, Buffers& b, float* x) {
 }
 
 }  // namespace
+
+void attn_prep_token(const AttnPrepArgs& a, int t) {
+    const int qd = a.H * a.Dh, kvd = a.Hkv * a.Dh;
+    float* q = a.q + (size_t)t * qd;
+    float* k = a.k + (size_t)t * kvd;
+    float* v = a.v + (size_t)t * kvd;
+    if (a.bq) add(q, a.bq, qd);
+    if (a.bk) add(k, a.bk, kvd);
+    if (a.bv) add(v, a.bv, kvd);
+    if (a.qk_norm == 2) {
+        rms_norm(q, a.q_norm, qd, a.eps, q);
+        rms_norm(k, a.k_norm, kvd, a.eps, k);
+    } else if (a.qk_norm == 1) {
+        for (int h = 0; h < a.H; ++h) rms_norm(q + h * a.Dh, a.q_norm, a.Dh, a.eps, q + h * a.Dh);
+        for (int h = 0; h < a.Hkv; ++h) rms_norm(k + h * a.Dh, a.k_norm, a.Dh, a.eps, k + h * a.Dh);
+    }
+    if (a.n_rot) {
+        const size_t off = (size_t)(a.pos0 + t) * (a.n_rot / 2);
+        rope_heads(q, a.H, a.Dh, a.n_rot, a.neox, a.cos + off, a.sin + off);
+        rope_heads(k, a.Hkv, a.Dh, a.n_rot, a.neox, a.cos + off, a.sin + off);
+    }
+    float* kc = a.k_cache ? a.k_cache + (size_t)(a.pos0 + t) * kvd : nullptr;
+    float* vc = a.v_cache ? a.v_cache + (size_t)(a.pos0 + t) * kvd : nullptr;
+    if (kc && kc != k) std::copy(k, k + kvd, kc);  // k/v may already be the cache rows
+    if (vc && vc != v) std::copy(v, v + kvd, vc);
+}
+
+void rms_norm_rows(const float* x, const float* w, int n_rows, int n, float eps, float* y) {
+    const int per = std::max(1, 16384 / std::max(n, 1));
+    parallel_for((n_rows + per - 1) / per, [&](int i) {
+        for (int r = i * per; r < std::min(n_rows, (i + 1) * per); ++r)
+            rms_norm(x + (size_t)r * n, w, n, eps, y + (size_t)r * n);
+    });
+}
+
+void attn_prep(const AttnPrepArgs& a) {
+    const int per = 8;
+    parallel_for((a.T + per - 1) / per, [&](int i) {
+        for (int t = i * per; t < std::min(a.T, (i + 1) * per); ++t) attn_prep_token(a, t);
+    });
+}
 
 void decode_profile(bool on, double* parts_out) {
     if (parts_out)

@@ -57,6 +57,27 @@ std::string parse_decode_model(const int64_t* ints, size_t n_ints, const double*
 // pos < n_ctx and that the cache holds positions [0, pos)).
 void decode_step(const DecodeModel& m, float* x, int pos, float* logits);
 
+// Attention input preparation for T tokens at positions pos0..pos0+T-1, parallel over tokens:
+// q/k/v biases, q/k RMSNorms (per head or over all heads), RoPE on q and k (in place), and k and v
+// written to the cache rows pos0.. (k_cache/v_cache: [n_ctx, Hkv*Dh] float32).
+struct AttnPrepArgs {
+    float *q = nullptr, *k = nullptr, *v = nullptr;        // [T, H*Dh], [T, Hkv*Dh] x2
+    int T = 0, H = 0, Hkv = 0, Dh = 0, n_rot = 0, pos0 = 0;
+    bool neox = false;
+    const float *cos = nullptr, *sin = nullptr;            // [>= pos0+T, n_rot/2]
+    const float *bq = nullptr, *bk = nullptr, *bv = nullptr;
+    int qk_norm = 0;                                       // 0 none, 1 per head, 2 whole
+    const float *q_norm = nullptr, *k_norm = nullptr;
+    float eps = 1e-6f;
+    float *k_cache = nullptr, *v_cache = nullptr;          // null: leave the cache alone
+};
+void attn_prep_token(const AttnPrepArgs& a, int t);       // one token, on this thread
+void attn_prep(const AttnPrepArgs& a);                     // all T tokens on the pool
+
+// y[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w for rows r < n_rows of n floats, rows split over the pool
+// (y may be x).
+void rms_norm_rows(const float* x, const float* w, int n_rows, int n, float eps, float* y);
+
 // Wall time per part of decode_step, for profiling: decode_profile(on, out) copies the seconds
 // accumulated so far into out[DECODE_PARTS] (when not null), zeroes them and turns timing on/off.
 enum DecodePart { PART_OTHER, PART_PROJ, PART_ATTN, PART_ROUTE, PART_MOE, PART_SHARED, PART_LM_HEAD, DECODE_PARTS };

@@ -165,8 +165,33 @@ def _positive(name: str, v) -> int:
 
 # ---------------------------------------------------------------- ops
 
-def matmul(w, ggml_type: int, n_rows: int, n_cols: int, x: torch.Tensor) -> torch.Tensor:
-    """x [..., n_cols] float32 @ W.T -> [..., n_rows] float32; W is n_rows rows of ggml_type blocks."""
+def _out_buffer(out, shape) -> torch.Tensor:
+    """A caller's output tensor (float32, contiguous, CPU, of this shape), or a new one."""
+    if out is None:
+        return torch.from_numpy(np.empty(shape, dtype=np.float32))
+    if not (isinstance(out, torch.Tensor) and out.dtype == torch.float32 and out.is_cpu
+            and out.is_contiguous() and tuple(out.shape) == tuple(shape)):
+        raise ValueError(f"out must be a contiguous float32 CPU tensor of shape {tuple(shape)}")
+    return out
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, out: torch.Tensor | None = None
+             ) -> torch.Tensor:
+    """Rows of x [..., n] scaled to unit RMS (+eps) times w [n], on the pool -> [..., n]."""
+    m = _mod if _threads_set else _lib()
+    x = _float_tensor("x", x, "[..., n]")
+    w = _float_tensor("w", w, "[n]")
+    n = x.shape[-1]
+    y = _out_buffer(out, tuple(x.shape))
+    m.rms_norm(x.numpy().reshape(-1), w.numpy(), x.numel() // n, n, float(eps),
+               y.numpy().reshape(-1))
+    return y
+
+
+def matmul(w, ggml_type: int, n_rows: int, n_cols: int, x: torch.Tensor,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., n_cols] float32 @ W.T -> [..., n_rows] float32; W is n_rows rows of ggml_type blocks.
+    out: an optional [T, n_rows] float32 tensor to write into (T = rows of x)."""
     m = _mod if _threads_set else _lib()
     n_rows, n_cols = _positive("n_rows", n_rows), _positive("n_cols", n_cols)
     w = _weight_buffer("w", w, n_rows * row_bytes(ggml_type, n_cols))
@@ -175,32 +200,34 @@ def matmul(w, ggml_type: int, n_rows: int, n_cols: int, x: torch.Tensor) -> torc
     if len(shape) < 1 or shape[-1] != n_cols:
         raise ValueError(f"x has shape {tuple(shape)}, expected [..., n_cols={n_cols}]")
     T = x.numel() // n_cols
-    out = np.empty((T, n_rows), dtype=np.float32)
+    y = _out_buffer(out, (T, n_rows))
     if T:
-        m.matmul(w, ggml_type, n_rows, n_cols, x.numpy(), T, out)
-    y = torch.from_numpy(out)
+        m.matmul(w, ggml_type, n_rows, n_cols, x.numpy(), T, y.numpy())
     return y if len(shape) == 2 else y.reshape(*shape[:-1], n_rows)
 
 
-def matmul_multi(mats, n_cols: int, x: torch.Tensor) -> list[torch.Tensor]:
+def matmul_multi(mats, n_cols: int, x: torch.Tensor, outs=None) -> list[torch.Tensor]:
     """[x @ W_i.T for each (W_i, ggml_type_i, n_rows_i) in mats] in one pool job: x [T, n_cols] is
-    quantized once per activation format and all matrices' rows are shared out together."""
+    quantized once per activation format and all matrices' rows are shared out together.
+    outs: optional [T, n_rows_i] float32 tensors to write into."""
     m = _mod if _threads_set else _lib()
     n_cols = _positive("n_cols", n_cols)
     x = _float_tensor("x", x, f"[T, {n_cols}]")
     if x.dim() != 2 or x.shape[1] != n_cols:
         raise ValueError(f"x has shape {tuple(x.shape)}, expected [T, n_cols={n_cols}]")
     T = x.shape[0]
+    given = outs
     ws, types, rows, outs = [], [], [], []
-    for w, t, r in mats:
+    for i, (w, t, r) in enumerate(mats):
         r = _positive("n_rows", r)
         ws.append(_weight_buffer("w", w, r * row_bytes(t, n_cols)))
         types.append(int(t))
         rows.append(r)
-        outs.append(np.empty((T, r), dtype=np.float32))
+        outs.append(_out_buffer(None if given is None else given[i], (T, r)))
     if T:
-        m.matmul_multi(tuple(ws), tuple(types), tuple(rows), n_cols, x.numpy(), T, tuple(outs))
-    return [torch.from_numpy(o) for o in outs]
+        m.matmul_multi(tuple(ws), tuple(types), tuple(rows), n_cols, x.numpy(), T,
+                       tuple(o.numpy() for o in outs))
+    return outs
 
 
 def _span_view(name: str, t: torch.Tensor) -> tuple[np.ndarray, int, int]:
@@ -240,6 +267,33 @@ def attn_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float)
     return torch.from_numpy(out)
 
 
+def attn_prep(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+              v_cache: torch.Tensor, pos0: int, *, q_norm=None, k_norm=None, qk_norm: int = 0,
+              cos=None, sin=None, n_rot: int = 0, neox: bool = False, eps: float = 1e-6,
+              biases=(None, None, None)) -> None:
+    """Attention inputs of T tokens at positions pos0..: q [T, H, Dh], k and v [T, Hkv, Dh]
+    float32 get their biases, q/k RMSNorms (qk_norm 1: per head with [Dh] weights, 2: over all
+    heads) and RoPE (cos/sin [n_ctx, n_rot/2], NEOX or adjacent pairs) in place, and k and v are
+    written to the cache rows pos0.. of k_cache / v_cache [n_ctx, Hkv, Dh]. Sizes are checked in
+    C++ against the buffers."""
+    m = _mod if _threads_set else _lib()
+    T, H, Dh = q.shape
+    Hkv = k.shape[1]
+    if tuple(k.shape) != (T, Hkv, Dh) or tuple(v.shape) != (T, Hkv, Dh):
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: expected "
+                         f"[T, H, Dh] and [T, Hkv, Dh] twice")
+
+    def buf(name, t):
+        if t is None:
+            return None
+        t = _float_tensor(name, t, "")
+        return t.numpy()
+    m.attn_prep(buf("q", q), buf("k", k), buf("v", v), *(buf("bias", b) for b in biases),
+                buf("q_norm", q_norm), buf("k_norm", k_norm), buf("cos", cos), buf("sin", sin),
+                buf("k_cache", k_cache), buf("v_cache", v_cache), T, H, Hkv, Dh, int(n_rot),
+                int(bool(neox)), int(qk_norm), int(pos0), float(eps))
+
+
 class Handle:
     """A fused MoE FFN running on the thread pool; wait() returns its output [T, D]."""
 
@@ -257,7 +311,7 @@ class Handle:
 
 
 def moe_ffn_submit(x, ids, weights, gate, up, down, *, gate_type, up_type, down_type, n_expert, d_model,
-                   d_ff) -> Handle:
+                   d_ff, out: torch.Tensor | None = None) -> Handle:
     """Start out[t] = sum_j weights[t, j] * down_e(silu(gate_e(x[t])) * up_e(x[t])), e = ids[t, j].
 
     x [T, D] float32; ids [T, k] int32 (int64 accepted); weights [T, k] float32; gate, up [E, F, D] and
@@ -291,17 +345,18 @@ def moe_ffn_submit(x, ids, weights, gate, up, down, *, gate_type, up_type, down_
         raise ValueError(f"weights must be floating point, got {weights.dtype}")
     if weights.dtype != torch.float32 or not weights.is_cpu or not weights.is_contiguous():
         weights = weights.detach().to(device="cpu", dtype=torch.float32).contiguous()
-    out = np.empty((T, D), dtype=np.float32)
-    h = m.moe_submit(x.numpy(), ids.detach().numpy(), weights.detach().numpy(), gate, up, down, out, T, k, E, D, F,
-                     gate_type, up_type, down_type)
-    return Handle(h, torch.from_numpy(out), (x, ids, weights, gate, up, down))
+    y = _out_buffer(out, (T, D))
+    h = m.moe_submit(x.numpy(), ids.detach().numpy(), weights.detach().numpy(), gate, up, down, y.numpy(), T, k, E,
+                     D, F, gate_type, up_type, down_type)
+    return Handle(h, y, (x, ids, weights, gate, up, down))
 
 
 def moe_ffn(x, ids, weights, gate, up, down, *, gate_type, up_type, down_type, n_expert, d_model,
-            d_ff) -> torch.Tensor:
+            d_ff, out: torch.Tensor | None = None) -> torch.Tensor:
     """Fused MoE FFN, synchronous; see moe_ffn_submit."""
     return moe_ffn_submit(x, ids, weights, gate, up, down, gate_type=gate_type, up_type=up_type,
-                          down_type=down_type, n_expert=n_expert, d_model=d_model, d_ff=d_ff).wait()
+                          down_type=down_type, n_expert=n_expert, d_model=d_model, d_ff=d_ff,
+                          out=out).wait()
 
 
 def quantize_act(x: torch.Tensor, ggml_type: int) -> np.ndarray:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from ..models.base import ROPE_NEOX, ROPE_NORM, ModelConfig
 from ..runtime.kv_cache import LayerCache
+from ..runtime.workspace import Workspace
 from .linear import QuantLinear, apply_group
 from .sparse_attn import SparseAttnConfig
 from .sparse_attn import cpu as sparse_cpu
@@ -37,6 +38,7 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
 
 
 CPP_DECODE_ATTENTION = True
+CPP_ATTN_PREP = True      # q/k norms, RoPE and the cache write through cpu_backend.attn_prep
 _CPU_ATTN: list[bool] = []
 
 
@@ -79,6 +81,9 @@ class Rope:
         return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
 
 
+_QK_KIND = {None: 0, "head": 1, "full": 2}
+
+
 class Attention:
     """Multi-head / grouped-query attention with optional q/k norms and q/k/v biases."""
 
@@ -91,23 +96,52 @@ class Attention:
         self.rope = rope
         self.scale = cfg.head_dim ** -0.5
         self.nsa: sparse_cpu.NSAWeights | None = None    # learned sparse-attention weights
+        self._cpp_prep: bool | None = None
+
+    def _prep_in_cpp(self, q: torch.Tensor, cache: LayerCache) -> bool:
+        """Whether the C++ pass can prepare this call's q/k/v: CPU float32 tensors, a float32
+        cache and the kernels built (decided once per layer)."""
+        if self._cpp_prep is None:
+            self._cpp_prep = (CPP_ATTN_PREP and _cpu_attention()
+                              and self.cfg.qk_norm in _QK_KIND
+                              and cache.k.dtype == torch.float32 and cache.k.is_cpu
+                              and self.rope.cos.is_cpu)
+        return self._cpp_prep and q.is_cpu and q.dtype == torch.float32
 
     def __call__(self, x: torch.Tensor, pos0: int, cache: LayerCache,
-                 sparse: SparseAttnConfig | None = None) -> torch.Tensor:
+                 sparse: SparseAttnConfig | None = None, ws: Workspace | None = None
+                 ) -> torch.Tensor:
+        """ws: scratch for the large intermediates; with it the result may be written over x
+        (the caller's normed input, spent by then)."""
         cfg = self.cfg
         T = x.shape[0]
-        q, k, v = apply_group([self.q, self.k, self.v], x)     # [T, H*Dh], [T, Hkv*Dh] x2
-        if cfg.qk_norm == "full":
-            q = rms_norm(q, self.q_norm, cfg.rms_eps)
-            k = rms_norm(k, self.k_norm, cfg.rms_eps)
+        outs = None
+        if ws is not None and self._prep_in_cpp(x, cache):
+            cache.reserve(pos0, T)               # k and v go straight into their cache rows
+            outs = (ws.get("q", T, cfg.n_head * cfg.head_dim),
+                    cache.k[pos0:pos0 + T].view(T, -1), cache.v[pos0:pos0 + T].view(T, -1))
+        q, k, v = apply_group([self.q, self.k, self.v], x, outs)  # [T, H*Dh], [T, Hkv*Dh] x2
         q = q.view(T, cfg.n_head, cfg.head_dim)
         k = k.view(T, cfg.n_head_kv, cfg.head_dim)
         v = v.view(T, cfg.n_head_kv, cfg.head_dim)
-        if cfg.qk_norm == "head":
-            q = rms_norm(q, self.q_norm, cfg.rms_eps)
-            k = rms_norm(k, self.k_norm, cfg.rms_eps)
-        q, k = self.rope(q, pos0), self.rope(k, pos0)
-        keys, values = cache.append(k, v, pos0)                 # [L, Hkv, Dh] each
+        if self._prep_in_cpp(q, cache):
+            # norms, RoPE and the cache write in one C++ pass over the tokens (in place)
+            cache.reserve(pos0, T)
+            from .. import cpu_backend
+            cpu_backend.attn_prep(q, k, v, cache.k, cache.v, pos0, q_norm=self.q_norm,
+                                  k_norm=self.k_norm, qk_norm=_QK_KIND[cfg.qk_norm],
+                                  cos=self.rope.cos, sin=self.rope.sin, n_rot=self.rope.n_rot,
+                                  neox=self.rope.kind == ROPE_NEOX, eps=cfg.rms_eps)
+            keys, values = cache.commit(pos0 + T)
+        else:
+            if cfg.qk_norm == "full":
+                q = rms_norm(q.reshape(T, -1), self.q_norm, cfg.rms_eps).view(q.shape)
+                k = rms_norm(k.reshape(T, -1), self.k_norm, cfg.rms_eps).view(k.shape)
+            elif cfg.qk_norm == "head":
+                q = rms_norm(q, self.q_norm, cfg.rms_eps)
+                k = rms_norm(k, self.k_norm, cfg.rms_eps)
+            q, k = self.rope(q, pos0), self.rope(k, pos0)
+            keys, values = cache.append(k, v, pos0)             # [L, Hkv, Dh] each
         L = keys.shape[0]
         if cache.sparse is not None:            # rewritten positions void their compressed blocks
             cache.sparse.truncate(pos0)
@@ -127,6 +161,12 @@ class Attention:
         out = F.scaled_dot_product_attention(qh[None], kh[None], vh[None], attn_mask=mask,
                                              scale=self.scale,
                                              enable_gqa=cfg.n_head != cfg.n_head_kv)[0]
+        if ws is not None and not n_sparse:
+            # q is spent: its buffer takes the rows; the layer input x is spent too: its buffer
+            # takes the output
+            rows = ws.get("q", T, cfg.n_head, cfg.head_dim).copy_(out.transpose(0, 1))
+            del out
+            return self.o(rows.view(T, -1), out=x if x.is_contiguous() else None)
         out = out.transpose(0, 1).reshape(T, cfg.n_head * cfg.head_dim)
         if n_sparse:                                 # the prompt's last row: a decode step
             out[-n_sparse:] = sparse_cpu.attend(q[-n_sparse:], keys, values, pos0 + T - n_sparse,

@@ -66,10 +66,10 @@ class CpuKernelMethod:
     def process_weights_after_loading(self, layer: "QuantLinear") -> None:
         pass
 
-    def apply(self, layer: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
+    def apply(self, layer: "QuantLinear", x: torch.Tensor, out=None) -> torch.Tensor:
         kernel = quant.QUANT_TYPES[layer.ggml_type].cpu_kernel
         return kernel.matmul(layer.raw, layer.ggml_type, layer.n_out, layer.n_in,
-                                  x.float().contiguous())
+                             x.float().contiguous(), out=out)
 
 
 def register_cpu_kernels() -> None:
@@ -121,8 +121,13 @@ class QuantLinear:
         self.method = select_method(t.ggml_type, tier, device, options)
         self.method.process_weights_after_loading(self)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, n_in] -> [T, n_out]
-        y = self.method.apply(self, x)
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x [T, n_in] -> [T, n_out]; out: a [T, n_out] float32 tensor the C++ kernels may write
+        into (a hint: other methods, and a bias, return a new tensor)."""
+        if out is not None and isinstance(self.method, CpuKernelMethod) and x.dim() == 2:
+            y = self.method.apply(self, x, out=out)
+        else:
+            y = self.method.apply(self, x)
         if self.bias is not None:
             y = y + self.bias
         return y
@@ -132,13 +137,14 @@ class QuantLinear:
                 f"[{self.n_out}, {self.n_in}], {self.tier.value}, {self.method.name})")
 
 
-def apply_group(layers: "list[QuantLinear]", x: torch.Tensor) -> list[torch.Tensor]:
-    """[layer(x) for layer in layers]; layers on the C++ kernels share one job (x quantized once)."""
+def apply_group(layers: "list[QuantLinear]", x: torch.Tensor, outs=None) -> list[torch.Tensor]:
+    """[layer(x) for layer in layers]; layers on the C++ kernels share one job (x quantized once).
+    outs: optional [T, n_out] float32 tensors for the C++ kernels to write into (a hint)."""
     if len(layers) > 1 and all(isinstance(l.method, CpuKernelMethod) for l in layers) \
             and len({l.n_in for l in layers}) == 1 and len(layers) <= 4:
         kernel = quant.QUANT_TYPES[layers[0].ggml_type].cpu_kernel
         ys = kernel.matmul_multi([(l.raw, l.ggml_type, l.n_out) for l in layers], layers[0].n_in,
-                                 x.float().contiguous())
+                                 x.float().contiguous(), outs=outs)
         return [y if l.bias is None else y + l.bias for l, y in zip(layers, ys)]
     return [l(x) for l in layers]
 

@@ -142,8 +142,9 @@ class MLAttention:
         return out.transpose(0, 1)                                     # [T, H, Dv]
 
     def __call__(self, x: torch.Tensor, pos0: int, cache: LatentLayerCache,
-                 absorbed: bool | None = None, sparse: SparseAttnConfig | None = None
-                 ) -> torch.Tensor:
+                 absorbed: bool | None = None, sparse: SparseAttnConfig | None = None,
+                 ws=None) -> torch.Tensor:
+        """ws (the decoder's scratch) is not used here: MLA's intermediates are small."""
         T = x.shape[0]
         q_nope, q_pe, new = self.project(x, pos0)
         latent = cache.append(new, pos0)                               # [L, C+R]

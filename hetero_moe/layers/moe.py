@@ -26,9 +26,15 @@ class DenseFFN:
     def __init__(self, gate: QuantLinear, up: QuantLinear, down: QuantLinear):
         self.gate, self.up, self.down = gate, up, down
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:       # [T, D] -> [T, D]
-        g, u = apply_group([self.gate, self.up], x)
-        return self.down(F.silu(g) * u)
+    def __call__(self, x: torch.Tensor, ws=None) -> torch.Tensor:   # [T, D] -> [T, D]
+        """ws: scratch for the large intermediates (the result may be in ws "q" then)."""
+        if ws is None:
+            g, u = apply_group([self.gate, self.up], x)
+            return self.down(F.silu(g) * u)
+        T, Fd = x.shape[0], self.gate.n_out
+        g, u = apply_group([self.gate, self.up], x, (ws.get("g", T, Fd), ws.get("u", T, Fd)))
+        h = F.silu(g, inplace=True).mul_(u)
+        return self.down(h, out=ws.get("q", T, self.down.n_out))   # q: spent by now
 
 
 def group_limited(scores: torch.Tensor, n_group: int, n_used: int) -> torch.Tensor:
@@ -135,7 +141,8 @@ class MoE:
             start += n
         return out
 
-    def experts_kernel(self, x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def experts_kernel(self, x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
         c = self.cfg
         kernel = quant.QUANT_TYPES[self.gate.ggml_type].cpu_kernel
         return kernel.moe_ffn(
@@ -143,12 +150,14 @@ class MoE:
             self.gate.raw, self.up.raw, self.down.raw,
             gate_type=self.gate.ggml_type, up_type=self.up.ggml_type,
             down_type=self.down.ggml_type, n_expert=c.n_expert, d_model=c.n_embd,
-            d_ff=c.n_ff_exp)
+            d_ff=c.n_ff_exp, out=out)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:       # [T, D] -> [T, D]
+    def __call__(self, x: torch.Tensor, ws=None) -> torch.Tensor:   # [T, D] -> [T, D]
+        """ws: scratch for the large intermediates (the result may be in ws "q" then)."""
         w, ids = self.route(x)
         if self.use_kernel:
-            out = self.experts_kernel(x, w, ids)
+            out = self.experts_kernel(x, w, ids, None if ws is None   # q: spent by now
+                                      else ws.get("q", x.shape[0], self.cfg.n_embd))
         else:
             out = self.experts_torch(x, w, ids)
         if self.shared is not None:

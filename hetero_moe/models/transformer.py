@@ -18,6 +18,7 @@ from ..layers.sparse_attn import SparseAttnConfig
 from ..layers.sparse_attn.cpu import load_nsa_weights
 from ..runtime.kv_cache import KVCache, LatentKVCache
 from ..runtime.placement import PlacementPlan
+from ..runtime.workspace import Workspace
 from .base import ModelConfig
 
 # tensors llama.cpp may carry that never change the output
@@ -84,6 +85,8 @@ class Transformer:
         self.nsa_missing: str | None = None          # first absent NSA tensor, if any
         self.torch_threads = torch.get_num_threads()
         self.fused = None                            # whole-model C++ decode step: None = not built
+        self.ws = Workspace()                        # prompts' reused intermediates
+        self._cpu_ok: bool | None = None
         self.fused_reason: str | None = None         # why it could not be built
         ts = _Tensors(g)
         dev = plan.device_of
@@ -164,6 +167,17 @@ class Transformer:
             self.cache = KVCache(cfg.n_layer, n_ctx, cfg.n_head_kv, cfg.head_dim,
                                  dev(plan.tier_of("kv")))
 
+    def _cpu_norm(self) -> bool:
+        """Whether the residual stream is on the CPU with the C++ kernels built (norms and
+        scratch buffers then go through them)."""
+        if self._cpu_ok is None:
+            from .. import cpu_backend
+            self._cpu_ok = (cpu_backend.available() and self.embed.device == "cpu"
+                            and self.out_norm.is_cpu
+                            and all(b.attn_norm.is_cpu and b.ffn_norm.is_cpu
+                                    for b in self.blocks))
+        return self._cpu_ok
+
     def _fused_ready(self) -> bool:
         """Whether this decode step can take the whole-model C++ step (built on first use)."""
         if self.fused is None:
@@ -232,10 +246,21 @@ class Transformer:
         if ids.shape[0] == 1 and not sp.sparse_rows(1, pos0 + 1) and self._fused_ready():
             return self._fused_step(ids, pos0)
         x = self.embed(ids)                                     # [T, D]
-        for i, b in enumerate(self.blocks):
-            x = x + b.attn(rms_norm(x, b.attn_norm, cfg.rms_eps), pos0, self.cache.layers[i],
-                           **attn_kw)
-            x = x + b.ffn(rms_norm(x, b.ffn_norm, cfg.rms_eps))
+        ws = self.ws if ids.shape[0] > SMALL_BATCH and self._cpu_norm() else None
+        if ws is None:
+            for i, b in enumerate(self.blocks):
+                x = x + b.attn(rms_norm(x, b.attn_norm, cfg.rms_eps), pos0, self.cache.layers[i],
+                               **attn_kw)
+                x = x + b.ffn(rms_norm(x, b.ffn_norm, cfg.rms_eps))
+        else:      # prompts: large intermediates in reused buffers, residual sums in place
+            from .. import cpu_backend
+            T, D = x.shape
+            x = x.float().contiguous()
+            for i, b in enumerate(self.blocks):
+                xn = cpu_backend.rms_norm(x, b.attn_norm, cfg.rms_eps, out=ws.get("xn", T, D))
+                x.add_(b.attn(xn, pos0, self.cache.layers[i], ws=ws, **attn_kw))
+                xn = cpu_backend.rms_norm(x, b.ffn_norm, cfg.rms_eps, out=ws.get("xn", T, D))
+                x.add_(b.ffn(xn, ws=ws))
         if not all_logits:
             x = x[-1:]
         self.cache.pos = pos0 + ids.shape[0]

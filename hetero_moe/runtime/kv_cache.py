@@ -31,6 +31,19 @@ class LayerCache:
         self.length = pos0 + T
         return self.k[:self.length], self.v[:self.length]
 
+    def reserve(self, pos0: int, T: int) -> None:
+        """The checks append() makes, for a caller that writes rows pos0..pos0+T-1 itself."""
+        if pos0 + T > self.n_ctx:
+            raise ContextLengthError(f"position {pos0 + T} exceeds the context length "
+                                     f"{self.n_ctx}")
+        if pos0 > self.length:
+            raise ValueError(f"cache holds {self.length} positions; cannot write at {pos0}")
+
+    def commit(self, length: int):
+        """After the caller wrote rows up to `length`: all keys/values up to it."""
+        self.length = length
+        return self.k[:length], self.v[:length]
+
 
 class KVCache:
     """All layers' caches plus the shared position counter."""

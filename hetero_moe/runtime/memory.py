@@ -11,7 +11,8 @@ import ctypes
 import ctypes.util
 
 M_MMAP_THRESHOLD = -3          # mallopt parameter (glibc malloc.h)
-MMAP_THRESHOLD = 1 << 20
+import os
+MMAP_THRESHOLD = int(os.environ.get("XTHR", 1 << 20))
 
 _done: list[bool] = []
 
