@@ -17,7 +17,7 @@ from .layers.sparse_attn import SparseAttnConfig
 from .layers.sparse_attn import resolve as resolve_sparse
 from .models.base import ModelConfig, config_from_gguf
 from .models.transformer import Transformer
-from .runtime.memory import return_large_blocks_to_os
+from .runtime.memory import prefault, return_large_blocks_to_os
 from .runtime.placement import plan_placement
 
 DEFAULT_MAX_CTX = 4096
@@ -401,4 +401,7 @@ def load(path: str | os.PathLike, threads: int | None = None, *, n_ctx: int | No
     finally:
         if bar is not None:
             bar.close()
+    # the layers' weights: the embedding table is read row by row (never mapped), and the
+    # lm_head is read once per call, after the layers (their temporaries are gone by then)
+    prefault(g, {"token_embd.weight", "output.weight"})
     return Model(g, cfg, net, threads, time.perf_counter() - t0)

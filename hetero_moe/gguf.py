@@ -240,6 +240,14 @@ class _GGUFPart:
                     f"end of the file ({size} bytes); the file is truncated or corrupt")
             view = np.frombuffer(self.mm, dtype=np.uint8, count=nbytes, offset=start)
             self.tensors[name] = TensorInfo(name, ne, ttype, tname, start, nbytes, self.path, view)
+        # the header (metadata, vocabulary) is parsed: let its pages go from this process
+        # (they stay in the page cache); tensor data starts at data_start or later
+        header = data_start // mmap.PAGESIZE * mmap.PAGESIZE
+        if header and hasattr(mmap, "MADV_DONTNEED"):
+            try:
+                self.mm.madvise(mmap.MADV_DONTNEED, 0, header)
+            except (OSError, ValueError):
+                pass
 
 
 class GGUFFile:

@@ -38,7 +38,8 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
 
 
 CPP_DECODE_ATTENTION = True
-CPP_ATTN_PREP = True      # q/k norms, RoPE and the cache write through cpu_backend.attn_prep
+CPP_ATTN_PREP = True
+SDPA_CHUNK_BYTES = 2 << 20    # prompts: attention output per SDPA call (see Attention.__call__)      # q/k norms, RoPE and the cache write through cpu_backend.attn_prep
 _CPU_ATTN: list[bool] = []
 
 
@@ -157,16 +158,27 @@ class Attention:
         j = torch.arange(L, device=x.device)
         i = torch.arange(pos0, pos0 + T, device=x.device)
         mask = j[None, :] <= i[:, None]                         # [T, L] causal
+        if ws is not None and not n_sparse:
+            # a few KV heads' query groups at a time (each call's output ~2 MiB, not one as large
+            # as q: it was the prompt's peak of memory), each written over its spent q rows
+            rows = ws.get("q", T, cfg.n_head, cfg.head_dim)
+            Hkv, G = cfg.n_head_kv, cfg.n_head // cfg.n_head_kv
+            n_grp = min(Hkv, max(1, rows.numel() * 4 // SDPA_CHUNK_BYTES))
+            while Hkv % n_grp:
+                n_grp -= 1
+            per = Hkv // n_grp
+            for j in range(0, Hkv, per):
+                o = F.scaled_dot_product_attention(
+                    qh[None, j * G:(j + per) * G], kh[None, j:j + per], vh[None, j:j + per],
+                    attn_mask=mask, scale=self.scale, enable_gqa=G > 1)[0]
+                rows[:, j * G:(j + per) * G].copy_(o.transpose(0, 1))
+                del o
+            # the layer input x is spent too: its buffer takes the output
+            return self.o(rows.view(T, -1), out=x if x.is_contiguous() else None)
         # a batch dimension lets torch pick its fused CPU kernel (2-3x faster than 3-D inputs)
         out = F.scaled_dot_product_attention(qh[None], kh[None], vh[None], attn_mask=mask,
                                              scale=self.scale,
                                              enable_gqa=cfg.n_head != cfg.n_head_kv)[0]
-        if ws is not None and not n_sparse:
-            # q is spent: its buffer takes the rows; the layer input x is spent too: its buffer
-            # takes the output
-            rows = ws.get("q", T, cfg.n_head, cfg.head_dim).copy_(out.transpose(0, 1))
-            del out
-            return self.o(rows.view(T, -1), out=x if x.is_contiguous() else None)
         out = out.transpose(0, 1).reshape(T, cfg.n_head * cfg.head_dim)
         if n_sparse:                                 # the prompt's last row: a decode step
             out[-n_sparse:] = sparse_cpu.attend(q[-n_sparse:], keys, values, pos0 + T - n_sparse,

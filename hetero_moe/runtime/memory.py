@@ -1,4 +1,4 @@
-"""Process memory policy.
+"""Process memory policy: malloc's mmap threshold, and prefaulting the weights' page tables.
 
 Prefill makes many short-lived tensors of a few MiB. glibc's malloc raises its mmap threshold
 after such blocks are freed and then serves them from the heap, which keeps the freed memory
@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import mmap
+import os
 
 M_MMAP_THRESHOLD = -3          # mallopt parameter (glibc malloc.h)
-import os
-MMAP_THRESHOLD = int(os.environ.get("XTHR", 1 << 20))
+MMAP_THRESHOLD = 1 << 20
 
 _done: list[bool] = []
 
@@ -30,3 +31,60 @@ def return_large_blocks_to_os() -> bool:
         ok = False
     _done.append(ok)
     return ok
+
+
+MADV_POPULATE_READ = 22        # Linux 5.14+: fill page tables for a range, reading it if needed
+PREFAULT_MAX_FRACTION = 0.5    # only for weights below this share of the machine's RAM
+
+
+def _mem_total() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def prefault(g, skip: set[str] = frozenset()) -> int:
+    """Map every page of the model's tensors (but those in `skip`) into the process at load, so
+    the first prompt does not take a page fault per 64 KiB of weights (~10% of a cold 512-token
+    prompt on a 1.5 GiB model). Only when the weights fit comfortably in RAM (a model larger
+    than that streams through the page cache instead), on Linux 5.14+, and unless
+    HETERO_MOE_PREFAULT=0. Returns the bytes prefaulted."""
+    if os.environ.get("HETERO_MOE_PREFAULT", "1") == "0":
+        return 0
+    ranges: dict[int, list[tuple[int, int]]] = {}
+    parts = {id(p.mm): p.mm for p in getattr(g, "_parts", [])}
+    by_path = {p.path: p.mm for p in getattr(g, "_parts", [])}
+    total = 0
+    for t in g.tensors.values():
+        mm = by_path.get(t.path)
+        if t.name in skip or mm is None or t.nbytes == 0:
+            continue
+        ranges.setdefault(id(mm), []).append((t.offset, t.offset + t.nbytes))
+        total += t.nbytes
+    mem = _mem_total()
+    if not mem or total > PREFAULT_MAX_FRACTION * mem:
+        return 0
+    page = mmap.PAGESIZE
+    done = 0
+    for key, rs in ranges.items():
+        mm = parts[key]
+        rs.sort()
+        merged: list[list[int]] = []
+        for a, b in rs:
+            a = a // page * page
+            if merged and a <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], b)
+            else:
+                merged.append([a, b])
+        for a, b in merged:
+            try:
+                mm.madvise(MADV_POPULATE_READ, a, min(b, len(mm)) - a)
+            except (OSError, ValueError):
+                return done                    # an older kernel: leave it to page faults
+            done += b - a
+    return done
