@@ -187,6 +187,24 @@ PyObject* py_attn_decode(PyObject*, PyObject* args) {
     Py_END_ALLOW_THREADS Py_RETURN_NONE;
 }
 
+// attn_prefill(q, k, v, out, T, pos0, H, Hkv, dk, dv, qs, os, ks, khs, vs, vhs, scale): see ops.h
+PyObject* py_attn_prefill(PyObject*, PyObject* args) {
+    PyObject *qo, *ko, *vo, *oo;
+    AttnPrefillArgs a{};
+    if (!PyArg_ParseTuple(args, "OOOOiiiiiiLLLLLLf", &qo, &ko, &vo, &oo, &a.T, &a.pos0, &a.H, &a.Hkv, &a.dk, &a.dv,
+                          &a.qs, &a.os, &a.ks, &a.khs, &a.vs, &a.vhs, &a.scale))
+        return nullptr;
+    const bool same = qo == oo;
+    Buf q, k, v, o;
+    if (!q.get(qo, "q", same) || !k.get(ko, "k", false) || !v.get(vo, "v", false)) return nullptr;
+    if (!same && !o.get(oo, "out", true)) return nullptr;
+    const Buf& ob = same ? q : o;
+    a.q = q.ptr<float>(), a.k = k.ptr<float>(), a.v = v.ptr<float>(), a.out = ob.ptr<float>();
+    if (set_error(check_attn_prefill(a, q.len(), k.len(), v.len(), ob.len()))) return nullptr;
+    Py_BEGIN_ALLOW_THREADS attn_prefill(a);
+    Py_END_ALLOW_THREADS Py_RETURN_NONE;
+}
+
 // ---- MoE handle: keeps the buffers alive until the op finished ----
 struct MoeHandle {
     PyObject_HEAD MoeJob* job;
@@ -402,6 +420,7 @@ PyMethodDef methods[] = {
     {"matmul", py_matmul, METH_VARARGS, "out = x @ W^T with W quantized."},
     {"matmul_multi", py_matmul_multi, METH_VARARGS, "Several quantized matmuls of the same x in one job."},
     {"attn_decode", py_attn_decode, METH_VARARGS, "Decode attention over a float32 KV cache."},
+    {"attn_prefill", py_attn_prefill, METH_VARARGS, "Causal prompt attention over a float32 KV cache."},
     {"moe_submit", py_moe_submit, METH_VARARGS, "Start the fused MoE FFN; returns a handle."},
     {"rms_norm", py_rms_norm, METH_VARARGS, "RMSNorm of rows times a weight vector, on the pool."},
     {"attn_prep", py_attn_prep, METH_VARARGS, "Biases, q/k norms, RoPE and the KV-cache write for T tokens."},

@@ -31,6 +31,18 @@ using SiluMulFn = void (*)(const float* g, const float* u, float* h, int n);
 using AttnPartFn = void (*)(const float* q, int G, int dk, int dv, const float* k, size_t ks, const float* v,
                             size_t vs, int n, float scale, float* p, float* m, float* s, float* o);
 
+// Prompt attention of one KV head for nt consecutive tokens at positions p0..p0+nt-1, causal (token t
+// sees keys 0..p0+t): G query heads per token, head g of token t at q + t*qs + g*dk; key l at k + l*ks,
+// value l at v + l*vs; the normalized output of head g of token t goes to o + t*os + g*dv, written
+// after every read of q (o may be q when dv == dk). scratch: attn_prefill_scratch(G * nt, dk, dv) floats.
+using AttnPrefillFn = void (*)(const float* q, size_t qs, int G, int nt, int p0, int dk, int dv, const float* k,
+                               size_t ks, const float* v, size_t vs, float scale, float* o, size_t os,
+                               float* scratch);
+constexpr int ATTN_KEY_BLOCK = 32;
+inline size_t attn_prefill_scratch(int rows, int dk, int dv) {
+    return (size_t)rows * ATTN_KEY_BLOCK + (size_t)rows * dv + 2 * (size_t)rows + (size_t)ATTN_KEY_BLOCK * (dk + dv);
+}
+
 constexpr int MAX_TYPE_ID = 16;
 
 struct KernelSet {
@@ -38,6 +50,7 @@ struct KernelSet {
     QuantRowFn quant[ACT_COUNT];
     SiluMulFn silu_mul;
     AttnPartFn attn_part;
+    AttnPrefillFn attn_prefill;
     GemmFn gemm[MAX_TYPE_ID];  // indexed by ggml type id; nullptr when unsupported
 };
 

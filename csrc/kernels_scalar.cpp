@@ -1,6 +1,7 @@
 // Portable reference kernels: the readable twin of every SIMD kernel, and the fallback on CPUs
 // without AVX2. Integer sums are exact; only the float accumulation order differs from SIMD.
 #include <cmath>
+#include <vector>
 
 #include "kernels.h"
 
@@ -288,6 +289,36 @@ void attn_part(const float* q, int G, int dk, int dv, const float* k, size_t ks,
     }
 }
 
+void attn_prefill(const float* q, size_t qs, int G, int nt, int p0, int dk, int dv, const float* k, size_t ks,
+                  const float* v, size_t vs, float scale, float* o, size_t os, float* scratch) {
+    const int R = G * nt;
+    float* O = scratch;  // [R][dv]: every row before any write, since o may be q
+    std::vector<float> sc;
+    for (int r = 0; r < R; ++r) {
+        const float* qr = q + (size_t)(r / G) * qs + (size_t)(r % G) * dk;
+        const int n = p0 + r / G + 1;
+        float mx = -INFINITY;
+        sc.resize(n);
+        for (int l = 0; l < n; ++l) {
+            float acc = 0.f;
+            for (int j = 0; j < dk; ++j) acc += qr[j] * k[(size_t)l * ks + j];
+            sc[l] = acc * scale;
+            mx = std::fmax(mx, sc[l]);
+        }
+        float z = 0.f;
+        float* orow = O + (size_t)r * dv;
+        for (int c = 0; c < dv; ++c) orow[c] = 0.f;
+        for (int l = 0; l < n; ++l) {
+            const float e = std::exp(sc[l] - mx);
+            z += e;
+            for (int c = 0; c < dv; ++c) orow[c] += e * v[(size_t)l * vs + c];
+        }
+        for (int c = 0; c < dv; ++c) orow[c] /= z;
+    }
+    for (int r = 0; r < R; ++r)
+        for (int c = 0; c < dv; ++c) o[(size_t)(r / G) * os + (size_t)(r % G) * dv + c] = O[(size_t)r * dv + c];
+}
+
 KernelSet make_scalar() {
     KernelSet k{};
     k.name = "scalar";
@@ -296,6 +327,7 @@ KernelSet make_scalar() {
     k.quant[ACT_Q8_K] = quant_q8_K;
     k.silu_mul = silu_mul;
     k.attn_part = attn_part;
+    k.attn_prefill = attn_prefill;
     k.gemm[T_Q4_0] = gemm<dot_q4_0, QK32, BlockQ8_0>;
     k.gemm[T_Q4_1] = gemm<dot_q4_1, QK32, BlockQ8_1>;
     k.gemm[T_Q5_0] = gemm<dot_q5_0, QK32, BlockQ8_0>;

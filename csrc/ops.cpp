@@ -290,6 +290,63 @@ void attn_decode(const AttnArgs& a) {
     pool.run(&job);
 }
 
+// ================================================================ prompt attention
+
+std::string check_attn_prefill(const AttnPrefillArgs& a, size_t q_len, size_t k_len, size_t v_len, size_t out_len) {
+    if (a.H <= 0 || a.Hkv <= 0 || a.H % a.Hkv) return fmt("n_head=%lld must be a positive multiple of n_head_kv=%lld", a.H, a.Hkv);
+    if (a.dk <= 0 || a.dv <= 0 || a.dk > 65536 || a.dv > 65536) return fmt("dk=%lld, dv=%lld must be in [1, 65536]", a.dk, a.dv);
+    if (a.T <= 0 || a.pos0 < 0 || (long long)a.pos0 + a.T > (1LL << 30)) return fmt("T=%lld, pos0=%lld out of range", a.T, a.pos0);
+    if (a.qs < (long long)a.H * a.dk || a.os < (long long)a.H * a.dv) return "q/out token strides are smaller than a token's heads";
+    if (a.ks < 0 || a.khs < 0 || a.vs < 0 || a.vhs < 0) return "strides must not be negative";
+    if ((long long)q_len < ((a.T - 1LL) * a.qs + (long long)a.H * a.dk) * 4) return fmt("q has %lld bytes: too few for T=%lld", (long long)q_len, a.T);
+    if ((long long)out_len < ((a.T - 1LL) * a.os + (long long)a.H * a.dv) * 4) return fmt("out has %lld bytes: too few for T=%lld", (long long)out_len, a.T);
+    const long long L = (long long)a.pos0 + a.T;
+    const long long kend = (L - 1) * a.ks + (a.Hkv - 1LL) * a.khs + a.dk;
+    const long long vend = (L - 1) * a.vs + (a.Hkv - 1LL) * a.vhs + a.dv;
+    if (kend * 4 > (long long)k_len) return fmt("k has %lld floats, the shape and strides reach %lld", (long long)k_len / 4, kend);
+    if (vend * 4 > (long long)v_len) return fmt("v has %lld floats, the shape and strides reach %lld", (long long)v_len / 4, vend);
+    if (a.out != a.q && a.out < a.q + (a.T - 1LL) * a.qs + (long long)a.H * a.dk && a.q < a.out + (a.T - 1LL) * a.os + (long long)a.H * a.dv)
+        return "out overlaps q without being q";
+    if (a.out == a.q && (a.dv != a.dk || a.os != a.qs)) return "out may be q only with dv == dk and equal strides";
+    return "";
+}
+
+namespace {
+
+class AttnPrefillJob : public Job {
+public:
+    void prepare(const AttnPrefillArgs& a) {
+        a_ = a;
+        G_ = a.H / a.Hkv;
+        tb_ = std::max(1, 64 / G_);  // ~64 query rows per task
+        nb_ = ceil_div(a.T, tb_);
+        const int counts[1] = {nb_ * a.Hkv};
+        set_phases(counts, 1);
+    }
+    void run_task(int, int i) override {
+        const AttnPrefillArgs& a = a_;
+        const int h = i % a.Hkv, b = nb_ - 1 - i / a.Hkv;  // the costliest (latest) blocks first
+        const int t0 = b * tb_, nt = std::min(tb_, a.T - t0);
+        float* sc = scratch(attn_prefill_scratch(G_ * nt, a.dk, a.dv));
+        active_kernels()->attn_prefill(a.q + (size_t)t0 * a.qs + (size_t)h * G_ * a.dk, (size_t)a.qs, G_, nt,
+                                       a.pos0 + t0, a.dk, a.dv, a.k + (size_t)h * a.khs, (size_t)a.ks,
+                                       a.v + (size_t)h * a.vhs, (size_t)a.vs, a.scale,
+                                       a.out + (size_t)t0 * a.os + (size_t)h * G_ * a.dv, (size_t)a.os, sc);
+    }
+
+private:
+    AttnPrefillArgs a_{};
+    int G_ = 1, tb_ = 1, nb_ = 1;
+};
+
+}  // namespace
+
+void attn_prefill(const AttnPrefillArgs& a) {
+    thread_local AttnPrefillJob job;
+    job.prepare(a);
+    ThreadPool::instance().run(&job);
+}
+
 // ================================================================ fused MoE FFN
 
 std::string check_moe(const MoeArgs& a, const MoeLens& n) {

@@ -76,6 +76,21 @@ struct AttnArgs {
 std::string check_attn(const AttnArgs& a, size_t q_len, size_t k_len, size_t v_len, size_t out_len);
 void attn_decode(const AttnArgs& a);
 
+// ---- prompt attention over a KV cache (causal), split over (KV head, token block) on the pool ----
+// T queries at positions pos0..pos0+T-1, q [T, H, dk] (token stride qs floats); keys/values as in
+// AttnArgs with L = pos0 + T; out [T, H, dv] (token stride os) may be q itself when dv == dk.
+struct AttnPrefillArgs {
+    const float* q;
+    const float* k;
+    const float* v;
+    float* out;
+    int T, pos0, H, Hkv, dk, dv;
+    long long qs, os, ks, khs, vs, vhs;
+    float scale;
+};
+std::string check_attn_prefill(const AttnPrefillArgs& a, size_t q_len, size_t k_len, size_t v_len, size_t out_len);
+void attn_prefill(const AttnPrefillArgs& a);
+
 class MoeJob;
 MoeJob* moe_submit(const MoeArgs& a);  // starts on the pool, returns at once
 void moe_wait(MoeJob* job);            // helps, waits, recycles the job

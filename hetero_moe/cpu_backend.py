@@ -267,6 +267,32 @@ def attn_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float)
     return torch.from_numpy(out)
 
 
+def attn_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos0: int, scale: float,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of T prompt tokens at positions pos0.. over the cache -> [T, H, dv].
+
+    q [T, H, dk] float32 (contiguous); k [L, Hkv, dk] and v [L, Hkv, dv] float32 cache views
+    (contiguous in the last dimension), L = pos0 + T. out: [T, H, dv] to write into, which may be
+    q itself (when dv == dk): each query block is read in full before its output is written."""
+    m = _mod if _threads_set else _lib()
+    q = _float_tensor("q", q, "[T, H, dk]")
+    if q.dim() != 3:
+        raise ValueError(f"q must be [T, H, dk], got shape {tuple(q.shape)}")
+    T, H, dk = q.shape
+    kb, ks, khs = _span_view("k", k)
+    vb, vs, vhs = _span_view("v", v)
+    L, Hkv = k.shape[0], k.shape[1]
+    if k.shape[2] != dk or v.shape[:2] != k.shape[:2]:
+        raise ValueError(f"k {tuple(k.shape)} / v {tuple(v.shape)} do not match q {tuple(q.shape)}")
+    if L != pos0 + T:
+        raise ValueError(f"the cache holds {L} positions, expected pos0 + T = {pos0 + T}")
+    dv = v.shape[2]
+    y = _out_buffer(out, (T, H, dv))
+    m.attn_prefill(q.numpy(), kb, vb, q.numpy() if y is q else y.numpy(), T, int(pos0), H, Hkv,
+                   dk, dv, H * dk, H * dv, ks, khs, vs, vhs, float(scale))
+    return y
+
+
 def attn_prep(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
               v_cache: torch.Tensor, pos0: int, *, q_norm=None, k_norm=None, qk_norm: int = 0,
               cos=None, sin=None, n_rot: int = 0, neox: bool = False, eps: float = 1e-6,

@@ -520,3 +520,116 @@ def test_attn_decode_bad_inputs():
         cb.attn_decode(torch.randn(4, 64), k.double(), k, 0.1)
     with pytest.raises(ValueError, match="at least one"):
         cb.attn_decode(torch.randn(4, 64), k[:0], k[:0], 0.1)
+
+
+# ---------------------------------------------------------------- prompt attention
+
+def _prefill_reference(q, k, v, pos0, scale):
+    """Causal attention of q [T, H, dk] at positions pos0.. over k/v [pos0+T, Hkv, d], float64."""
+    T, H, _ = q.shape
+    L, Hkv = k.shape[:2]
+    G = H // Hkv
+    kk, vv = k.double().repeat_interleave(G, 1), v.double().repeat_interleave(G, 1)
+    s = torch.einsum("thd,lhd->htl", q.double(), kk) * scale
+    hide = torch.arange(L)[None, :] > (pos0 + torch.arange(T))[:, None]
+    s = s.masked_fill(hide[None], float("-inf"))
+    return torch.einsum("htl,lhd->thd", torch.softmax(s, -1), vv)
+
+
+@needs_ext
+@pytest.mark.parametrize("T,pos0,H,Hkv,dk,dv", [
+    (512, 0, 32, 4, 128, 128), (17, 5, 4, 2, 64, 64), (3, 100, 9, 3, 64, 64), (130, 0, 6, 6, 72, 72),
+    (1, 7, 8, 1, 128, 128), (65, 64, 4, 4, 96, 96), (40, 3, 8, 8, 20, 20), (33, 31, 16, 2, 192, 128)])
+def test_attn_prefill_vs_reference(T, pos0, H, Hkv, dk, dv, variant_scope):
+    """Every variant against float64 causal attention: odd head dims (not multiples of 8 or 16),
+    prompts after a cached prefix, partial key blocks, a lone last row, dv != dk; cache views are
+    prefixes of a longer buffer, and with dv == dk the output may overwrite q."""
+    g = torch.Generator().manual_seed(T * 7 + pos0)
+    L = pos0 + T
+    k = torch.randn(L + 5, Hkv, dk, generator=g)[:L]
+    v = torch.randn(L + 5, Hkv, dv, generator=g)[:L]
+    q = torch.randn(T, H, dk, generator=g)
+    want = _prefill_reference(q, k, v, pos0, dk ** -0.5)
+    for var in _variants():
+        variant_scope(var)
+        got = cb.attn_prefill(q, k, v, pos0, dk ** -0.5)
+        assert got.shape == (T, H, dv)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+        if dv == dk:
+            q2 = q.clone()
+            assert cb.attn_prefill(q2, k, v, pos0, dk ** -0.5, out=q2) is q2
+            torch.testing.assert_close(q2.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@needs_ext
+def test_attn_prefill_bad_inputs():
+    k = torch.randn(10, 2, 64)
+    q = torch.randn(4, 4, 64)
+    with pytest.raises(ValueError, match="pos0 \\+ T"):
+        cb.attn_prefill(q, k, k, 0, 0.1)
+    with pytest.raises(ValueError, match="n_head"):
+        cb.attn_prefill(torch.randn(4, 3, 64), k[:8], k[:8], 4, 0.1)
+    with pytest.raises(ValueError, match="do not match"):
+        cb.attn_prefill(torch.randn(4, 4, 32), k[:8], k[:8], 4, 0.1)
+    with pytest.raises(ValueError, match="out must be"):
+        cb.attn_prefill(q, k[:8], k[:8], 4, 0.1, out=torch.empty(4, 4, 32))
+    with pytest.raises(ValueError, match="float32"):
+        cb.attn_prefill(q, k[:8].double(), k[:8], 4, 0.1)
+
+
+@needs_ext
+@pytest.mark.parametrize("qk_norm", [0, 1, 2])
+@pytest.mark.parametrize("neox", [False, True])
+def test_attn_prep_vs_torch(qk_norm, neox, variant_scope):
+    """Norms, RoPE (partial rotary dims) and the cache write against the per-op torch path."""
+    from hetero_moe.layers.attention import rms_norm
+    T, H, Hkv, Dh, n_rot, pos0, eps = 7, 6, 2, 64, 48, 3, 1e-6
+    g = torch.Generator().manual_seed(qk_norm * 2 + neox)
+    q, k, v = (torch.randn(T, n, Dh, generator=g) for n in (H, Hkv, Hkv))
+    qn = torch.randn(Dh if qk_norm == 1 else H * Dh, generator=g) if qk_norm else None
+    kn = torch.randn(Dh if qk_norm == 1 else Hkv * Dh, generator=g) if qk_norm else None
+    ang = torch.outer(torch.arange(32.0), 10000.0 ** (-torch.arange(0, n_rot, 2.0) / n_rot))
+    cos, sin = ang.cos(), ang.sin()
+
+    def rope(x):
+        rot, rest = x[..., :n_rot], x[..., n_rot:]
+        c, s = cos[pos0:pos0 + T, None], sin[pos0:pos0 + T, None]
+        if neox:
+            a, b = rot[..., :n_rot // 2], rot[..., n_rot // 2:]
+            r = torch.cat((a * c - b * s, a * s + b * c), -1)
+        else:
+            a, b = rot[..., 0::2], rot[..., 1::2]
+            r = torch.stack((a * c - b * s, a * s + b * c), -1).flatten(-2)
+        return torch.cat((r, rest), -1)
+    wq, wk = q.clone(), k.clone()
+    if qk_norm == 1:
+        wq, wk = rms_norm(wq, qn, eps), rms_norm(wk, kn, eps)
+    elif qk_norm == 2:
+        wq = rms_norm(wq.reshape(T, -1), qn, eps).view(T, H, Dh)
+        wk = rms_norm(wk.reshape(T, -1), kn, eps).view(T, Hkv, Dh)
+    wq, wk = rope(wq), rope(wk)
+    kc, vc = torch.zeros(16, Hkv, Dh), torch.zeros(16, Hkv, Dh)
+    cb.attn_prep(q, k, v, kc, vc, pos0, q_norm=qn, k_norm=kn, qk_norm=qk_norm, cos=cos, sin=sin,
+                 n_rot=n_rot, neox=neox, eps=eps)
+    torch.testing.assert_close(q, wq, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kc[pos0:pos0 + T], wk, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(vc[pos0:pos0 + T], v, rtol=0, atol=0)
+    assert not kc[:pos0].any() and not kc[pos0 + T:].any()
+    with pytest.raises(ValueError, match="k_cache"):
+        cb.attn_prep(q, k, v, kc[:9], vc, pos0, cos=cos, sin=sin, n_rot=n_rot)
+    with pytest.raises(ValueError, match="q_norm"):
+        cb.attn_prep(q, k, v, kc, vc, pos0, qk_norm=1, k_norm=torch.ones(Dh), cos=cos, sin=sin,
+                     n_rot=n_rot)
+
+
+@needs_ext
+def test_rms_norm_op():
+    from hetero_moe.layers.attention import rms_norm
+    x, w = torch.randn(37, 300), torch.randn(300)
+    torch.testing.assert_close(cb.rms_norm(x, w, 1e-5), rms_norm(x, w, 1e-5), rtol=1e-5, atol=1e-5)
+    out = torch.empty(37, 300)
+    assert cb.rms_norm(x, w, 1e-5, out=out) is out
+    with pytest.raises(ValueError, match="out must be"):
+        cb.rms_norm(x, w, 1e-5, out=torch.empty(36, 300))
+    with pytest.raises(ValueError, match="rms_norm"):
+        cb.rms_norm(x, torch.randn(299), 1e-5)

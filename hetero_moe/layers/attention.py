@@ -38,8 +38,7 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
 
 
 CPP_DECODE_ATTENTION = True
-CPP_ATTN_PREP = True
-SDPA_CHUNK_BYTES = 2 << 20    # prompts: attention output per SDPA call (see Attention.__call__)      # q/k norms, RoPE and the cache write through cpu_backend.attn_prep
+CPP_ATTN_PREP = True      # also: prompts' attention through cpu_backend.attn_prefill      # q/k norms, RoPE and the cache write through cpu_backend.attn_prep
 _CPU_ATTN: list[bool] = []
 
 
@@ -155,31 +154,25 @@ class Attention:
         if T == 1:
             out = decode_attention(q[0], keys, values, self.scale)  # [H, Dh]
             return self.o(out.reshape(1, cfg.n_head * cfg.head_dim))
-        j = torch.arange(L, device=x.device)
-        i = torch.arange(pos0, pos0 + T, device=x.device)
-        mask = j[None, :] <= i[:, None]                         # [T, L] causal
-        if ws is not None and not n_sparse:
-            # a few KV heads' query groups at a time (each call's output ~2 MiB, not one as large
-            # as q: it was the prompt's peak of memory), each written over its spent q rows
-            rows = ws.get("q", T, cfg.n_head, cfg.head_dim)
-            Hkv, G = cfg.n_head_kv, cfg.n_head // cfg.n_head_kv
-            n_grp = min(Hkv, max(1, rows.numel() * 4 // SDPA_CHUNK_BYTES))
-            while Hkv % n_grp:
-                n_grp -= 1
-            per = Hkv // n_grp
-            for j in range(0, Hkv, per):
-                o = F.scaled_dot_product_attention(
-                    qh[None, j * G:(j + per) * G], kh[None, j:j + per], vh[None, j:j + per],
-                    attn_mask=mask, scale=self.scale, enable_gqa=G > 1)[0]
-                rows[:, j * G:(j + per) * G].copy_(o.transpose(0, 1))
-                del o
-            # the layer input x is spent too: its buffer takes the output
-            return self.o(rows.view(T, -1), out=x if x.is_contiguous() else None)
-        # a batch dimension lets torch pick its fused CPU kernel (2-3x faster than 3-D inputs)
-        out = F.scaled_dot_product_attention(qh[None], kh[None], vh[None], attn_mask=mask,
-                                             scale=self.scale,
-                                             enable_gqa=cfg.n_head != cfg.n_head_kv)[0]
-        out = out.transpose(0, 1).reshape(T, cfg.n_head * cfg.head_dim)
+        if self._prep_in_cpp(x, cache):
+            # the C++ causal attention, written over q (each query block is read before it is
+            # overwritten): 2x torch's SDPA here, and no output buffer
+            from .. import cpu_backend
+            if n_sparse:
+                out = cpu_backend.attn_prefill(q, keys, values, pos0, self.scale).view(T, -1)
+            else:
+                out = cpu_backend.attn_prefill(q, keys, values, pos0, self.scale, out=q)
+                return self.o(out.view(T, -1), out=x if ws is not None and x.is_contiguous()
+                              else None)      # x (the layer's normed input) is spent by now
+        else:
+            j = torch.arange(L, device=x.device)
+            i = torch.arange(pos0, pos0 + T, device=x.device)
+            mask = j[None, :] <= i[:, None]                     # [T, L] causal
+            # a batch dimension lets torch pick its fused CPU kernel (2-3x faster than 3-D)
+            out = F.scaled_dot_product_attention(qh[None], kh[None], vh[None], attn_mask=mask,
+                                                 scale=self.scale,
+                                                 enable_gqa=cfg.n_head != cfg.n_head_kv)[0]
+            out = out.transpose(0, 1).reshape(T, cfg.n_head * cfg.head_dim)
         if n_sparse:                                 # the prompt's last row: a decode step
             out[-n_sparse:] = sparse_cpu.attend(q[-n_sparse:], keys, values, pos0 + T - n_sparse,
                                                 cache, sparse, self.scale, self.nsa,
