@@ -299,7 +299,8 @@ PyObject* py_attn_prep(PyObject*, PyObject* args) {
     static const char* names[12] = {"q", "k", "v", "bq", "bk", "bv", "q_norm", "k_norm", "cos", "sin", "k_cache", "v_cache"};
     const long long qd = (long long)a.H * a.Dh, kvd = (long long)a.Hkv * a.Dh, half = a.n_rot / 2;
     const long long nq = a.qk_norm == 1 ? a.Dh : qd, nk = a.qk_norm == 1 ? a.Dh : kvd;
-    // exact float counts; -1: at least (pos0 + T) rows of the row width given in `row`
+    // exact float counts; -1: at least (pos0 + T) rows of the row width given in `row` (the
+    // head-major caches: Hkv runs of cache_ctx rows of Dh, cache_ctx from their length)
     const long long want[12] = {a.T * qd, a.T * kvd, a.T * kvd, qd, kvd, kvd, nq, nk, -1, -1, -1, -1};
     const long long row[12] = {0, 0, 0, 0, 0, 0, 0, 0, half, half, kvd, kvd};
     const bool optional[12] = {false, false, false, true, true, true, a.qk_norm == 0, a.qk_norm == 0,
@@ -323,6 +324,8 @@ PyObject* py_attn_prep(PyObject*, PyObject* args) {
     a.q_norm = b[6].held ? b[6].ptr<float>() : nullptr, a.k_norm = b[7].held ? b[7].ptr<float>() : nullptr;
     a.cos = b[8].held ? b[8].ptr<float>() : nullptr, a.sin = b[9].held ? b[9].ptr<float>() : nullptr;
     a.k_cache = b[10].ptr<float>(), a.v_cache = b[11].ptr<float>();
+    if (b[10].len() != b[11].len()) return PyErr_Format(PyExc_ValueError, "attn_prep: k_cache and v_cache differ in size");
+    a.cache_ctx = (int)(b[10].len() / ((size_t)kvd * 4));
     Py_BEGIN_ALLOW_THREADS attn_prep(a);
     Py_END_ALLOW_THREADS Py_RETURN_NONE;
 }

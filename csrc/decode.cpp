@@ -255,7 +255,7 @@ void add(float* y, const float* b, int n) {
 }
 
 struct Buffers {
-    std::vector<float> xn, q, k, v, att, y, ys, g, u, logit, w;
+    std::vector<float> xn, q, k, v, att, y, ys, g, u, logit, w;  // k, v: this token's, then cached
     std::vector<int32_t> ids;
     std::vector<char> taken;
 };
@@ -264,8 +264,8 @@ void attention(const DecodeModel& m, const DecodeLayer& L, Buffers& b, float* x,
     const int D = m.D, qd = m.H * m.Dh, kvd = m.Hkv * m.Dh;
     Timer tm(PART_OTHER);
     rms_norm(x, L.attn_norm, D, m.eps, b.xn.data());
-    float* k = L.k_cache + (size_t)pos * kvd;  // k and v land in the cache directly
-    float* v = L.v_cache + (size_t)pos * kvd;
+    float* k = b.k.data();
+    float* v = b.v.data();
     MultiMatmulArgs a{};
     a.n = 3, a.n_cols = D, a.T = 1, a.x = b.xn.data();
     const QMat* mats[3] = {&L.q, &L.k, &L.v};
@@ -279,14 +279,24 @@ void attention(const DecodeModel& m, const DecodeLayer& L, Buffers& b, float* x,
     pa.q = b.q.data(), pa.k = k, pa.v = v, pa.T = 1, pa.H = m.H, pa.Hkv = m.Hkv, pa.Dh = m.Dh;
     pa.n_rot = m.n_rot, pa.pos0 = pos, pa.neox = m.rope_neox, pa.cos = m.rope_cos, pa.sin = m.rope_sin;
     pa.bq = L.bq, pa.bk = L.bk, pa.bv = L.bv, pa.qk_norm = L.qk_norm, pa.q_norm = L.q_norm, pa.k_norm = L.k_norm;
-    pa.eps = m.eps;  // k and v already sit in the cache row: no copy
+    pa.eps = m.eps, pa.k_cache = L.k_cache, pa.v_cache = L.v_cache, pa.cache_ctx = m.n_ctx;
     attn_prep_token(pa, 0);
-    AttnArgs at{};
-    at.q = b.q.data(), at.k = L.k_cache, at.v = L.v_cache, at.out = b.att.data();
-    at.H = m.H, at.Hkv = m.Hkv, at.dk = m.Dh, at.dv = m.Dh, at.L = pos + 1;
-    at.ks = kvd, at.khs = m.Dh, at.vs = kvd, at.vhs = m.Dh, at.scale = m.attn_scale;
+    const long long hs = (long long)m.n_ctx * m.Dh;  // head stride of the head-major caches
     tm.next(PART_ATTN);
-    attn_decode(at);
+    if (m.Hkv >= ThreadPool::instance().threads()) {
+        // one task per KV head keeps every thread busy: the register-tiled prompt kernel
+        AttnPrefillArgs ap{};
+        ap.q = b.q.data(), ap.k = L.k_cache, ap.v = L.v_cache, ap.out = b.att.data();
+        ap.T = 1, ap.pos0 = pos, ap.H = m.H, ap.Hkv = m.Hkv, ap.dk = m.Dh, ap.dv = m.Dh;
+        ap.qs = qd, ap.os = qd, ap.ks = m.Dh, ap.khs = hs, ap.vs = m.Dh, ap.vhs = hs, ap.scale = m.attn_scale;
+        attn_prefill(ap);
+    } else {  // few KV heads: split the positions too (flash-decoding)
+        AttnArgs at{};
+        at.q = b.q.data(), at.k = L.k_cache, at.v = L.v_cache, at.out = b.att.data();
+        at.H = m.H, at.Hkv = m.Hkv, at.dk = m.Dh, at.dv = m.Dh, at.L = pos + 1;
+        at.ks = m.Dh, at.khs = hs, at.vs = m.Dh, at.vhs = hs, at.scale = m.attn_scale;
+        attn_decode(at);
+    }
     tm.next(PART_PROJ);
     matmul(L.o.w, L.o.type, L.o.rows, L.o.cols, b.att.data(), 1, b.y.data());
     tm.next(PART_OTHER);
@@ -399,10 +409,11 @@ void attn_prep_token(const AttnPrepArgs& a, int t) {
         rope_heads(q, a.H, a.Dh, a.n_rot, a.neox, a.cos + off, a.sin + off);
         rope_heads(k, a.Hkv, a.Dh, a.n_rot, a.neox, a.cos + off, a.sin + off);
     }
-    float* kc = a.k_cache ? a.k_cache + (size_t)(a.pos0 + t) * kvd : nullptr;
-    float* vc = a.v_cache ? a.v_cache + (size_t)(a.pos0 + t) * kvd : nullptr;
-    if (kc && kc != k) std::copy(k, k + kvd, kc);  // k/v may already be the cache rows
-    if (vc && vc != v) std::copy(v, v + kvd, vc);
+    for (int h = 0; h < a.Hkv; ++h) {  // head-major caches: head h's row of this position
+        const size_t at = ((size_t)h * a.cache_ctx + a.pos0 + t) * a.Dh;
+        if (a.k_cache) std::copy(k + h * a.Dh, k + (h + 1) * a.Dh, a.k_cache + at);
+        if (a.v_cache) std::copy(v + h * a.Dh, v + (h + 1) * a.Dh, a.v_cache + at);
+    }
 }
 
 void rms_norm_rows(const float* x, const float* w, int n_rows, int n, float eps, float* y) {
@@ -441,6 +452,7 @@ void decode_step(const DecodeModel& m, float* x, int pos, float* logits) {
         F = std::max<size_t>(F, std::max({L.gate.rows, L.sh_gate.rows, 1}));
     const size_t qd = (size_t)m.H * m.Dh;
     b.xn.resize(m.D), b.q.resize(qd), b.att.resize(qd), b.y.resize(m.D), b.ys.resize(m.D);
+    b.k.resize((size_t)m.Hkv * m.Dh), b.v.resize((size_t)m.Hkv * m.Dh);
     b.g.resize(F), b.u.resize(F), b.logit.resize(std::max(m.E, 1)), b.w.resize(std::max(m.K, 1));
     b.ids.resize(std::max(m.K, 1));
     for (const DecodeLayer& L : m.layers) {

@@ -24,7 +24,7 @@ struct DecodeLayer {
     const float *bq = nullptr, *bk = nullptr, *bv = nullptr, *bo = nullptr;  // optional biases
     int qk_norm = 0;                                       // 0 none, 1 per head ([Dh]), 2 whole ([H*Dh])
     const float *q_norm = nullptr, *k_norm = nullptr;
-    float *k_cache = nullptr, *v_cache = nullptr;          // [n_ctx, Hkv, Dh] float32
+    float *k_cache = nullptr, *v_cache = nullptr;          // [Hkv, n_ctx, Dh] float32 (head-major)
     const float* ffn_norm = nullptr;                       // [D]
     bool moe = false;
     QMat gate, up, down;                                   // dense FFN: [F, D], [F, D], [D, F]
@@ -59,7 +59,7 @@ void decode_step(const DecodeModel& m, float* x, int pos, float* logits);
 
 // Attention input preparation for T tokens at positions pos0..pos0+T-1, parallel over tokens:
 // q/k/v biases, q/k RMSNorms (per head or over all heads), RoPE on q and k (in place), and k and v
-// written to the cache rows pos0.. (k_cache/v_cache: [n_ctx, Hkv*Dh] float32).
+// written to positions pos0.. of the head-major caches k_cache/v_cache: [Hkv, cache_ctx, Dh] float32.
 struct AttnPrepArgs {
     float *q = nullptr, *k = nullptr, *v = nullptr;        // [T, H*Dh], [T, Hkv*Dh] x2
     int T = 0, H = 0, Hkv = 0, Dh = 0, n_rot = 0, pos0 = 0;
@@ -70,6 +70,7 @@ struct AttnPrepArgs {
     const float *q_norm = nullptr, *k_norm = nullptr;
     float eps = 1e-6f;
     float *k_cache = nullptr, *v_cache = nullptr;          // null: leave the cache alone
+    int cache_ctx = 0;                                     // positions per head in the caches
 };
 void attn_prep_token(const AttnPrepArgs& a, int t);       // one token, on this thread
 void attn_prep(const AttnPrepArgs& a);                     // all T tokens on the pool

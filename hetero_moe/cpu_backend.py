@@ -293,15 +293,15 @@ def attn_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos0: int, s
     return y
 
 
-def attn_prep(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-              v_cache: torch.Tensor, pos0: int, *, q_norm=None, k_norm=None, qk_norm: int = 0,
+def attn_prep(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_store: torch.Tensor,
+              v_store: torch.Tensor, pos0: int, *, q_norm=None, k_norm=None, qk_norm: int = 0,
               cos=None, sin=None, n_rot: int = 0, neox: bool = False, eps: float = 1e-6,
               biases=(None, None, None)) -> None:
     """Attention inputs of T tokens at positions pos0..: q [T, H, Dh], k and v [T, Hkv, Dh]
     float32 get their biases, q/k RMSNorms (qk_norm 1: per head with [Dh] weights, 2: over all
     heads) and RoPE (cos/sin [n_ctx, n_rot/2], NEOX or adjacent pairs) in place, and k and v are
-    written to the cache rows pos0.. of k_cache / v_cache [n_ctx, Hkv, Dh]. Sizes are checked in
-    C++ against the buffers."""
+    written to positions pos0.. of the head-major caches k_store / v_store [Hkv, n_ctx, Dh].
+    Sizes are checked in C++ against the buffers."""
     m = _mod if _threads_set else _lib()
     T, H, Dh = q.shape
     Hkv = k.shape[1]
@@ -316,7 +316,7 @@ def attn_prep(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.
         return t.numpy()
     m.attn_prep(buf("q", q), buf("k", k), buf("v", v), *(buf("bias", b) for b in biases),
                 buf("q_norm", q_norm), buf("k_norm", k_norm), buf("cos", cos), buf("sin", sin),
-                buf("k_cache", k_cache), buf("v_cache", v_cache), T, H, Hkv, Dh, int(n_rot),
+                buf("k_cache", k_store), buf("v_cache", v_store), T, H, Hkv, Dh, int(n_rot),
                 int(bool(neox)), int(qk_norm), int(pos0), float(eps))
 
 

@@ -608,17 +608,20 @@ def test_attn_prep_vs_torch(qk_norm, neox, variant_scope):
         wq = rms_norm(wq.reshape(T, -1), qn, eps).view(T, H, Dh)
         wk = rms_norm(wk.reshape(T, -1), kn, eps).view(T, Hkv, Dh)
     wq, wk = rope(wq), rope(wk)
-    kc, vc = torch.zeros(16, Hkv, Dh), torch.zeros(16, Hkv, Dh)
-    cb.attn_prep(q, k, v, kc, vc, pos0, q_norm=qn, k_norm=kn, qk_norm=qk_norm, cos=cos, sin=sin,
+    ks, vs = torch.zeros(Hkv, 16, Dh), torch.zeros(Hkv, 16, Dh)     # head-major stores
+    kc, vc = ks.transpose(0, 1), vs.transpose(0, 1)                  # [n_ctx, Hkv, Dh] views
+    cb.attn_prep(q, k, v, ks, vs, pos0, q_norm=qn, k_norm=kn, qk_norm=qk_norm, cos=cos, sin=sin,
                  n_rot=n_rot, neox=neox, eps=eps)
     torch.testing.assert_close(q, wq, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(kc[pos0:pos0 + T], wk, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(vc[pos0:pos0 + T], v, rtol=0, atol=0)
     assert not kc[:pos0].any() and not kc[pos0 + T:].any()
     with pytest.raises(ValueError, match="k_cache"):
-        cb.attn_prep(q, k, v, kc[:9], vc, pos0, cos=cos, sin=sin, n_rot=n_rot)
+        cb.attn_prep(q, k, v, ks[:, :9], vs[:, :9], pos0 + 5, cos=cos, sin=sin, n_rot=n_rot)
+    with pytest.raises(ValueError, match="differ"):
+        cb.attn_prep(q, k, v, ks, torch.zeros(Hkv, 12, Dh), pos0, cos=cos, sin=sin, n_rot=n_rot)
     with pytest.raises(ValueError, match="q_norm"):
-        cb.attn_prep(q, k, v, kc, vc, pos0, qk_norm=1, k_norm=torch.ones(Dh), cos=cos, sin=sin,
+        cb.attn_prep(q, k, v, ks, vs, pos0, qk_norm=1, k_norm=torch.ones(Dh), cos=cos, sin=sin,
                      n_rot=n_rot)
 
 

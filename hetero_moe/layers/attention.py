@@ -104,6 +104,7 @@ class Attention:
         if self._cpp_prep is None:
             self._cpp_prep = (CPP_ATTN_PREP and _cpu_attention()
                               and self.cfg.qk_norm in _QK_KIND
+                              and getattr(cache, "k_store", None) is not None
                               and cache.k.dtype == torch.float32 and cache.k.is_cpu
                               and self.rope.cos.is_cpu)
         return self._cpp_prep and q.is_cpu and q.dtype == torch.float32
@@ -117,9 +118,7 @@ class Attention:
         T = x.shape[0]
         outs = None
         if ws is not None and self._prep_in_cpp(x, cache):
-            cache.reserve(pos0, T)               # k and v go straight into their cache rows
-            outs = (ws.get("q", T, cfg.n_head * cfg.head_dim),
-                    cache.k[pos0:pos0 + T].view(T, -1), cache.v[pos0:pos0 + T].view(T, -1))
+            outs = (ws.get("q", T, cfg.n_head * cfg.head_dim), None, None)
         q, k, v = apply_group([self.q, self.k, self.v], x, outs)  # [T, H*Dh], [T, Hkv*Dh] x2
         q = q.view(T, cfg.n_head, cfg.head_dim)
         k = k.view(T, cfg.n_head_kv, cfg.head_dim)
@@ -128,7 +127,7 @@ class Attention:
             # norms, RoPE and the cache write in one C++ pass over the tokens (in place)
             cache.reserve(pos0, T)
             from .. import cpu_backend
-            cpu_backend.attn_prep(q, k, v, cache.k, cache.v, pos0, q_norm=self.q_norm,
+            cpu_backend.attn_prep(q, k, v, cache.k_store, cache.v_store, pos0, q_norm=self.q_norm,
                                   k_norm=self.k_norm, qk_norm=_QK_KIND[cfg.qk_norm],
                                   cos=self.rope.cos, sin=self.rope.sin, n_rot=self.rope.n_rot,
                                   neox=self.rope.kind == ROPE_NEOX, eps=cfg.rms_eps)

@@ -69,7 +69,8 @@ class FusedDecode:
             ints += self._buf(a.q_norm, f"blk.{i}.attn_q_norm", optional=kind == 0)
             ints += self._buf(a.k_norm, f"blk.{i}.attn_k_norm", optional=kind == 0)
             c = net.cache.layers[i]
-            ints += self._buf(c.k, f"blk.{i} key cache") + self._buf(c.v, f"blk.{i} value cache")
+            ints += self._buf(c.k_store, f"blk.{i} key cache")         # [Hkv, n_ctx, Dh]
+            ints += self._buf(c.v_store, f"blk.{i} value cache")
             ints += self._buf(b.ffn_norm, f"blk.{i}.ffn_norm")
             ffn = b.ffn
             if hasattr(ffn, "router"):

@@ -88,7 +88,7 @@ class SparseCache:
         ls = self.cfg.sel_block
         full = L // ls
         if full > self.n_full:
-            blk = keys[self.n_full * ls:full * ls].view(full - self.n_full, ls, Hkv, Dk)
+            blk = keys[self.n_full * ls:full * ls].reshape(full - self.n_full, ls, Hkv, Dk)
             self.kmin[:, self.n_full:full] = blk.amin(1).transpose(0, 1)
             self.kmax[:, self.n_full:full] = blk.amax(1).transpose(0, 1)
             self.n_full = full

@@ -104,10 +104,19 @@ def _group_probs(q: torch.Tensor, sc_kc: torch.Tensor, scale: float, t: torch.Te
 
 # -- decode (T = 1) ---------------------------------------------------------------------------
 def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x [L, Hkv, D], idx [Hkv, N] token positions -> [Hkv, N, D]."""
+    """x [L, Hkv, D] (a view of the cache, position- or head-major), idx [Hkv, N] token
+    positions -> [Hkv, N, D], reading only the selected rows."""
     Hkv, N = idx.shape
-    flat = idx * Hkv + torch.arange(Hkv, device=idx.device)[:, None]
-    return x.reshape(-1, x.shape[-1]).index_select(0, flat.reshape(-1)).view(Hkv, N, -1)
+    L, _, D = x.shape
+    sL, sH, sD = x.stride()
+    heads = torch.arange(Hkv, device=idx.device)[:, None]
+    if sD == 1 and sL % D == 0 and sH % D == 0:            # rows of D floats in the storage
+        n_rows = ((L - 1) * sL + (Hkv - 1) * sH) // D + 1
+        rows = torch.as_strided(x, (n_rows, D), (D, 1))
+        flat = idx * (sL // D) + heads * (sH // D)
+        return rows.index_select(0, flat.reshape(-1)).view(Hkv, N, -1)
+    flat = idx * Hkv + heads
+    return x.reshape(-1, D).index_select(0, flat.reshape(-1)).view(Hkv, N, -1)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
