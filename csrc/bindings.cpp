@@ -347,6 +347,28 @@ PyObject* py_rms_norm(PyObject*, PyObject* args) {
     Py_END_ALLOW_THREADS Py_RETURN_NONE;
 }
 
+// dequantize_rows(type, rows, n_rows, n_cols, out): rows [n_rows, row_bytes] -> out [n_rows, n_cols]
+PyObject* py_dequantize_rows(PyObject*, PyObject* args) {
+    int type;
+    long long n_rows, n_cols;
+    PyObject *ro, *oo;
+    if (!PyArg_ParseTuple(args, "iOLLO", &type, &ro, &n_rows, &n_cols, &oo)) return nullptr;
+    const TypeInfo* ti = type_info(type);
+    if (!ti) return PyErr_Format(PyExc_ValueError, "ggml_type %d is not supported by the CPU kernels", type);
+    if (n_rows < 0 || n_cols <= 0 || n_cols % ti->block || n_cols > (1LL << 30) || n_rows > (1LL << 30))
+        return PyErr_Format(PyExc_ValueError, "n_rows=%lld, n_cols=%lld: n_cols must be a positive multiple of %d",
+                            n_rows, n_cols, ti->block);
+    Buf r, o;
+    if (!r.get(ro, "rows", false) || !o.get(oo, "out", true)) return nullptr;
+    const long long rb = n_cols / ti->block * ti->bytes;
+    if ((long long)r.len() != n_rows * rb || (long long)o.len() != n_rows * n_cols * 4)
+        return PyErr_Format(PyExc_ValueError, "rows has %zu bytes, out %zu; expected %lld and %lld", r.len(), o.len(),
+                            n_rows * rb, n_rows * n_cols * 4);
+    for (long long i = 0; i < n_rows; ++i)
+        dequantize_row(type, r.ptr<uint8_t>() + i * rb, (int)n_cols, o.ptr<float>() + i * n_cols);
+    Py_RETURN_NONE;
+}
+
 // ---- whole-model decode step ----
 const char* kPlanName = "hetero_moe._cpu.DecodePlan";
 
@@ -425,6 +447,7 @@ PyMethodDef methods[] = {
     {"attn_decode", py_attn_decode, METH_VARARGS, "Decode attention over a float32 KV cache."},
     {"attn_prefill", py_attn_prefill, METH_VARARGS, "Causal prompt attention over a float32 KV cache."},
     {"moe_submit", py_moe_submit, METH_VARARGS, "Start the fused MoE FFN; returns a handle."},
+    {"dequantize_rows", py_dequantize_rows, METH_VARARGS, "Rows of a quantized type to float32."},
     {"rms_norm", py_rms_norm, METH_VARARGS, "RMSNorm of rows times a weight vector, on the pool."},
     {"attn_prep", py_attn_prep, METH_VARARGS, "Biases, q/k norms, RoPE and the KV-cache write for T tokens."},
     {"decode_plan", py_decode_plan, METH_VARARGS, "A whole-model decode plan from a flat description."},

@@ -55,6 +55,10 @@ struct KernelSet {
 };
 
 const KernelSet* kernels_scalar();
+
+// One row of n_cols values of a supported ggml type to floats (scalar; embedding lookups). False
+// for an unsupported type. The caller checked n_cols against the block size and the row's bytes.
+bool dequantize_row(int type, const uint8_t* w, int n_cols, float* out);
 const KernelSet* kernels_avx2();    // nullptr if the compiler could not build it
 const KernelSet* kernels_avx512();  // nullptr if the compiler could not build it
 

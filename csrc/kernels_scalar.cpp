@@ -1,6 +1,8 @@
 // Portable reference kernels: the readable twin of every SIMD kernel, and the fallback on CPUs
 // without AVX2. Integer sums are exact; only the float accumulation order differs from SIMD.
 #include <cmath>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "kernels.h"
@@ -248,6 +250,101 @@ float dot_q6_K(const uint8_t* w, const uint8_t* a, int nb, size_t as) {
     return acc;
 }
 
+// ---- dequantization of whole rows (embedding lookups): the formats above, to floats ----
+
+void dequant_q4_0(const uint8_t* w, int nb, float* o) {
+    auto* x = reinterpret_cast<const BlockQ4_0*>(w);
+    for (int i = 0; i < nb; ++i, o += QK32) {
+        const float d = half(x[i].d);
+        for (int j = 0; j < 16; ++j) o[j] = d * ((x[i].qs[j] & 0xf) - 8), o[j + 16] = d * ((x[i].qs[j] >> 4) - 8);
+    }
+}
+
+void dequant_q4_1(const uint8_t* w, int nb, float* o) {
+    auto* x = reinterpret_cast<const BlockQ4_1*>(w);
+    for (int i = 0; i < nb; ++i, o += QK32) {
+        const float d = half(x[i].d), m = half(x[i].m);
+        for (int j = 0; j < 16; ++j) o[j] = d * (x[i].qs[j] & 0xf) + m, o[j + 16] = d * (x[i].qs[j] >> 4) + m;
+    }
+}
+
+void dequant_q5_0(const uint8_t* w, int nb, float* o) {
+    auto* x = reinterpret_cast<const BlockQ5_0*>(w);
+    for (int i = 0; i < nb; ++i, o += QK32) {
+        const float d = half(x[i].d);
+        const uint32_t qh = load_u32(x[i].qh);
+        for (int j = 0; j < 16; ++j) {
+            const int lo = (int)((x[i].qs[j] & 0xf) | ((qh >> j) & 1) << 4);
+            const int hi = (int)((x[i].qs[j] >> 4) | ((qh >> (j + 16)) & 1) << 4);
+            o[j] = d * (lo - 16);
+            o[j + 16] = d * (hi - 16);
+        }
+    }
+}
+
+void dequant_q5_1(const uint8_t* w, int nb, float* o) {
+    auto* x = reinterpret_cast<const BlockQ5_1*>(w);
+    for (int i = 0; i < nb; ++i, o += QK32) {
+        const float d = half(x[i].d), m = half(x[i].m);
+        const uint32_t qh = load_u32(x[i].qh);
+        for (int j = 0; j < 16; ++j) {
+            o[j] = d * (int)((x[i].qs[j] & 0xf) | ((qh >> j) & 1) << 4) + m;
+            o[j + 16] = d * (int)((x[i].qs[j] >> 4) | ((qh >> (j + 16)) & 1) << 4) + m;
+        }
+    }
+}
+
+void dequant_q8_0(const uint8_t* w, int nb, float* o) {
+    auto* x = reinterpret_cast<const BlockQ8_0*>(w);
+    for (int i = 0; i < nb; ++i, o += QK32) {
+        const float d = half(x[i].d);
+        for (int j = 0; j < QK32; ++j) o[j] = d * x[i].qs[j];
+    }
+}
+
+template <bool FIVE>
+void dequant_k4(const uint8_t* w, int nb, float* o) {
+    using B = typename std::conditional<FIVE, BlockQ5_K, BlockQ4_K>::type;
+    auto* x = reinterpret_cast<const B*>(w);
+    for (int i = 0; i < nb; ++i, o += QK_K) {
+        const float d = half(x[i].d), dmin = half(x[i].dmin);
+        for (int j = 0; j < 4; ++j) {
+            int sc0, m0, sc1, m1;
+            scale_min_k4(2 * j, x[i].scales, sc0, m0);
+            scale_min_k4(2 * j + 1, x[i].scales, sc1, m1);
+            for (int l = 0; l < 32; ++l) {
+                int lo = x[i].qs[32 * j + l] & 0xf, hi = x[i].qs[32 * j + l] >> 4;
+                if constexpr (FIVE) {
+                    lo |= ((x[i].qh[l] >> (2 * j)) & 1) << 4;
+                    hi |= ((x[i].qh[l] >> (2 * j + 1)) & 1) << 4;
+                }
+                o[64 * j + l] = d * sc0 * lo - dmin * m0;
+                o[64 * j + 32 + l] = d * sc1 * hi - dmin * m1;
+            }
+        }
+    }
+}
+
+void dequant_q6_K(const uint8_t* w, int nb, float* o) {
+    auto* x = reinterpret_cast<const BlockQ6_K*>(w);
+    for (int i = 0; i < nb; ++i, o += QK_K) {
+        const float d = half(x[i].d);
+        for (int n = 0; n < 2; ++n) {
+            const uint8_t* ql = x[i].ql + 64 * n;
+            const uint8_t* qh = x[i].qh + 32 * n;
+            const int8_t* sc = x[i].scales + 8 * n;
+            float* y = o + 128 * n;
+            for (int l = 0; l < 32; ++l) {
+                const int is = l / 16;
+                y[l] = d * sc[is] * (((ql[l] & 0xf) | ((qh[l] >> 0) & 3) << 4) - 32);
+                y[l + 32] = d * sc[is + 2] * (((ql[l + 32] & 0xf) | ((qh[l] >> 2) & 3) << 4) - 32);
+                y[l + 64] = d * sc[is + 4] * (((ql[l] >> 4) | ((qh[l] >> 4) & 3) << 4) - 32);
+                y[l + 96] = d * sc[is + 6] * (((ql[l + 32] >> 4) | ((qh[l] >> 6) & 3) << 4) - 32);
+            }
+        }
+    }
+}
+
 void silu_mul(const float* g, const float* u, float* h, int n) {
     for (int i = 0; i < n; ++i) h[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
 }
@@ -340,6 +437,21 @@ KernelSet make_scalar() {
 }
 
 }  // namespace
+
+bool dequantize_row(int type, const uint8_t* w, int n_cols, float* out) {
+    const int nb32 = n_cols / QK32, nbk = n_cols / QK_K;
+    switch (type) {
+        case T_Q4_0: dequant_q4_0(w, nb32, out); return true;
+        case T_Q4_1: dequant_q4_1(w, nb32, out); return true;
+        case T_Q5_0: dequant_q5_0(w, nb32, out); return true;
+        case T_Q5_1: dequant_q5_1(w, nb32, out); return true;
+        case T_Q8_0: dequant_q8_0(w, nb32, out); return true;
+        case T_Q4_K: dequant_k4<false>(w, nbk, out); return true;
+        case T_Q5_K: dequant_k4<true>(w, nbk, out); return true;
+        case T_Q6_K: dequant_q6_K(w, nbk, out); return true;
+        default: return false;
+    }
+}
 
 const KernelSet* kernels_scalar() {
     static const KernelSet k = make_scalar();

@@ -267,6 +267,17 @@ def attn_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float)
     return torch.from_numpy(out)
 
 
+def dequantize_rows(rows: np.ndarray, ggml_type: int, n_cols: int) -> torch.Tensor:
+    """Quantized rows (uint8 [n, row_bytes]) of ggml_type -> float32 [n, n_cols]."""
+    m = _mod if _threads_set else _lib()
+    n_cols = _positive("n_cols", n_cols)
+    rows = np.ascontiguousarray(rows, dtype=np.uint8)
+    n = rows.shape[0] if rows.ndim == 2 else 0
+    out = np.empty((n, n_cols), dtype=np.float32)
+    m.dequantize_rows(int(ggml_type), rows, n, n_cols, out)
+    return torch.from_numpy(out)
+
+
 def attn_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos0: int, scale: float,
                  out: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of T prompt tokens at positions pos0.. over the cache -> [T, H, dv].

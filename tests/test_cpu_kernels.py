@@ -636,3 +636,19 @@ def test_rms_norm_op():
         cb.rms_norm(x, w, 1e-5, out=torch.empty(36, 300))
     with pytest.raises(ValueError, match="rms_norm"):
         cb.rms_norm(x, torch.randn(299), 1e-5)
+
+
+@needs_ext
+@pytest.mark.parametrize("name", sorted(TYPES))
+def test_dequantize_rows_vs_gguf(name):
+    """The C++ row dequantizer (embedding lookups) against gguf's numpy dequantizer."""
+    import gguf
+    n_rows, n_cols = 5, 512
+    w = make_weights(name, n_rows, n_cols, seed=3)
+    want = gguf.quants.dequantize(w.reshape(n_rows, -1), gguf.GGMLQuantizationType(TYPES[name]))
+    got = cb.dequantize_rows(w.reshape(n_rows, -1), TYPES[name], n_cols)
+    np.testing.assert_allclose(got.numpy(), want.reshape(n_rows, n_cols), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="bytes"):
+        cb.dequantize_rows(w.reshape(n_rows, -1)[:, :-1], TYPES[name], n_cols)
+    with pytest.raises(ValueError, match="multiple"):
+        cb.dequantize_rows(w.reshape(n_rows, -1), TYPES[name], n_cols + 1)

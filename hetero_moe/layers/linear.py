@@ -194,7 +194,11 @@ class Embedding:
             bad = int(idx[(idx < 0) | (idx >= self.n_vocab)][0])
             raise ValueError(f"token id {bad} is out of range for a vocabulary of {self.n_vocab}")
         raw = self._read_rows(idx)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            out = quant.dequantize(raw, self.ggml_type, (len(idx), self.n_embd))
+        kernel = quant.quant_type(self.ggml_type).cpu_kernel
+        if kernel is not None and hasattr(kernel, "dequantize_rows"):
+            out = kernel.dequantize_rows(raw, self.ggml_type, self.n_embd)    # C++: ~50x faster
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                out = quant.dequantize(raw, self.ggml_type, (len(idx), self.n_embd))
         return out.to(self.device)
