@@ -261,7 +261,7 @@ struct Buffers {
 };
 
 void attention(const DecodeModel& m, const DecodeLayer& L, Buffers& b, float* x, int pos) {
-    const int D = m.D, qd = m.H * m.Dh, kvd = m.Hkv * m.Dh;
+    const int D = m.D, qd = m.H * m.Dh;
     Timer tm(PART_OTHER);
     rms_norm(x, L.attn_norm, D, m.eps, b.xn.data());
     float* k = b.k.data();
