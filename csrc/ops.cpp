@@ -378,8 +378,9 @@ std::string check_moe(const MoeArgs& a, const MoeLens& n) {
         return fmt("weights has %lld bytes, expected T*k*4 = %lld", (long long)n.weights, T * k * 4);
     if ((long long)n.out != T * D * 4) return fmt("out has %lld bytes, expected T*d_model*4 = %lld", (long long)n.out, T * D * 4);
     for (long long i = 0; i < T * k; ++i)
-        if (a.ids[i] < 0 || a.ids[i] >= a.n_expert)
-            return fmt("ids[%lld, %lld] = %lld is outside [0, n_expert=%lld)", i / k, i % k, a.ids[i], a.n_expert);
+        if (a.ids[i] < -1 || a.ids[i] >= a.n_expert)  // -1: this pair runs elsewhere (a GPU-resident expert)
+            return fmt("ids[%lld, %lld] = %lld is outside [0, n_expert=%lld) (or -1: skip)", i / k, i % k, a.ids[i],
+                       a.n_expert);
     return "";
 }
 
@@ -429,12 +430,13 @@ void MoeJob::prepare(const MoeArgs& a, int threads) {
     arb_g_ = act_row_bytes(tg->act, D), arb_u_ = act_row_bytes(tu->act, D), arb_d_ = act_row_bytes(td->act, F);
     ab_g_ = act_bytes(tg->act), ab_u_ = act_bytes(tu->act), ab_d_ = act_bytes(td->act);
     share_xq_ = tg->act == tu->act;
-    n_pairs_ = T * k;
-
-    // group (token, expert) pairs by expert: counting sort keeps token order inside an expert
+    // group (token, expert) pairs by expert: counting sort keeps token order inside an expert;
+    // pairs with id -1 are skipped (their expert runs on the GPU tier)
     off_.assign(E + 1, 0);
-    for (int i = 0; i < n_pairs_; ++i) ++off_[a.ids[i] + 1];
+    for (int i = 0; i < T * k; ++i)
+        if (a.ids[i] >= 0) ++off_[a.ids[i] + 1];
     for (int e = 0; e < E; ++e) off_[e + 1] += off_[e];
+    n_pairs_ = off_[E];
     active_.clear();
     for (int e = 0; e < E; ++e)
         if (off_[e + 1] > off_[e]) active_.push_back(e);
@@ -443,7 +445,8 @@ void MoeJob::prepare(const MoeArgs& a, int threads) {
     {
         std::vector<int>& fill = act_fill_;
         fill.assign(off_.begin(), off_.end() - 1);
-        for (int i = 0; i < n_pairs_; ++i) {
+        for (int i = 0; i < T * k; ++i) {
+            if (a.ids[i] < 0) continue;
             const int p = fill[a.ids[i]]++;
             pair_tok_[p] = i / k;
             pair_w_[p] = a.weights[i];

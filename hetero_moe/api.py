@@ -325,6 +325,30 @@ class Model:
         return self.stream(ids, params, sparse_attn, **sampling) if stream else \
             self.generate(ids, params, sparse_attn, **sampling)
 
+    # -- placement ---------------------------------------------------------------------------
+    @property
+    def plan(self):
+        """The placement plan in use (`plan.to_dict()` is `hetero-moe plan --json`); a CPU-only
+        model has a plan without a GPU tier."""
+        placement = self.net.plan
+        if placement.plan is None:
+            from .runtime.planner import make_plan
+            placement.plan = make_plan(self.gguf, self.config, n_ctx=self.n_ctx, gpu="none",
+                                       threads=self.threads)
+        return placement.plan
+
+    @property
+    def executor(self):
+        """The heterogeneous executor (None on a CPU-only model)."""
+        return self.net.executor
+
+    def memory(self) -> dict:
+        """What the GPU tier holds (bytes by group) next to the plan's numbers; {"mode": "none"}
+        for a CPU-only model."""
+        if self.net.executor is None:
+            return {"mode": "none", "held_bytes": 0}
+        return self.net.executor.memory()
+
     # -- info --------------------------------------------------------------------------------
     def __repr__(self) -> str:
         c = self.config
@@ -335,16 +359,62 @@ class Model:
                 f"{moe}, n_ctx={self.n_ctx}, threads={self.threads})")
 
 
+def _placement(g: GGUFFile, cfg: ModelConfig, gpu, plan, vram, n_ctx, sparse, threads):
+    """The placement for load(): CPU only, or a GPU tier that follows a plan (given or made)."""
+    from .runtime.planner import Plan, PlanError, make_plan
+    if isinstance(plan, (str, os.PathLike)):
+        plan = Plan.load(str(plan))
+    elif isinstance(plan, dict):
+        plan = Plan.from_dict(plan)
+    if gpu == "auto" and plan is not None and plan.gpu_device == "interpret":
+        gpu = "interpret"
+    mode = ("cuda" if torch.cuda.is_available() else "none") if gpu == "auto" else \
+        {True: "cuda", "cuda": "cuda", "cuda:0": "cuda", "interpret": "interpret", False: "none",
+         None: "none", "none": "none", "cpu": "none"}.get(gpu)
+    if mode is None:
+        raise ValueError(f"gpu must be 'auto', 'cuda', 'interpret', 'none' or a bool, got {gpu!r}")
+    if n_ctx is None:
+        n_ctx = plan.n_ctx if plan is not None else \
+            min(cfg.n_ctx_train or DEFAULT_MAX_CTX, DEFAULT_MAX_CTX)
+    if not 1 <= n_ctx <= (1 << 20):
+        raise ValueError(f"n_ctx must be in 1..{1 << 20}, got {n_ctx}")
+    if mode == "none":
+        return plan_placement("none"), n_ctx
+    if sparse.enabled:
+        raise UnsupportedError("sparse attention runs on the CPU-only path (gpu='none') for now")
+    if plan is None:
+        plan = make_plan(g, cfg, vram=vram, n_ctx=n_ctx, gpu=mode, threads=threads)
+    else:
+        name = os.path.basename(g.path)
+        if plan.model != name:
+            raise PlanError(f"the plan is for {plan.model}, not {name}")
+        if plan.n_ctx != n_ctx:
+            raise PlanError(f"the plan sizes the cache for n_ctx={plan.n_ctx}, but n_ctx={n_ctx} "
+                            f"was asked for; make a new plan or drop n_ctx")
+        missing = [t for t in g.tensors if t not in plan.placement]
+        if missing:
+            raise PlanError(f"the plan does not place tensor {missing[0]!r} of {name}")
+    if not plan.fits:
+        raise PlanError(f"{g.path}: the model does not fit the GPU plan: {plan.reason}")
+    return plan_placement(mode, plan=plan), n_ctx
+
+
 def load(path: str | os.PathLike, threads: int | None = None, *, n_ctx: int | None = None,
          gpu: str | bool = "auto", cpu_kernels: str = "auto", progress: bool = False,
-         sparse_attn: str | SparseAttnConfig | None = None, **options) -> Model:
+         sparse_attn: str | SparseAttnConfig | None = None, plan=None,
+         vram: str | int | None = None, **options) -> Model:
     """Open a GGUF model (single file, or the first part of a split model).
 
     Args:
         path: the .gguf file.
         threads: CPU threads (default: usable cores, or HETERO_MOE_THREADS).
         n_ctx: context window (default: the model's training context, capped at 4096).
-        gpu: "auto" (CUDA when present), False/"cpu", or a torch device string.
+        gpu: "auto" (CUDA when present, else CPU only), "cuda", "none"/False (CPU only), or
+            "interpret": the whole GPU tier (same plan, Triton kernels, executor and CPU/GPU
+            overlap) on CPU tensors through Triton's interpreter; slow, for tests and debugging.
+        plan: a Plan from hetero_moe.plan(), its to_dict(), or a plan JSON file; without one a
+            GPU run plans for itself (vram: its GPU budget, default the device's free memory,
+            or 24 GiB for "interpret").
         cpu_kernels: "auto" (C++ quantized kernels when built) or "torch" (reference path).
         progress: show a progress bar on stderr while loading.
         sparse_attn: default attention for every call: "off" (dense, the default), "approx"
@@ -381,11 +451,7 @@ def load(path: str | os.PathLike, threads: int | None = None, *, n_ctx: int | No
     if sparse.mode == "nsa" and getattr(cfg, "mla", None) is not None:
         raise UnsupportedError(f"{path}: sparse_attn mode 'nsa' has no learned weights for "
                                f"Multi-head Latent Attention models ({cfg.arch}); use 'approx'")
-    if n_ctx is None:
-        n_ctx = min(cfg.n_ctx_train or DEFAULT_MAX_CTX, DEFAULT_MAX_CTX)
-    if not 1 <= n_ctx <= (1 << 20):
-        raise ValueError(f"n_ctx must be in 1..{1 << 20}, got {n_ctx}")
-    plan = plan_placement(gpu)
+    placement, n_ctx = _placement(g, cfg, gpu, plan, vram, n_ctx, sparse, threads)
     bar = None
     cb = None
     if progress:
@@ -396,7 +462,7 @@ def load(path: str | os.PathLike, threads: int | None = None, *, n_ctx: int | No
         def cb(i, n):
             bar.update(1)
     try:
-        net = Transformer(cfg, g, plan, n_ctx, KernelOptions(cpu_kernels=cpu_kernels), cb,
+        net = Transformer(cfg, g, placement, n_ctx, KernelOptions(cpu_kernels=cpu_kernels), cb,
                           sparse=sparse)
     finally:
         if bar is not None:

@@ -1,4 +1,4 @@
-"""`hetero-moe` command line: run, inspect, bench."""
+"""`hetero-moe` command line: run, plan, profile, inspect, bench."""
 from __future__ import annotations
 
 import argparse
@@ -20,6 +20,17 @@ def _add_model_opts(ap: argparse.ArgumentParser) -> None:
                     help="context window in tokens (default: model's, capped at 4096)")
     ap.add_argument("--cpu-kernels", choices=["auto", "torch"], default="auto",
                     help="CPU matmul path: C++ quantized kernels (auto) or torch reference")
+
+
+def _add_gpu_opts(ap: argparse.ArgumentParser) -> None:
+    g = ap.add_argument_group("GPU tier")
+    g.add_argument("--gpu", choices=["auto", "cuda", "interpret", "none"], default="auto",
+                   help="auto: CUDA when present (a plan is made and its summary printed), else "
+                        "CPU only; interpret: the GPU tier on CPU tensors through Triton's "
+                        "interpreter (slow: tests, debugging); none: CPU only")
+    g.add_argument("--plan", help="a placement plan JSON (hetero-moe plan --json -o FILE)")
+    g.add_argument("--vram", help="GPU budget when planning here (e.g. 24GiB; default: the "
+                                  "device's free memory, 24 GiB for --gpu interpret)")
 
 
 def _add_sparse_opts(ap: argparse.ArgumentParser) -> None:
@@ -91,9 +102,13 @@ def _model_path(args) -> str:
 
 def _load(args, path: str):
     import hetero_moe
-    return hetero_moe.load(path, threads=args.threads, n_ctx=args.ctx_size,
-                           cpu_kernels=args.cpu_kernels, progress=True,
-                           sparse_attn=args.sparse)
+    model = hetero_moe.load(path, threads=args.threads, n_ctx=args.ctx_size,
+                            cpu_kernels=args.cpu_kernels, progress=True,
+                            sparse_attn=args.sparse, gpu=getattr(args, "gpu", "none"),
+                            plan=getattr(args, "plan", None), vram=getattr(args, "vram", None))
+    if model.executor is not None:
+        print(model.plan.summary(), file=sys.stderr)
+    return model
 
 
 def _print_stats(c, stream=sys.stderr) -> None:
@@ -300,15 +315,17 @@ def cmd_inspect(args) -> int:
 
 
 def run_bench(path: str, n_prompt: int = 512, n_gen: int = 64, threads=None, repeats: int = 1,
-              cpu_kernels: str = "auto", seed: int = 0, sparse_attn=None) -> dict:
+              cpu_kernels: str = "auto", seed: int = 0, sparse_attn=None, gpu="none", plan=None,
+              vram=None) -> dict:
     """Prefill tokens/s on an n_prompt-token prompt and decode tokens/s over n_gen tokens."""
     import numpy as np
     import psutil
 
     import hetero_moe
     t0 = time.perf_counter()
-    model = hetero_moe.load(path, threads=threads, n_ctx=n_prompt + n_gen + 8,
-                            cpu_kernels=cpu_kernels, sparse_attn=sparse_attn)
+    model = hetero_moe.load(path, threads=threads, n_ctx=None if plan else n_prompt + n_gen + 8,
+                            cpu_kernels=cpu_kernels, sparse_attn=sparse_attn, gpu=gpu, plan=plan,
+                            vram=vram)
     load_s = time.perf_counter() - t0
     rng = np.random.default_rng(seed)
     ids = rng.integers(10, model.config.n_vocab, size=n_prompt).tolist()
@@ -338,6 +355,7 @@ def run_bench(path: str, n_prompt: int = 512, n_gen: int = 64, threads=None, rep
         "decode_seconds": dec_s, "decode_tps": n_gen / dec_s, "peak_rss_bytes": peak,
         "rss_over_file": peak / model.gguf.file_size if peak else None,
         "cpu_kernels": cpu_kernels, "sparse_attn": model.sparse_attn.mode,
+        "gpu": model.memory(),
     }
 
 
@@ -345,7 +363,8 @@ def cmd_bench(args) -> int:
     if not os.path.exists(args.model):
         raise FileNotFoundError(f"model file not found: {args.model}")
     r = run_bench(args.model, args.n_prompt, args.n_gen, args.threads, args.repeats,
-                  args.cpu_kernels, sparse_attn=args.sparse)
+                  args.cpu_kernels, sparse_attn=args.sparse, gpu=args.gpu, plan=args.plan,
+                  vram=args.vram)
     if args.json:
         print(json.dumps(r, indent=2))
     else:
@@ -357,6 +376,67 @@ def cmd_bench(args) -> int:
               f"{r['decode_tps']:.1f} tok/s")
         print(f"peak RSS: {_fmt_bytes(r['peak_rss_bytes'])} "
               f"({r['rss_over_file']:.2f}x the file size)")
+        if r["gpu"]["mode"] != "none":
+            print(f"GPU tier ({r['gpu']['mode']}): holds {_fmt_bytes(r['gpu']['held_bytes'])}, "
+                  f"the plan said {_fmt_bytes(r['gpu']['planned_bytes'])}")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from .runtime.planner import GiB, plan
+    if not os.path.exists(args.model):
+        raise FileNotFoundError(f"model file not found: {args.model}")
+    p = plan(args.model, vram=args.vram, ram=args.ram, n_ctx=args.ctx, chunk=args.chunk,
+             cache_type=args.cache_type, margin=args.margin, overrides=args.override,
+             cpu_moe=args.cpu_moe, profile=args.profile, gpu=args.gpu,
+             gpu_bandwidth_gbps=args.gpu_bandwidth, cpu_bandwidth_gbps=args.cpu_bandwidth,
+             threads=args.threads)
+    if args.output:
+        p.save(args.output)
+        print(f"wrote {args.output}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(p.to_dict(), indent=1))
+    else:
+        print(p.table())
+    del GiB
+    return 0 if p.fits else EXIT_ERROR
+
+
+def cmd_profile(args) -> int:
+    from .runtime.planner import Profile
+    import hetero_moe
+    import torch
+    path = args.model
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"model file not found: {path}")
+    try:
+        with open(args.prompts, encoding="utf-8") as f:
+            prompts = [ln.rstrip("\n") for ln in f if ln.strip()]
+    except OSError as e:
+        raise HeteroMoEError(f"cannot read prompts file {args.prompts}: {e}") from None
+    if not prompts:
+        raise HeteroMoEError(f"{args.prompts} has no prompts (one per line)")
+    model = hetero_moe.load(path, threads=args.threads, n_ctx=args.ctx_size, gpu="none",
+                            progress=True)
+    if not model.config.is_moe:
+        raise HeteroMoEError(f"{path} has no routed experts to profile")
+    moes = [(i, b.ffn) for i, b in enumerate(model.net.blocks) if hasattr(b.ffn, "router")]
+    for _, m in moes:
+        m.counts = torch.zeros(model.config.n_expert, dtype=torch.int64)
+    from tqdm import tqdm
+    for text in tqdm(prompts, desc="profiling", unit="prompt", file=sys.stderr):
+        ids = model.tokenize(text)
+        if args.max_tokens:         # the prompt, then greedy tokens fed back one at a time
+            model.generate(ids[:max(1, model.n_ctx - args.max_tokens - 1)],
+                           max_tokens=args.max_tokens, temperature=0)
+        else:
+            model.logits(ids[:model.n_ctx])
+    # every token a layer saw made K picks there
+    tokens = int(moes[0][1].counts.sum()) // model.config.n_expert_used
+    prof = Profile({i: m.counts.tolist() for i, m in moes}, tokens,
+                   os.path.basename(path))
+    prof.save(args.output)
+    print(f"wrote {args.output}: {tokens} tokens over {len(moes)} MoE layers", file=sys.stderr)
     return 0
 
 
@@ -375,9 +455,57 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--raw", action="store_true",
                    help="use the prompt as plain text, without the chat template")
     _add_model_opts(r)
+    _add_gpu_opts(r)
     _add_sparse_opts(r)
     _add_sampling_opts(r)
     r.set_defaults(func=cmd_run)
+    pl = sub.add_parser(
+        "plan", help="will it fit? place a model on a GPU budget + RAM (reads the header only)",
+        description="Plan which tensors a GPU holds: dense weights first, then the KV/latent "
+                    "cache, prompt scratch, then hot routed experts one at a time. Reads only "
+                    "the GGUF header. Exit status 1 when the plan does not fit.")
+    pl.add_argument("model", help="GGUF file (first part of a split model)")
+    pl.add_argument("--vram", default=None,
+                    help="GPU budget, e.g. 24GiB (default: the CUDA device's free memory, else "
+                         "24 GiB)")
+    pl.add_argument("--ram", default=None, help="host RAM budget (default: available RAM)")
+    pl.add_argument("--ctx", type=int, default=4096, help="context length (4096)")
+    pl.add_argument("--chunk", type=int, default=512,
+                    help="prompt tokens per forward pass, sizes the scratch (512)")
+    pl.add_argument("--cache-type", choices=["f16", "bf16", "f32"], default="f16",
+                    help="KV/latent cache type on the GPU (f16)")
+    pl.add_argument("--margin", default=None,
+                    help="kept free for the CUDA context and allocator (default 1GiB)")
+    pl.add_argument("--override", action="append", default=None, metavar="REGEX=gpu|cpu",
+                    help="place tensors whose name matches REGEX (first matching rule wins; "
+                         "repeatable), e.g. 'blk\\.[0-9]+\\.ffn_.*_exps=cpu'")
+    pl.add_argument("--cpu-moe", type=int, default=None, metavar="N",
+                    help="the first N MoE layers' experts on the CPU, the rest on the GPU")
+    pl.add_argument("--profile", help="routing profile JSON (hetero-moe profile) that picks "
+                                      "the hot experts")
+    pl.add_argument("--gpu", choices=["auto", "cuda", "interpret"], default="auto",
+                    help="plan for CUDA (auto: the device here, else a card of --vram) or for "
+                         "--gpu interpret runs")
+    pl.add_argument("--gpu-bandwidth", type=float, default=None, metavar="GB/s",
+                    help="GPU memory bandwidth for the prediction (default: the card's spec, "
+                         "else an RTX 4090's 1008)")
+    pl.add_argument("--cpu-bandwidth", type=float, default=None, metavar="GB/s",
+                    help="CPU DRAM bandwidth for the prediction (default: measured now)")
+    pl.add_argument("-t", "--threads", type=int, default=None, help="threads for the probe")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON")
+    pl.add_argument("-o", "--output", help="also write the plan JSON here (for run --plan)")
+    pl.set_defaults(func=cmd_plan)
+    pr = sub.add_parser("profile", help="count routing per layer and expert over prompts",
+                        description="Run prompts through the model (CPU) and count how often "
+                                    "each routed expert is picked; plan --profile uses the "
+                                    "counts to choose hot experts.")
+    pr.add_argument("model")
+    pr.add_argument("--prompts", required=True, help="text file, one prompt per line")
+    pr.add_argument("-o", "--output", required=True, help="profile JSON to write")
+    pr.add_argument("-n", "--max-tokens", type=int, default=0,
+                    help="also generate this many tokens per prompt (greedy) and count them")
+    _add_model_opts(pr)
+    pr.set_defaults(func=cmd_profile)
     i = sub.add_parser("inspect", help="describe a GGUF model")
     i.add_argument("model")
     i.add_argument("--json", action="store_true", help="print JSON")
@@ -389,6 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("-r", "--repeats", type=int, default=1, help="repetitions, median reported")
     b.add_argument("--json", action="store_true", help="print JSON")
     _add_model_opts(b)
+    _add_gpu_opts(b)
     _add_sparse_opts(b)
     b.set_defaults(func=cmd_bench)
     return ap
@@ -397,7 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
-    for name in ("threads", "max_tokens", "ctx_size", "n_prompt", "n_gen", "repeats"):
+    for name in ("threads", "max_tokens", "ctx_size", "n_prompt", "n_gen", "repeats", "ctx",
+                 "chunk"):
         v = getattr(args, name, None)
         if v is not None and v < (0 if name == "max_tokens" else 1):
             ap.error(f"--{name.replace('_', '-')} must be >= {0 if name == 'max_tokens' else 1},"

@@ -2,6 +2,8 @@
 """Write a random-weight GGUF test model. See `python scripts/make_test_model.py --help`.
 
 Example: python scripts/make_test_model.py --arch qwen3moe --preset tiny --out /tmp/q3.gguf
+Shape-only (real metadata and tensor table, sparse data):
+    python scripts/make_test_model.py --preset deepseek-r1 --shape-only --out R1.gguf
 """
 import sys
 from pathlib import Path

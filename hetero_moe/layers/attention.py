@@ -28,13 +28,26 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     The C++ op reads the cache in place on the kernels' thread pool (measured on 2 threads: equal
     to torch's single-thread matmuls at 512-2k cached positions, 14% faster at 8k, 5% faster
     decode end to end); torch's matmuls otherwise."""
-    if CPP_DECODE_ATTENTION and q.is_cpu and q.dtype == torch.float32 and _cpu_attention():
+    if CPP_DECODE_ATTENTION and q.is_cpu and q.dtype == keys.dtype == torch.float32 \
+            and _cpu_attention():
         from .. import cpu_backend
         return cpu_backend.attn_decode(q.contiguous(), keys, values, scale)
+    q, keys, values = same_dtype(q, keys, values)
     Hkv = keys.shape[1]
     qg = q.reshape(Hkv, q.shape[0] // Hkv, q.shape[1])                   # [Hkv, G, Dk]
     s = torch.bmm(qg, keys.permute(1, 2, 0)) * scale                     # [Hkv, G, L]
-    return torch.bmm(torch.softmax(s, dim=-1), values.transpose(0, 1)).reshape(q.shape[0], -1)
+    return torch.bmm(torch.softmax(s, dim=-1), values.transpose(0, 1)).reshape(
+        q.shape[0], -1).float()
+
+
+def same_dtype(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor):
+    """q and the cache rows in one dtype: a float16 cache (the GPU tier's) is read as it is on
+    CUDA (q rounded to it, fp32 accumulation); elsewhere its rows are widened to float32."""
+    if keys.dtype == q.dtype:
+        return q, keys, values
+    if q.is_cuda:
+        return q.to(keys.dtype), keys, values
+    return q, keys.to(q.dtype), values.to(q.dtype)
 
 
 CPP_DECODE_ATTENTION = True
@@ -168,10 +181,11 @@ class Attention:
             i = torch.arange(pos0, pos0 + T, device=x.device)
             mask = j[None, :] <= i[:, None]                     # [T, L] causal
             # a batch dimension lets torch pick its fused CPU kernel (2-3x faster than 3-D)
+            qh, kh, vh = same_dtype(qh, kh, vh)
             out = F.scaled_dot_product_attention(qh[None], kh[None], vh[None], attn_mask=mask,
                                                  scale=self.scale,
                                                  enable_gqa=cfg.n_head != cfg.n_head_kv)[0]
-            out = out.transpose(0, 1).reshape(T, cfg.n_head * cfg.head_dim)
+            out = out.transpose(0, 1).reshape(T, cfg.n_head * cfg.head_dim).float()
         if n_sparse:                                 # the prompt's last row: a decode step
             out[-n_sparse:] = sparse_cpu.attend(q[-n_sparse:], keys, values, pos0 + T - n_sparse,
                                                 cache, sparse, self.scale, self.nsa,

@@ -17,7 +17,7 @@ from .. import quant
 from ..errors import GGUFFormatError
 from ..gguf import TensorInfo
 from ..quant.act import fake_quant
-from ..runtime.placement import Tier
+from ..runtime.placement import DEQUANT_DTYPE, GPU_BLOCK_TYPES, Tier
 
 
 F32 = 0
@@ -93,7 +93,42 @@ def cpu_kernels_usable(ggml_type: int, options: KernelOptions) -> bool:
     return quant.quant_type(ggml_type).cpu_kernel is not None
 
 
-def select_method(ggml_type: int, tier: Tier, device: str, options: KernelOptions):
+class GpuBlockMethod:
+    """GPU tier: the weight's GGUF blocks copied once to the device (VRAM = file bytes), multiplied
+    by the Triton kernels with dequantization in registers (hetero_moe.kernels.triton.gguf). Under
+    gpu="interpret" the "device" copy is a CPU tensor and the kernels run in Triton's interpreter."""
+    name = "gpu-blocks"
+
+    def process_weights_after_loading(self, layer: "QuantLinear") -> None:
+        raw = quant._as_bytes(layer.raw)
+        layer.w_dev = layer.placement.put(layer.key, raw)
+
+    def apply(self, layer: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
+        from ..kernels.triton import gguf as gk
+        return gk.matmul(x.float().contiguous(), layer.w_dev, layer.ggml_type, layer.n_out,
+                         layer.n_in)
+
+
+class GpuDequantMethod:
+    """GPU tier, a type without a Triton kernel: dequantized once to float16 on the device."""
+    name = "gpu-f16"
+
+    def process_weights_after_loading(self, layer: "QuantLinear") -> None:
+        w = quant.dequantize(layer.raw, layer.ggml_type, (layer.n_out, layer.n_in))
+        layer.w_dev = layer.placement.put(layer.key, w.to(DEQUANT_DTYPE))
+
+    def apply(self, layer: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:      # f16 inputs, fp32 accumulation
+            return (x.to(layer.w_dev.dtype) @ layer.w_dev.T).float()
+        return x.float() @ layer.w_dev.float().T
+
+
+def select_method(ggml_type: int, tier: Tier, device: str, options: KernelOptions,
+                  placement=None):
+    """The GPU tier (a placement with a GPU) multiplies on the device; the CPU tier uses the C++
+    kernels when built, else the torch reference."""
+    if tier is Tier.GPU and placement is not None and placement.has_gpu:
+        return GpuBlockMethod() if ggml_type in GPU_BLOCK_TYPES else GpuDequantMethod()
     if device == "cpu" and cpu_kernels_usable(ggml_type, options):
         return CpuKernelMethod()
     return DequantMatmulMethod()
@@ -103,7 +138,10 @@ class QuantLinear:
     """y = x @ W.T (+ b) with W [n_out, n_in] in any supported GGUF type."""
 
     def __init__(self, t: TensorInfo, tier: Tier, device: str, options: KernelOptions,
-                 bias: TensorInfo | None = None):
+                 bias: TensorInfo | None = None, placement=None, key: str | None = None):
+        """placement: the PlacementPlan (GPU-tier copies are made and counted through it);
+        key: the name the weight is held under (default its tensor name; the tied lm_head is
+        token_embd held as output.weight)."""
         if len(t.ne) != 2:
             raise GGUFFormatError(f"{t.path}: tensor {t.name!r} should be 2-D, has shape "
                                   f"{list(t.shape)}")
@@ -113,12 +151,16 @@ class QuantLinear:
         self.ggml_type = t.ggml_type
         self.n_out, self.n_in = t.shape
         self.tier, self.device = tier, device
-        self.bias = float_tensor(bias).to(device) if bias is not None else None
+        self.placement, self.key = placement, key or t.name
+        self.bias = None
+        if bias is not None:
+            self.bias = float_tensor(bias).to(device) if placement is None else \
+                placement.put(bias.name, float_tensor(bias), tier)
         if self.bias is not None and self.bias.shape != (self.n_out,):
             raise GGUFFormatError(f"{bias.path}: bias {bias.name!r} has shape {list(bias.shape)}, "
                                   f"expected [{self.n_out}]")
         self.act_quant = options.act_quant
-        self.method = select_method(t.ggml_type, tier, device, options)
+        self.method = select_method(t.ggml_type, tier, device, options, placement)
         self.method.process_weights_after_loading(self)
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

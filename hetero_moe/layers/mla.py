@@ -38,6 +38,20 @@ def causal_mask(T: int, L: int, pos0: int, device) -> torch.Tensor:
     return j[None, :] <= i[:, None]
 
 
+# query rows per score matrix on the GPU tier (runtime/planner.py sizes its scratch by it)
+QUERY_BLOCK = 128
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b for a float32 activation and a weight that may be kept in float16 (the GPU tier):
+    on CUDA in f16 with fp32 accumulation, elsewhere in float32."""
+    if b.dtype == a.dtype:
+        return torch.matmul(a, b)
+    if a.is_cuda:
+        return torch.matmul(a.to(b.dtype), b).float()
+    return torch.matmul(a, b.float())
+
+
 def latent_attention(q: torch.Tensor, latent: torch.Tensor, n_value: int, scale: float,
                      pos0: int) -> torch.Tensor:
     """Attention of absorbed queries over the latent cache, as a single shared KV head.
@@ -47,6 +61,9 @@ def latent_attention(q: torch.Tensor, latent: torch.Tensor, n_value: int, scale:
     """
     T, H, K = q.shape
     L = latent.shape[0]
+    if latent.is_cuda and T > QUERY_BLOCK:     # bound the score matrix (the planner's scratch)
+        return torch.cat([latent_attention(q[s:s + QUERY_BLOCK], latent, n_value, scale, pos0 + s)
+                          for s in range(0, T, QUERY_BLOCK)])
     s = (q.reshape(T * H, K) @ latent.T).view(T, H, L) * scale          # [T, H, L]
     if T > 1:
         s = s.masked_fill(~causal_mask(T, L, pos0, q.device)[:, None, :], float("-inf"))
@@ -65,15 +82,19 @@ class MLAttention:
                  q_a_norm: torch.Tensor | None, q_b: QuantLinear | None, kv_a: QuantLinear,
                  kv_a_norm: torch.Tensor, k_b: torch.Tensor, v_b: torch.Tensor, o: QuantLinear,
                  rope: YarnRope, k_b_type: int | None = None, v_b_type: int | None = None,
-                 act_quant: bool = False):
+                 act_quant: bool = False, transposed_copies: bool = True):
+        """transposed_copies: keep contiguous transposes of k_b / v_b (the CPU path's layout);
+        the GPU tier keeps one copy each and multiplies through transposed views."""
         m = cfg.mla
         self.cfg, self.m = cfg, m
         self.q, self.q_a, self.q_a_norm, self.q_b = q, q_a, q_a_norm, q_b
         self.kv_a, self.kv_a_norm, self.o, self.rope = kv_a, kv_a_norm, o, rope
         self.k_b = k_b                                      # [H, C, N]
-        self.k_b_t = k_b.transpose(1, 2).contiguous()       # [H, N, C]
+        self.k_b_t = k_b.transpose(1, 2)                    # [H, N, C]
         self.v_b = v_b                                      # [H, Dv, C]
-        self.v_b_t = v_b.transpose(1, 2).contiguous()       # [H, C, Dv]
+        self.v_b_t = v_b.transpose(1, 2)                    # [H, C, Dv]
+        if transposed_copies:
+            self.k_b_t, self.v_b_t = self.k_b_t.contiguous(), self.v_b_t.contiguous()
         # llama.cpp quantizes the activation along the weight's rows: q_nope / the attention
         # output for split k_b / v_b (rows N / C long, its absorbed form), the latent c for a
         # legacy kv_b (rows C long, its expanded form). The other form keeps f32 activations.
@@ -117,7 +138,7 @@ class MLAttention:
         dense latent attention (sparse attention does)."""
         m = self.m
         qn = self._aq(q_nope, self.k_b_type, "absorbed").transpose(0, 1)           # [H, T, N]
-        q_abs = torch.bmm(qn, self.k_b_t).transpose(0, 1)              # [T, H, C]
+        q_abs = _mm(qn, self.k_b_t).transpose(0, 1)                   # [T, H, C]
         q = torch.cat((q_abs, q_pe), dim=-1)                           # [T, H, C+R]
         if q_dtype != torch.float32:
             q = q.to(q_dtype).float()
@@ -126,15 +147,15 @@ class MLAttention:
         else:
             o_lat = latent_attention(q, latent, m.kv_lora, m.kq_scale, pos0)   # [T, H, C]
         o_lat = self._aq(o_lat, self.v_b_type, "absorbed").transpose(0, 1)         # [H, T, C]
-        return torch.bmm(o_lat, self.v_b_t).transpose(0, 1)            # [T, H, Dv]
+        return _mm(o_lat, self.v_b_t).transpose(0, 1)                 # [T, H, Dv]
 
     def attend_expanded(self, q_nope, q_pe, latent, pos0, q_dtype=None) -> torch.Tensor:
         """-> [T, H, Dv]"""
         m = self.m
         T, H, L = q_nope.shape[0], self.cfg.n_head, latent.shape[0]
         c, k_pe = latent[:, :m.kv_lora], latent[:, m.kv_lora:]         # [L, C], [L, R]
-        k_nope = torch.matmul(self._aq(c, self.k_b_type, "expanded"), self.k_b)    # [H, L, N]
-        v = torch.matmul(self._aq(c, self.v_b_type, "expanded"), self.v_b_t)       # [H, L, Dv]
+        k_nope = _mm(self._aq(c, self.k_b_type, "expanded"), self.k_b)           # [H, L, N]
+        v = _mm(self._aq(c, self.v_b_type, "expanded"), self.v_b_t)              # [H, L, Dv]
         k = torch.cat((k_nope, k_pe[None].expand(H, L, m.qk_rope)), dim=-1)   # [H, L, N+R]
         q = torch.cat((q_nope, q_pe), dim=-1).transpose(0, 1)          # [H, T, N+R]
         mask = causal_mask(T, L, pos0, q.device)

@@ -16,7 +16,7 @@ from ..errors import GGUFFormatError
 from ..gguf import TensorInfo
 from ..models.base import ModelConfig
 from ..quant.act import fake_quant
-from ..runtime.placement import PlacementPlan
+from ..runtime.placement import PlacementPlan  # noqa: F401  (type of `plan`)
 from .linear import KernelOptions, QuantLinear, apply_group, cpu_kernels_usable
 
 
@@ -73,7 +73,8 @@ class MoE:
     """Routed experts (+ optional shared expert).
 
     route: softmax over E router logits, top-K, optional renormalisation;
-    place: experts promoted to the GPU tier run there, the rest on the CPU tier;
+    experts: all on the CPU tier here (runtime/hetero.py's HeteroMoE splits them between the
+    GPU tier's hot experts and the CPU);
     combine: weighted sum of expert outputs (+ sigmoid-gated shared expert).
     """
 
@@ -86,9 +87,9 @@ class MoE:
         self.probs_bias = probs_bias                           # [E]: added for choosing only
         self.gate, self.up, self.down = gate, up, down
         self.shared, self.shared_gate = shared, shared_gate    # shared_gate: [D]
-        self.gpu_experts = plan.experts_on_gpu(layer)
         self.act_quant = options.act_quant
         self.margin_log: list | None = None    # set to a list to record routing margins
+        self.counts: torch.Tensor | None = None   # set to zeros [E] to count routing picks
         self.use_kernel = (options.cpu_kernels != "torch" and all(
             cpu_kernels_usable(s.ggml_type, options) for s in (gate, up, down)))
 
@@ -108,6 +109,8 @@ class MoE:
             top = torch.topk(select, k + 1, dim=-1).values         # [T, K+1]
             self.margin_log.append(top[:, k - 1] - top[:, k])     # gap of the last pick
         w, ids = torch.topk(select, k, dim=-1)
+        if self.counts is not None:
+            self.counts += torch.bincount(ids.flatten(), minlength=c.n_expert).to(self.counts)
         if select is not probs:
             w = probs.gather(1, ids)
         if c.norm_topk:

@@ -200,12 +200,18 @@ def build_blocks(cfg: ModelConfig, ts, lin, vec, plan, options, n_ctx: int, prog
 
     m, D, H = cfg.mla, cfg.n_embd, cfg.n_head
     C, N, R, Dv = m.kv_lora, m.qk_nope, m.qk_rope, m.v_head
-    dev = plan.device_of
-    rope = YarnRope(m.rope, n_ctx, dev(plan.tier_of("rope")))
+    from ..runtime.placement import DEQUANT_DTYPE
+    from .transformer import place_rope
+    rope = place_rope(plan, YarnRope(m.rope, n_ctx, "cpu"))
+    act_quant = options.act_quant and not plan.has_gpu     # the GPU tier keeps float activations
 
-    def per_head(name, shape):   # k_b / v_b / kv_b: small, dequantized once to float32
+    def per_head(name, shape):   # k_b / v_b / kv_b: small, dequantized once (f16 on the GPU tier)
         t = ts.get(name, shape)
-        return float_tensor(t).to(dev(plan.tier_of(name))), t.ggml_type
+        tier = plan.tier_of(name)
+        w = float_tensor(t)
+        if tier.value == "gpu" and plan.has_gpu:
+            w = w.to(DEQUANT_DTYPE)
+        return plan.put(name, w, tier), t.ggml_type
 
     def ffn(p, F):
         return DenseFFN(lin(p + "ffn_gate.weight", (F, D)), lin(p + "ffn_up.weight", (F, D)),
@@ -227,16 +233,19 @@ def build_blocks(cfg: ModelConfig, ts, lin, vec, plan, options, n_ctx: int, prog
         else:
             kv_b, k_type = per_head(p + "attn_kv_b.weight", (H * (N + Dv), C))
             kv_b = kv_b.view(H, N + Dv, C)
-            k_b, v_b, v_type = kv_b[:, :N].transpose(1, 2).contiguous(), kv_b[:, N:], k_type
+            k_b, v_b, v_type = kv_b[:, :N].transpose(1, 2), kv_b[:, N:], k_type
+            if not plan.has_gpu:         # the CPU path's layout; the GPU tier keeps views
+                k_b, v_b = k_b.contiguous(), v_b.contiguous()
         attn = MLAttention(cfg, q, q_a, q_a_norm, q_b, lin(p + "attn_kv_a_mqa.weight", (C + R, D)),
-                           vec(p + "attn_kv_a_norm.weight", C), k_b, v_b.contiguous(),
+                           vec(p + "attn_kv_a_norm.weight", C), k_b, v_b,
                            lin(p + "attn_output.weight", (D, H * Dv)), rope, k_type, v_type,
-                           options.act_quant)
+                           act_quant, transposed_copies=not plan.has_gpu)
         if i < cfg.n_layer_dense_lead:
             block_ffn = ffn(p, cfg.n_ff)
         else:
             E, Fe, Fs = cfg.n_expert, cfg.n_ff_exp, cfg.n_ff_shexp
-            router = float_tensor(ts.get(p + "ffn_gate_inp.weight", (E, D)))
+            rname = p + "ffn_gate_inp.weight"
+            router = plan.put(rname, float_tensor(ts.get(rname, (E, D))), plan.tier_of(rname))
             bias = ts.get(p + "exp_probs_b.bias", (E,), optional=True)
             shared = None
             if Fs:
@@ -248,7 +257,11 @@ def build_blocks(cfg: ModelConfig, ts, lin, vec, plan, options, n_ctx: int, prog
                             ExpertStack(ts.get(p + "ffn_up_exps.weight"), E, Fe, D),
                             ExpertStack(ts.get(p + "ffn_down_exps.weight"), E, D, Fe),
                             plan, options, shared,
-                            probs_bias=None if bias is None else float_tensor(bias))
+                            probs_bias=None if bias is None else plan.put(
+                                bias.name, float_tensor(bias), plan.tier_of(bias.name)))
+            if plan.has_gpu:
+                from ..runtime.hetero import HeteroMoE
+                block_ffn = HeteroMoE(block_ffn, plan)
         blocks.append(Block(vec(p + "attn_norm.weight", D), attn, vec(p + "ffn_norm.weight", D),
                             block_ffn))
         if progress is not None:

@@ -41,6 +41,13 @@ def _pool_spin(us: int) -> None:
 _IGNORED_SUFFIX = (".attn_rot_embd",)
 
 
+def place_rope(plan: PlacementPlan, rope):
+    """RoPE tables (cos, sin) on the GPU tier when there is one."""
+    if plan.has_gpu:
+        rope.cos, rope.sin = plan.put("rope.cos", rope.cos), plan.put("rope.sin", rope.sin)
+    return rope
+
+
 class _Tensors:
     """Hands out tensors by name and remembers which were used."""
 
@@ -88,6 +95,7 @@ class Transformer:
         self.ws = Workspace()                        # prompts' reused intermediates
         self._cpu_ok: bool | None = None
         self.fused_reason: str | None = None         # why it could not be built
+        self.executor = None                         # the heterogeneous step (a GPU tier)
         ts = _Tensors(g)
         dev = plan.device_of
 
@@ -96,17 +104,20 @@ class Transformer:
             b = ts.get(name.replace(".weight", ".bias"), (shape[0],), optional=not bias) \
                 if bias else ts.get(name.replace(".weight", ".bias"), (shape[0],), optional=True)
             tier = plan.tier_of(name)
-            return QuantLinear(t, tier, dev(tier), options, bias=b)
+            return QuantLinear(t, tier, dev(tier), options, bias=b, placement=plan)
 
         def vec(name, n, optional=False):
             t = ts.get(name, (n,), optional=optional)
-            return None if t is None else float_tensor(t).to(dev(plan.tier_of(name)))
+            return None if t is None else plan.put(name, float_tensor(t), plan.tier_of(name))
+
+        def vec_2d(name, shape):          # a router: a float matrix used as is
+            return plan.put(name, float_tensor(ts.get(name, shape)), plan.tier_of(name))
 
         D, V = cfg.n_embd, cfg.n_vocab
         q_out, kv_out = cfg.n_head * cfg.head_dim, cfg.n_head_kv * cfg.head_dim
         tok = ts.get("token_embd.weight", (V, D))
-        self.embed = Embedding(tok, dev(plan.tier_of(tok.name)))
-        self.rope = Rope(cfg, n_ctx, dev(plan.tier_of("rope")))
+        self.embed = Embedding(tok, plan.gpu_device)      # rows to where the layers run
+        self.rope = place_rope(plan, Rope(cfg, n_ctx, "cpu"))
         self.blocks: list[Block] = []
         if cfg.mla is not None:          # deepseek2: MLA attention, leading dense blocks
             from .deepseek2 import build_blocks
@@ -126,7 +137,7 @@ class Transformer:
                              lin(p + "attn_output.weight", (D, q_out)), self.rope, qn, kn)
             if cfg.is_moe:
                 E, Fe = cfg.n_expert, cfg.n_ff_exp
-                router = float_tensor(ts.get(p + "ffn_gate_inp.weight", (E, D)))
+                router = vec_2d(p + "ffn_gate_inp.weight", (E, D))
                 shared = shared_gate = None
                 if cfg.n_ff_shexp:
                     Fs = cfg.n_ff_shexp
@@ -140,6 +151,9 @@ class Transformer:
                           ExpertStack(ts.get(p + "ffn_up_exps.weight"), E, Fe, D),
                           ExpertStack(ts.get(p + "ffn_down_exps.weight"), E, D, Fe),
                           plan, options, shared, shared_gate)
+                if plan.has_gpu:
+                    from ..runtime.hetero import HeteroMoE
+                    ffn = HeteroMoE(ffn, plan)
             else:
                 Fd = cfg.n_ff
                 ffn = DenseFFN(lin(p + "ffn_gate.weight", (Fd, D)),
@@ -153,19 +167,26 @@ class Transformer:
         self.out_norm = vec("output_norm.weight", D)
         if cfg.tied_embeddings:
             self.lm_head = QuantLinear(tok, plan.tier_of("output.weight"),
-                                       dev(plan.tier_of("output.weight")), options)
+                                       dev(plan.tier_of("output.weight")), options,
+                                       placement=plan, key="output.weight")
         else:
             self.lm_head = lin("output.weight", (V, D))
         ts.check_all_used()
         if cfg.mla is not None:
             # sparse attention reads a few blocks of the latent in place: f32, so no call has to
             # convert the whole cache (the dense path's f16 matches llama.cpp's rounding)
-            self.cache = LatentKVCache(cfg.n_layer, n_ctx, cfg.mla.latent_dim,
-                                       dev(plan.tier_of("kv")),
-                                       torch.float32 if self.sparse.enabled else torch.float16)
+            self.cache = LatentKVCache(cfg.n_layer, n_ctx, cfg.mla.latent_dim, plan.gpu_device,
+                                       plan.cache_dtype or (torch.float32 if self.sparse.enabled
+                                                            else torch.float16))
         else:
             self.cache = KVCache(cfg.n_layer, n_ctx, cfg.n_head_kv, cfg.head_dim,
-                                 dev(plan.tier_of("kv")))
+                                 plan.gpu_device, plan.cache_dtype or torch.float32)
+        if plan.has_gpu:
+            for i, c in enumerate(self.cache.layers):
+                plan.held[f"kv_cache.{i}"] = sum(t.numel() * t.element_size() for t in (
+                    (c.latent,) if hasattr(c, "latent") else (c.k_store, c.v_store)))
+            from ..runtime.hetero import HeteroExecutor
+            self.executor = HeteroExecutor(self)
 
     def _cpu_norm(self) -> bool:
         """Whether the residual stream is on the CPU with the C++ kernels built (norms and
@@ -187,7 +208,8 @@ class Transformer:
             self.fused = (fused_decode.build(self) if fused_decode.enabled_by_env() else None) \
                 or False
         return bool(self.fused) and not any(
-            getattr(b.ffn, "margin_log", None) is not None for b in self.blocks)
+            getattr(b.ffn, "margin_log", None) is not None
+            or getattr(b.ffn, "counts", None) is not None for b in self.blocks)
 
     def _fused_step(self, ids: torch.Tensor, pos0: int) -> torch.Tensor:
         for c in self.cache.layers:                 # the checks LayerCache.append makes
@@ -210,7 +232,8 @@ class Transformer:
         per-call `nsa` override can use them), required when the model loads in `nsa` mode."""
         def get(name):
             t = ts.get(name, optional=True)
-            return None if t is None else float_tensor(t).to(dev(self.plan.tier_of(name)))
+            return None if t is None else self.plan.put(name, float_tensor(t),
+                                                        self.plan.tier_of(name))
         try:
             w = load_nsa_weights(get, p)
         except KeyError as e:
@@ -234,6 +257,8 @@ class Transformer:
                 sparse: SparseAttnConfig | None = None) -> torch.Tensor:
         """Run tokens ids [T] at positions pos0..pos0+T-1 -> logits [T or 1, V] float32.
         sparse: this call's sparse-attention settings (default: the model's)."""
+        if self.executor is not None:
+            return self.executor.forward(ids, pos0, all_logits, sparse)
         cfg = self.cfg
         sp = self.sparse if sparse is None else sparse
         attn_kw = {"sparse": sp} if sp.enabled else {}

@@ -74,7 +74,7 @@ class FusedDecode:
             ints += self._buf(b.ffn_norm, f"blk.{i}.ffn_norm")
             ffn = b.ffn
             if hasattr(ffn, "router"):
-                if ffn.gpu_experts or not ffn.use_kernel:
+                if not ffn.use_kernel:
                     raise Unsupported("experts outside the CPU kernels")
                 if ffn.probs_bias is not None:
                     raise Unsupported("a routing bias")

@@ -56,8 +56,10 @@ class LayerCache:
 class KVCache:
     """All layers' caches plus the shared position counter."""
 
-    def __init__(self, n_layer: int, n_ctx: int, n_head_kv: int, head_dim: int, device: str):
-        self.layers = [LayerCache(n_ctx, n_head_kv, head_dim, device) for _ in range(n_layer)]
+    def __init__(self, n_layer: int, n_ctx: int, n_head_kv: int, head_dim: int, device: str,
+                 dtype: torch.dtype = torch.float32):
+        self.layers = [LayerCache(n_ctx, n_head_kv, head_dim, device, dtype)
+                       for _ in range(n_layer)]
         self.n_ctx = n_ctx
         self.pos = 0
 

@@ -462,6 +462,19 @@ def _vocab_size() -> int:
 def _add_metadata(w, arch: str, preset: str, s: Shape, seed: int) -> None:
     import gguf
 
+    w.add_type("model")
+    w.add_name(f"hetero-moe test {arch} {preset} L{s.n_layer} seed{seed}")
+    add_arch_metadata(w, arch, s)
+    w.add_file_type(0)   # LLAMA_FTYPE_ALL_F32; the quantizer rewrites it
+    for k, value, vtype, sub in _tokenizer_kv():
+        sub_type = None if sub is None else gguf.GGUFValueType(sub)
+        w.add_key_value(k, value, gguf.GGUFValueType(vtype), sub_type=sub_type)
+
+
+def add_arch_metadata(w, arch: str, s: Shape) -> None:
+    """The `{arch}.*` hyper-parameter keys of shape `s`, as convert_hf_to_gguf.py writes them."""
+    import gguf
+
     spec, p = ARCHES[arch], s.p
     a = spec.gguf_arch
     K, A, R = gguf.Keys.LLM, gguf.Keys.Attention, gguf.Keys.Rope
@@ -469,8 +482,6 @@ def _add_metadata(w, arch: str, preset: str, s: Shape, seed: int) -> None:
     def key(template: str) -> str:
         return template.format(arch=a)
 
-    w.add_type("model")
-    w.add_name(f"hetero-moe test {arch} {preset} L{s.n_layer} seed{seed}")
     w.add_uint32(key(K.CONTEXT_LENGTH), p.context)
     w.add_uint32(key(K.EMBEDDING_LENGTH), p.hidden)
     w.add_uint32(key(K.BLOCK_COUNT), s.n_layer)
@@ -496,10 +507,6 @@ def _add_metadata(w, arch: str, preset: str, s: Shape, seed: int) -> None:
         w.add_uint32(key(A.VALUE_LENGTH), p.head_dim)
     if spec.mla_split is not None:
         _add_mla_metadata(w, key, s, spec.mla_split)
-    w.add_file_type(0)   # LLAMA_FTYPE_ALL_F32; the quantizer rewrites it
-    for k, value, vtype, sub in _tokenizer_kv():
-        sub_type = None if sub is None else gguf.GGUFValueType(sub)
-        w.add_key_value(k, value, gguf.GGUFValueType(vtype), sub_type=sub_type)
 
 
 # llama.cpp's llama_expert_gating_func_type
@@ -678,8 +685,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="presets: " + "; ".join(
             f"{n} (D={p.hidden}, L={p.n_layer}, E={p.n_expert}"
             + (f", only {'/'.join(p.only)}" if p.only else "") + ")" for n, p in PRESETS.items()))
-    ap.add_argument("--arch", required=True, choices=list(ARCHES), help="architecture")
-    ap.add_argument("--preset", default="tiny", choices=list(PRESETS), help="shapes (default tiny)")
+    from .shape_only import SHAPE_PRESETS
+    ap.add_argument("--arch", choices=list(ARCHES),
+                    help="architecture (required unless --shape-only, whose presets imply it)")
+    ap.add_argument("--preset", default="tiny", choices=list(PRESETS) + list(SHAPE_PRESETS),
+                    help="shapes (default tiny); " + ", ".join(SHAPE_PRESETS) + " need --shape-only")
     dest = ap.add_mutually_exclusive_group(required=True)
     dest.add_argument("--out", type=Path, help="output .gguf path")
     dest.add_argument("--cache", action="store_true",
@@ -689,11 +699,29 @@ def build_parser() -> argparse.ArgumentParser:
                     help="llama.cpp file type (default Q4_K_M; F32 skips quantization)")
     ap.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--shape-only", action="store_true",
+                    help="a real model's metadata and Q4_K_M tensor table with a sparse, empty data "
+                         "region (presets " + ", ".join(SHAPE_PRESETS) + ")")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from . import shape_only
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.shape_only or args.preset in shape_only.SHAPE_PRESETS:
+        if not args.shape_only:
+            ap.error(f"preset {args.preset!r} is shape-only: add --shape-only")
+        sp = shape_only.SHAPE_PRESETS.get(args.preset)
+        if sp is None:
+            ap.error(f"--shape-only needs one of the presets {', '.join(shape_only.SHAPE_PRESETS)}")
+        if args.arch not in (None, sp.arch):
+            ap.error(f"preset {args.preset!r} is a {sp.arch} model, not {args.arch!r}")
+        if args.layers is not None or args.quant != "Q4_K_M":
+            ap.error("--shape-only files have the real layer count and are Q4_K_M")
+        return shape_only.main_shape_only(args.preset, args.out, args.cache)
+    if args.arch is None:
+        ap.error("--arch is required")
     t0 = time.perf_counter()
     try:
         if args.cache:

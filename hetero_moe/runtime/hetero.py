@@ -1,0 +1,238 @@
+"""The heterogeneous step: dense layers and hot experts on the GPU tier, cold experts on the CPU,
+overlapped.
+
+Per MoE layer (`HeteroMoE`):
+  1. route on the GPU tier (router and activations live there);
+  2. split the K picks per token: hot (a GPU slot holds the expert) and cold;
+  3. submit the cold pairs to the C++ pool FIRST (x, ids, weights copied to host memory, pinned on
+     CUDA; hot pairs are passed as id -1 and skipped by the CPU kernel);
+  4. meanwhile on the GPU tier: the shared expert, then one grouped launch over the hot experts
+     (gate+up with SiLU fused, down, weighted combine; experts without tokens are skipped);
+  5. wait for the CPU, copy its result to the device, add.
+Under gpu="interpret" the GPU tier is CPU tensors run by Triton's interpreter while the C++ pool
+works on its own threads, so the same order and the same overlap are exercised without a GPU.
+
+Hot experts sit in fixed slots: per layer uint8 stacks [S, bytes of one expert] and `slot_of`
+[E] (slot or -1). Moving an expert in or out is a copy into a slot and one entry of `slot_of`:
+addresses stay fixed, so a captured decode graph would stay valid.
+
+CUDA graphs are not used yet: each MoE layer needs its routed ids on the host to start the CPU
+experts (a device-to-host sync per layer), which a graph could only express with host callbacks.
+
+Dimension key: T tokens, D model width, E routed experts, K experts per token, F expert FFN
+width, S hot-expert slots of a layer.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .. import quant
+from ..layers.attention import rms_norm
+from .placement import DEQUANT_DTYPE, GPU_BLOCK_TYPES, PlacementPlan
+
+
+class EventLog:
+    """The executor's order of work, for tests and debugging: (what, layer, time)."""
+
+    def __init__(self):
+        self.events: list[tuple[str, int, float]] = []
+
+    def __call__(self, what: str, layer: int) -> None:
+        self.events.append((what, layer, time.perf_counter()))
+
+    def of_layer(self, layer: int) -> list[str]:
+        return [w for w, l, _ in self.events if l == layer]
+
+
+class HeteroMoE:
+    """One MoE layer split between the GPU tier (hot experts, shared expert) and the CPU."""
+
+    def __init__(self, moe, plan: PlacementPlan):
+        self.moe, self.plan = moe, plan
+        self.layer = moe.layer
+        self.log: EventLog | None = None
+        c = moe.cfg
+        E = c.n_expert
+        hot = list(plan.experts_on_gpu(moe.layer))
+        self.hot = hot
+        dev = plan.gpu_device
+        slot_of = torch.full((E,), -1, dtype=torch.int32)
+        for s, e in enumerate(hot):
+            slot_of[e] = s
+        self.slot_of = slot_of.to(dev)
+        self.stacks = None
+        if hot:
+            self.stacks = [self._resident(st, hot) for st in (moe.gate, moe.up, moe.down)]
+        self.n_hot = len(hot)
+        self.pinned = plan.mode == "cuda"
+
+    def _resident(self, st, hot: list[int]):
+        """GPU copies of the hot experts of one stack: blocks as stored [S, expert_bytes], or a
+        float16 [S, rows, cols] for a type without a Triton kernel."""
+        name = st.name
+        if st.ggml_type in GPU_BLOCK_TYPES:
+            raw = quant._as_bytes(st.raw).view(-1, st.expert_bytes)          # [E, bytes]
+            return self.plan.put(name, raw[hot])
+        w = torch.stack([st.dequantize(e) for e in hot]).to(DEQUANT_DTYPE)  # [S, rows, cols]
+        return self.plan.put(name, w)
+
+    # -- the GPU side -------------------------------------------------------------------------
+    def _hot_experts(self, x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        m = self.moe
+        gate, up, down = self.stacks
+        if all(s.dtype == torch.uint8 for s in self.stacks):
+            from ..kernels.triton import gguf as gk
+            return gk.moe_grouped(x.float().contiguous(), ids, w.float().contiguous(),
+                                  self.slot_of, gate, up, down, m.gate.ggml_type,
+                                  m.up.ggml_type, m.down.ggml_type, m.cfg.n_ff_exp)
+        return self._hot_experts_dense(x, w, ids)
+
+    def _hot_experts_dense(self, x, w, ids) -> torch.Tensor:
+        """Hot experts kept in float16 (types without a Triton kernel): per-expert matmuls."""
+        out = torch.zeros_like(x, dtype=torch.float32)
+        slots = self.slot_of[ids.long()]                       # [T, K]
+        for s in torch.unique(slots[slots >= 0]).tolist():
+            t_idx, k_idx = (slots == s).nonzero(as_tuple=True)
+            xe = x[t_idx].float()
+            g, u, d = (st[s].float() for st in self.stacks)
+            y = (F.silu(xe @ g.T) * (xe @ u.T)) @ d.T
+            out.index_add_(0, t_idx, y * w[t_idx, k_idx, None])
+        return out
+
+    def _shared(self, x: torch.Tensor) -> torch.Tensor | None:
+        m = self.moe
+        if m.shared is None:
+            return None
+        s = m.shared(x)
+        if m.shared_gate is not None:
+            s = s * torch.sigmoid(x @ m.shared_gate)[:, None]
+        return s
+
+    # -- the step -----------------------------------------------------------------------------
+    def __call__(self, x: torch.Tensor, ws=None) -> torch.Tensor:   # [T, D] -> [T, D]
+        m, log, L = self.moe, self.log, self.layer
+        w, ids = m.route(x)                                      # [T, K] each, on the device
+        if log:
+            log("route", L)
+        if self.n_hot:
+            hot = self.slot_of[ids] >= 0                         # [T, K]
+            cold_ids = ids.masked_fill(hot, -1)
+        else:
+            hot, cold_ids = None, ids
+        handle = cold = None
+        n_cold = int((cold_ids >= 0).sum()) if self.n_hot else ids.numel()   # host sync
+        if n_cold:
+            handle, cold = self._submit_cpu(x, cold_ids, w)
+            if log:
+                log("cpu_submit", L)
+        out = self._shared(x)
+        if log and out is not None:
+            log("gpu_shared", L)
+        if self.n_hot and n_cold < ids.numel():
+            y = self._hot_experts(x, w, ids)
+            out = y if out is None else out + y
+            if log:
+                log("gpu_hot", L)
+        if handle is not None:
+            y = handle.wait() if hasattr(handle, "wait") else handle
+            if log:
+                log("cpu_wait", L)
+            y = y.to(x.device, non_blocking=True)
+            out = y if out is None else out + y
+        if out is None:
+            out = torch.zeros_like(x)
+        if log:
+            log("combine", L)
+        return out
+
+    def _submit_cpu(self, x, cold_ids, w):
+        """Start the cold experts on the C++ pool (or run the torch reference when the kernels
+        are not built) -> (handle with wait(), kept inputs)."""
+        m = self.moe
+        xh = x.detach().float()
+        if xh.is_cuda:
+            buf = torch.empty(xh.shape, dtype=torch.float32, pin_memory=True)
+            buf.copy_(xh)
+            xh = buf
+        else:
+            xh = xh.contiguous()
+        ids_h = cold_ids.to("cpu", torch.int32).contiguous()
+        w_h = w.detach().to("cpu", torch.float32).contiguous()
+        if m.use_kernel:
+            c = m.cfg
+            from .. import cpu_backend
+            h = cpu_backend.moe_ffn_submit(
+                xh, ids_h, w_h, m.gate.raw, m.up.raw, m.down.raw, gate_type=m.gate.ggml_type,
+                up_type=m.up.ggml_type, down_type=m.down.ggml_type, n_expert=c.n_expert,
+                d_model=c.n_embd, d_ff=c.n_ff_exp)
+            return h, (xh, ids_h, w_h)
+        keep = ids_h >= 0
+        y = m.experts_torch(xh, w_h * keep, ids_h.clamp_min(0).long())
+        return y, None
+
+
+class HeteroExecutor:
+    """Runs a Transformer whose placement has a GPU tier: embeddings from the CPU, every layer's
+    attention and dense FFN on the GPU tier, MoE layers through HeteroMoE, lm_head on its tier."""
+
+    def __init__(self, net):
+        self.net = net
+        self.log: EventLog | None = None
+
+    def record(self, on: bool = True) -> EventLog | None:
+        """Start (or stop) logging the order of work in every MoE layer; returns the log."""
+        self.log = EventLog() if on else None
+        for b in self.net.blocks:
+            if isinstance(b.ffn, HeteroMoE):
+                b.ffn.log = self.log
+        return self.log
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, pos0: int, all_logits: bool = True,
+                sparse=None) -> torch.Tensor:
+        net = self.net
+        cfg = net.cfg
+        sp = net.sparse if sparse is None else sparse
+        if sp.enabled:
+            from ..errors import UnsupportedError
+            raise UnsupportedError("sparse attention runs on the CPU-only path; load with "
+                                   "gpu='none' to use it")
+        dev = net.plan.gpu_device
+        x = net.embed(ids).to(dev)                              # [T, D]
+        for i, b in enumerate(net.blocks):
+            x = x + b.attn(rms_norm(x, b.attn_norm, cfg.rms_eps), pos0, net.cache.layers[i])
+            x = x + b.ffn(rms_norm(x, b.ffn_norm, cfg.rms_eps))
+        if not all_logits:
+            x = x[-1:]
+        net.cache.pos = pos0 + ids.shape[0]
+        return net.lm_head(rms_norm(x, net.out_norm, cfg.rms_eps)).float().cpu()
+
+    def memory(self) -> dict:
+        """Bytes the GPU tier holds, by the planner's groups, next to what the plan said."""
+        from .planner import group_of
+        plan = self.net.plan
+        groups: dict[str, int] = {}
+        for name, n in plan.held.items():
+            if name.startswith("kv_cache."):
+                g = "kv_cache"
+            elif name.startswith("rope."):
+                g = "attention"
+            else:
+                g = group_of(name)
+                g = "hot_experts" if g == "experts" else g
+            groups[g] = groups.get(g, 0) + n
+        p = plan.plan
+        planned = {k: v for k, v in p.gpu_groups.items() if k != "scratch"}
+        out = {"mode": plan.mode, "device": plan.gpu_device, "held_bytes": sum(groups.values()),
+               "held_groups": groups, "planned_bytes": sum(planned.values()),
+               "planned_groups": planned,
+               "scratch_reserved_bytes": p.gpu_groups.get("scratch", 0)}
+        if plan.mode == "cuda":
+            out["cuda_allocated_bytes"] = torch.cuda.memory_allocated()
+        return out
+
+
+__all__ = ["EventLog", "HeteroExecutor", "HeteroMoE"]
