@@ -5,7 +5,7 @@ from .errors import (ContextLengthError, GGUFFormatError, HeteroMoEError, Missin
 
 __version__ = "0.1.0"
 
-__all__ = ["load", "HeteroMoEError", "GGUFFormatError", "MissingTensorError", "MissingKeyError",
+__all__ = ["load", "plan", "HeteroMoEError", "GGUFFormatError", "MissingTensorError", "MissingKeyError",
            "UnsupportedError", "ContextLengthError", "__version__"]
 
 
@@ -13,3 +13,10 @@ def load(path, threads=None, **options):
     """Open a GGUF model. See :func:`hetero_moe.api.load`."""
     from .api import load as _load
     return _load(path, threads=threads, **options)
+
+
+def plan(path, vram=None, ram=None, n_ctx=4096, **options):
+    """Plan which tensors of a GGUF model a GPU holds, from its header alone.
+    See :func:`hetero_moe.runtime.planner.plan`."""
+    from .runtime.planner import plan as _plan
+    return _plan(path, vram=vram, ram=ram, n_ctx=n_ctx, **options)

@@ -104,9 +104,20 @@ class GpuBlockMethod:
         layer.w_dev = layer.placement.put(layer.key, raw)
 
     def apply(self, layer: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
-        from ..kernels.triton import gguf as gk
-        return gk.matmul(x.float().contiguous(), layer.w_dev, layer.ggml_type, layer.n_out,
-                         layer.n_in)
+        kernel = quant.QUANT_TYPES[layer.ggml_type].gpu_kernel or register_gpu_kernels(
+            layer.ggml_type)
+        return kernel.matmul(x.float().contiguous(), layer.w_dev, layer.ggml_type, layer.n_out,
+                             layer.n_in)
+
+
+def register_gpu_kernels(ggml_type: int | None = None):
+    """Fill the quant table's GPU-kernel slot for every type the Triton kernels support (on first
+    use: importing triton is slow); returns the kernel of `ggml_type`."""
+    from ..kernels.triton import gguf as gk
+    for t in gk.SUPPORTED:
+        if quant.QUANT_TYPES[t].gpu_kernel is None:
+            quant.set_kernels(t, gpu_kernel=gk)
+    return None if ggml_type is None else quant.QUANT_TYPES[ggml_type].gpu_kernel
 
 
 class GpuDequantMethod:
@@ -166,6 +177,8 @@ class QuantLinear:
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """x [T, n_in] -> [T, n_out]; out: a [T, n_out] float32 tensor the C++ kernels may write
         into (a hint: other methods, and a bias, return a new tensor)."""
+        if self.tier is Tier.CPU and x.device.type != "cpu":      # a CPU-tier weight, GPU x
+            return self(x.float().cpu()).to(x.device)
         if out is not None and isinstance(self.method, CpuKernelMethod) and x.dim() == 2:
             y = self.method.apply(self, x, out=out)
         else:
@@ -182,7 +195,8 @@ class QuantLinear:
 def apply_group(layers: "list[QuantLinear]", x: torch.Tensor, outs=None) -> list[torch.Tensor]:
     """[layer(x) for layer in layers]; layers on the C++ kernels share one job (x quantized once).
     outs: optional [T, n_out] float32 tensors for the C++ kernels to write into (a hint)."""
-    if len(layers) > 1 and all(isinstance(l.method, CpuKernelMethod) for l in layers) \
+    if len(layers) > 1 and x.is_cpu and all(isinstance(l.method, CpuKernelMethod)
+                                            for l in layers) \
             and len({l.n_in for l in layers}) == 1 and len(layers) <= 4:
         kernel = quant.QUANT_TYPES[layers[0].ggml_type].cpu_kernel
         ys = kernel.matmul_multi([(l.raw, l.ggml_type, l.n_out) for l in layers], layers[0].n_in,

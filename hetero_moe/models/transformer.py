@@ -117,7 +117,9 @@ class Transformer:
         q_out, kv_out = cfg.n_head * cfg.head_dim, cfg.n_head_kv * cfg.head_dim
         tok = ts.get("token_embd.weight", (V, D))
         self.embed = Embedding(tok, plan.gpu_device)      # rows to where the layers run
-        self.rope = place_rope(plan, Rope(cfg, n_ctx, "cpu"))
+        self.rope = Rope(cfg, n_ctx, "cpu")           # MLA blocks bring their own (YaRN)
+        if cfg.mla is None:
+            place_rope(plan, self.rope)
         self.blocks: list[Block] = []
         if cfg.mla is not None:          # deepseek2: MLA attention, leading dense blocks
             from .deepseek2 import build_blocks

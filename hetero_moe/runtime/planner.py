@@ -578,7 +578,20 @@ def make_plan(g, cfg=None, *, vram: str | int | None = None, ram: str | int | No
         if grp == "experts":
             continue
         default = "gpu" if use_gpu and grp != "embeddings" else "cpu"
-        tier = (rule_for(t.name) or default) if use_gpu else "cpu"
+        owner = t.name[:-len(".bias")] + ".weight" if t.name.endswith(".bias") else None
+        if owner in g.tensors and len(g.tensors[owner].ne) >= 2:
+            tier_name = owner                 # a bias goes where its matrix goes
+        else:
+            tier_name = t.name
+        tier = (rule_for(tier_name) or default) if use_gpu else "cpu"
+        if use_gpu and tier == "cpu" and rule_for(tier_name) and grp in ("norms", "router"):
+            raise PlanError(f"override {next(str(r) for r in rules if re.search(r.pattern, tier_name))!r} "
+                            f"sends {t.name} ({grp}) to the CPU: norms and routers stay on the "
+                            f"GPU tier with the activations (they are small); narrow the rule to "
+                            f"matrices, e.g. 'attn_(q|k|v|output)\\.weight=cpu'")
+        if use_gpu and grp == "embeddings" and tier == "gpu":
+            raise PlanError(f"{t.name} stays on the CPU (one row is read per token); the "
+                            f"lm_head is output.weight")
         placement[t.name] = tier
         if tier == "gpu":
             gpu_groups[grp] += gpu_resident_bytes(t.name, t.ggml_type, t.ne, t.nbytes)
