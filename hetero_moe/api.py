@@ -402,7 +402,8 @@ def _placement(g: GGUFFile, cfg: ModelConfig, gpu, plan, vram, n_ctx, sparse, th
 def load(path: str | os.PathLike, threads: int | None = None, *, n_ctx: int | None = None,
          gpu: str | bool = "auto", cpu_kernels: str = "auto", progress: bool = False,
          sparse_attn: str | SparseAttnConfig | None = None, plan=None,
-         vram: str | int | None = None, **options) -> Model:
+         vram: str | int | None = None, stream_min_tokens: int | None = None,
+         **options) -> Model:
     """Open a GGUF model (single file, or the first part of a split model).
 
     Args:
@@ -415,6 +416,9 @@ def load(path: str | os.PathLike, threads: int | None = None, *, n_ctx: int | No
         plan: a Plan from hetero_moe.plan(), its to_dict(), or a plan JSON file; without one a
             GPU run plans for itself (vram: its GPU budget, default the device's free memory,
             or 24 GiB for "interpret").
+        stream_min_tokens: with a GPU tier, prompt chunks of at least this many tokens upload
+            the cold experts they hit to the GPU instead of running them on the CPU (default
+            (experts / experts per token) * 32; 0: never).
         cpu_kernels: "auto" (C++ quantized kernels when built) or "torch" (reference path).
         progress: show a progress bar on stderr while loading.
         sparse_attn: default attention for every call: "off" (dense, the default), "approx"
@@ -452,6 +456,10 @@ def load(path: str | os.PathLike, threads: int | None = None, *, n_ctx: int | No
         raise UnsupportedError(f"{path}: sparse_attn mode 'nsa' has no learned weights for "
                                f"Multi-head Latent Attention models ({cfg.arch}); use 'approx'")
     placement, n_ctx = _placement(g, cfg, gpu, plan, vram, n_ctx, sparse, threads)
+    if stream_min_tokens is not None:
+        if stream_min_tokens < 0:
+            raise ValueError(f"stream_min_tokens must be >= 0 (0: never), got {stream_min_tokens}")
+        placement.stream_min_tokens = stream_min_tokens
     bar = None
     cb = None
     if progress:

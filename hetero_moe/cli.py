@@ -31,6 +31,9 @@ def _add_gpu_opts(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--plan", help="a placement plan JSON (hetero-moe plan --json -o FILE)")
     g.add_argument("--vram", help="GPU budget when planning here (e.g. 24GiB; default: the "
                                   "device's free memory, 24 GiB for --gpu interpret)")
+    g.add_argument("--stream-min-tokens", type=int, default=None, metavar="N",
+                   help="prompt chunks of >= N tokens run their cold experts on the GPU "
+                        "(uploaded) instead of the CPU (default: experts/used * 32; 0: never)")
 
 
 def _add_sparse_opts(ap: argparse.ArgumentParser) -> None:
@@ -105,7 +108,8 @@ def _load(args, path: str):
     model = hetero_moe.load(path, threads=args.threads, n_ctx=args.ctx_size,
                             cpu_kernels=args.cpu_kernels, progress=True,
                             sparse_attn=args.sparse, gpu=getattr(args, "gpu", "none"),
-                            plan=getattr(args, "plan", None), vram=getattr(args, "vram", None))
+                            plan=getattr(args, "plan", None), vram=getattr(args, "vram", None),
+                            stream_min_tokens=getattr(args, "stream_min_tokens", None))
     if model.executor is not None:
         print(model.plan.summary(), file=sys.stderr)
     return model
@@ -316,7 +320,7 @@ def cmd_inspect(args) -> int:
 
 def run_bench(path: str, n_prompt: int = 512, n_gen: int = 64, threads=None, repeats: int = 1,
               cpu_kernels: str = "auto", seed: int = 0, sparse_attn=None, gpu="none", plan=None,
-              vram=None) -> dict:
+              vram=None, stream_min_tokens=None) -> dict:
     """Prefill tokens/s on an n_prompt-token prompt and decode tokens/s over n_gen tokens."""
     import numpy as np
     import psutil
@@ -325,7 +329,7 @@ def run_bench(path: str, n_prompt: int = 512, n_gen: int = 64, threads=None, rep
     t0 = time.perf_counter()
     model = hetero_moe.load(path, threads=threads, n_ctx=None if plan else n_prompt + n_gen + 8,
                             cpu_kernels=cpu_kernels, sparse_attn=sparse_attn, gpu=gpu, plan=plan,
-                            vram=vram)
+                            vram=vram, stream_min_tokens=stream_min_tokens)
     load_s = time.perf_counter() - t0
     rng = np.random.default_rng(seed)
     ids = rng.integers(10, model.config.n_vocab, size=n_prompt).tolist()
@@ -364,7 +368,7 @@ def cmd_bench(args) -> int:
         raise FileNotFoundError(f"model file not found: {args.model}")
     r = run_bench(args.model, args.n_prompt, args.n_gen, args.threads, args.repeats,
                   args.cpu_kernels, sparse_attn=args.sparse, gpu=args.gpu, plan=args.plan,
-                  vram=args.vram)
+                  vram=args.vram, stream_min_tokens=args.stream_min_tokens)
     if args.json:
         print(json.dumps(r, indent=2))
     else:

@@ -203,3 +203,52 @@ def test_gpu_block_types_match_the_kernels():
     assert GPU_BLOCK_TYPES == gk.SUPPORTED
     register_gpu_kernels()
     assert {t for t, q in quant.QUANT_TYPES.items() if q.gpu_kernel is gk} == GPU_BLOCK_TYPES
+
+
+def test_large_prompts_stream_cold_experts_to_the_gpu():
+    """Above stream_min_tokens a prompt's hit cold experts run on the GPU tier (uploaded in
+    groups) instead of the CPU: the same logits as the CPU-expert run up to the CPU tier's 8-bit
+    activations, and no CPU submission in the log."""
+    path = tiny_model("qwen2moe")
+    p = third_plan(path)
+    ids = _ids(24)
+    cpu_side = hetero_moe.load(path, gpu="interpret", plan=p, stream_min_tokens=0)
+    streamed = hetero_moe.load(path, gpu="interpret", plan=p, stream_min_tokens=8)
+    log = streamed.executor.record()
+    a, b = cpu_side.logits(ids).numpy(), streamed.logits(ids).numpy()
+    ev = [e for e, _, _ in log.events]
+    assert "gpu_stream" in ev and "cpu_submit" not in ev
+    streamed.eval([7], len(ids))                      # decode (1 token) stays on the CPU
+    assert "cpu_submit" in [e for e, _, _ in log.events]
+    stats = compare_logits(b, a)
+    assert stats["mean_rel_err"] <= MAX_REL_ERR, stats
+    assert stats["top1_agree_decided"] >= MIN_TOP1, stats
+    assert streamed.memory()["held_bytes"] == cpu_side.memory()["held_bytes"]   # transient
+    with pytest.raises(ValueError, match="stream_min_tokens"):
+        hetero_moe.load(path, gpu="interpret", plan=p, stream_min_tokens=-1)
+
+
+def test_cli_plan_then_run_and_bench_interpret(tmp_path):
+    import json
+    import subprocess
+    import sys
+    path = tiny_model("qwen3moe")
+    plan = tmp_path / "plan.json"
+    cli = [sys.executable, "-m", "hetero_moe.cli"]
+    r = subprocess.run(cli + ["plan", path, "--gpu", "interpret", "--vram", "4MiB", "--ctx",
+                              "64", "--override", r"^output\.weight$=cpu", "--cpu-bandwidth",
+                              "20", "-o", str(plan)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert json.loads(plan.read_text())["gpu"]["device"] == "interpret"
+    r = subprocess.run(cli + ["run", path, "--plan", str(plan), "-p", "Hello there", "-n", "4",
+                              "--temp", "0", "--raw"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "plan: GPU" in r.stderr and "hot experts" in r.stderr
+    r = subprocess.run(cli + ["bench", path, "--plan", str(plan), "-p", "16", "-n", "4",
+                              "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["gpu"]["mode"] == "interpret" and d["gpu"]["held_bytes"] == d["gpu"]["planned_bytes"]
+    r = subprocess.run(cli + ["run", path, "--gpu", "interpret", "--vram", "1MiB", "-p", "x",
+                              "-n", "1"], capture_output=True, text=True)
+    assert r.returncode == 1 and "does not fit" in r.stderr

@@ -16,7 +16,6 @@ from ..errors import GGUFFormatError
 from ..gguf import TensorInfo
 from ..models.base import ModelConfig
 from ..quant.act import fake_quant
-from ..runtime.placement import PlacementPlan  # noqa: F401  (type of `plan`)
 from .linear import KernelOptions, QuantLinear, apply_group, cpu_kernels_usable
 
 
@@ -79,7 +78,7 @@ class MoE:
     """
 
     def __init__(self, cfg: ModelConfig, layer: int, router: torch.Tensor, gate: ExpertStack,
-                 up: ExpertStack, down: ExpertStack, plan: PlacementPlan, options: KernelOptions,
+                 up: ExpertStack, down: ExpertStack, options: KernelOptions,
                  shared: DenseFFN | None = None, shared_gate: torch.Tensor | None = None,
                  probs_bias: torch.Tensor | None = None):
         self.cfg, self.layer = cfg, layer

@@ -256,7 +256,7 @@ def build_blocks(cfg: ModelConfig, ts, lin, vec, plan, options, n_ctx: int, prog
                             ExpertStack(ts.get(p + "ffn_gate_exps.weight"), E, Fe, D),
                             ExpertStack(ts.get(p + "ffn_up_exps.weight"), E, Fe, D),
                             ExpertStack(ts.get(p + "ffn_down_exps.weight"), E, D, Fe),
-                            plan, options, shared,
+                            options, shared,
                             probs_bias=None if bias is None else plan.put(
                                 bias.name, float_tensor(bias), plan.tier_of(bias.name)))
             if plan.has_gpu:

@@ -152,7 +152,7 @@ class Transformer:
                           ExpertStack(ts.get(p + "ffn_gate_exps.weight"), E, Fe, D),
                           ExpertStack(ts.get(p + "ffn_up_exps.weight"), E, Fe, D),
                           ExpertStack(ts.get(p + "ffn_down_exps.weight"), E, D, Fe),
-                          plan, options, shared, shared_gate)
+                          options, shared, shared_gate)
                 if plan.has_gpu:
                     from ..runtime.hetero import HeteroMoE
                     ffn = HeteroMoE(ffn, plan)

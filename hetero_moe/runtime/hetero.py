@@ -9,6 +9,8 @@ Per MoE layer (`HeteroMoE`):
   4. meanwhile on the GPU tier: the shared expert, then one grouped launch over the hot experts
      (gate+up with SiLU fused, down, weighted combine; experts without tokens are skipped);
   5. wait for the CPU, copy its result to the device, add.
+Prompts of at least `stream_min_tokens` tokens instead upload the hit cold experts' blocks to the
+GPU (STREAM_GROUP at a time) and run them there (llama.cpp's op offload; the rule is at STREAM_TOKENS_PER_EXPERT).
 Under gpu="interpret" the GPU tier is CPU tensors run by Triton's interpreter while the C++ pool
 works on its own threads, so the same order and the same overlap are exercised without a GPU.
 
@@ -32,6 +34,14 @@ import torch.nn.functional as F
 from .. import quant
 from ..layers.attention import rms_norm
 from .placement import DEQUANT_DTYPE, GPU_BLOCK_TYPES, PlacementPlan
+from .planner import STREAM_GROUP         # experts uploaded at a time (the plan's buffer)
+
+
+# Streaming a layer's hit cold experts to the GPU pays when a prompt gives each of them enough
+# tokens: with T tokens an expert gets ~T*K/E of them; from 32 each on, the upload (its bytes at
+# PCIe speed) costs less than the CPU computing it (ik_llama.cpp's rule; llama.cpp streams from
+# 32 tokens per batch). load(..., stream_min_tokens=N) overrides (E/K)*32; 0 turns it off.
+STREAM_TOKENS_PER_EXPERT = 32
 
 
 class EventLog:
@@ -67,7 +77,13 @@ class HeteroMoE:
         if hot:
             self.stacks = [self._resident(st, hot) for st in (moe.gate, moe.up, moe.down)]
         self.n_hot = len(hot)
-        self.pinned = plan.mode == "cuda"
+        E, K = c.n_expert, c.n_expert_used
+        # prompts of at least this many tokens stream their hit cold experts to the GPU instead
+        # of running them on the CPU (only when every stack has a Triton kernel)
+        rule = plan.stream_min_tokens
+        self.stream_min = (E // max(1, K)) * STREAM_TOKENS_PER_EXPERT if rule is None else rule
+        if not all(st.ggml_type in GPU_BLOCK_TYPES for st in (moe.gate, moe.up, moe.down)):
+            self.stream_min = 0
 
     def _resident(self, st, hot: list[int]):
         """GPU copies of the hot experts of one stack: blocks as stored [S, expert_bytes], or a
@@ -111,6 +127,25 @@ class HeteroMoE:
             s = s * torch.sigmoid(x @ m.shared_gate)[:, None]
         return s
 
+    def _stream_cold(self, x, w, ids, cold_ids) -> torch.Tensor:
+        """Large prompts: upload the hit cold experts' blocks, STREAM_GROUP at a time (the
+        planner's stream buffer), and run them with the grouped kernel like hot ones."""
+        from ..kernels.triton import gguf as gk
+        m, dev = self.moe, self.plan.gpu_device
+        hit = torch.unique(cold_ids[cold_ids >= 0]).tolist()
+        out = None
+        for i in range(0, len(hit), STREAM_GROUP):
+            group = hit[i:i + STREAM_GROUP]
+            slot_of = torch.full((m.cfg.n_expert,), -1, dtype=torch.int32)
+            slot_of[group] = torch.arange(len(group), dtype=torch.int32)
+            stacks = [quant._as_bytes(st.raw).view(-1, st.expert_bytes)[group].to(dev)
+                      for st in (m.gate, m.up, m.down)]
+            y = gk.moe_grouped(x.float().contiguous(), ids, w.float().contiguous(),
+                               slot_of.to(dev), *stacks, m.gate.ggml_type, m.up.ggml_type,
+                               m.down.ggml_type, m.cfg.n_ff_exp)
+            out = y if out is None else out + y
+        return out
+
     # -- the step -----------------------------------------------------------------------------
     def __call__(self, x: torch.Tensor, ws=None) -> torch.Tensor:   # [T, D] -> [T, D]
         m, log, L = self.moe, self.log, self.layer
@@ -122,13 +157,19 @@ class HeteroMoE:
             cold_ids = ids.masked_fill(hot, -1)
         else:
             hot, cold_ids = None, ids
-        handle = cold = None
+        handle = streamed = None
         n_cold = int((cold_ids >= 0).sum()) if self.n_hot else ids.numel()   # host sync
-        if n_cold:
-            handle, cold = self._submit_cpu(x, cold_ids, w)
+        if n_cold and 0 < self.stream_min <= x.shape[0]:
+            streamed = self._stream_cold(x, w, ids, cold_ids)
+            if log:
+                log("gpu_stream", L)
+        elif n_cold:
+            handle, _ = self._submit_cpu(x, cold_ids, w)
             if log:
                 log("cpu_submit", L)
-        out = self._shared(x)
+        out = self._shared(x) if streamed is None else streamed
+        if streamed is not None and self.moe.shared is not None:
+            out = out + self._shared(x)
         if log and out is not None:
             log("gpu_shared", L)
         if self.n_hot and n_cold < ids.numel():

@@ -24,6 +24,7 @@ GPU_BLOCK_TYPES = frozenset({0, 1, 2, 8, 12, 13, 14, 30})
 DEQUANT_DTYPE = torch.float16            # other matrices, and MLA's k_b / v_b, on the GPU tier
 _PER_HEAD = re.compile(r"\.attn_(k_b|v_b|kv_b)\.weight$")
 _FLOAT_GROUPS = ("norms", "router")
+STAGING_BYTES = 64 << 20                 # pinned host buffer for uploads to CUDA
 
 
 class Tier(enum.Enum):
@@ -53,6 +54,8 @@ class PlacementPlan:
     mode: str = "none"
     plan: object = None
     held: dict[str, int] = field(default_factory=dict)
+    stream_min_tokens: int | None = None    # runtime/hetero.py; None: its default rule
+    _staging: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def has_gpu(self) -> bool:
@@ -89,8 +92,25 @@ class PlacementPlan:
         interpreter too, so the bytes held are real) and is counted in `held`."""
         if tier is not Tier.GPU or not self.has_gpu:
             return t
-        out = t.to(self.gpu_device, copy=True).contiguous()
+        if self.mode == "cuda" and t.device.type == "cpu":
+            out = self._upload(t.contiguous())
+        else:
+            out = t.to(self.gpu_device, copy=True).contiguous()
         self.held[name] = self.held.get(name, 0) + out.numel() * out.element_size()
+        return out
+
+    def _upload(self, t: torch.Tensor) -> torch.Tensor:
+        """Host -> device through a reused pinned buffer, in STAGING_BYTES pieces: the source
+        (often the read-only mmap) is read once and never pinned or copied whole."""
+        out = torch.empty(t.shape, dtype=t.dtype, device=self.gpu_device)
+        src, dst = t.reshape(-1).view(torch.uint8), out.reshape(-1).view(torch.uint8)
+        if self._staging is None:
+            self._staging = torch.empty(STAGING_BYTES, dtype=torch.uint8, pin_memory=True)
+        for off in range(0, src.numel(), STAGING_BYTES):
+            n = min(STAGING_BYTES, src.numel() - off)
+            self._staging[:n].copy_(src[off:off + n])
+            dst[off:off + n].copy_(self._staging[:n], non_blocking=True)
+            torch.cuda.current_stream().synchronize()    # the buffer is reused next piece
         return out
 
     def held_bytes(self, prefix: str = "") -> int:

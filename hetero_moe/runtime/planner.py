@@ -39,6 +39,8 @@ CACHE_READ_FRACTION = 0.5
 # (layers/mla.py QUERY_BLOCK; CUDA's fused attention for GQA holds less)
 ATTN_QUERY_BLOCK = 128
 
+STREAM_GROUP = 8        # cold experts a large prompt streams to the GPU at a time (hetero.py)
+
 # Memory bandwidth of common cards, GB/s (vendor specifications).
 GPU_BANDWIDTH_GBPS = {
     "RTX 3090": 936.0, "RTX 4090": 1008.0, "RTX 5090": 1792.0, "A6000": 768.0, "L40S": 864.0,
@@ -614,6 +616,8 @@ def make_plan(g, cfg=None, *, vram: str | int | None = None, ram: str | int | No
     dense = sum(gpu_groups.values())
     cache = bpt * n_ctx
     scratch = scratch_bytes(cfg, min(chunk, n_ctx), n_ctx) if use_gpu else 0
+    if use_gpu and moe_layers:        # the buffer large prompts stream cold experts through
+        scratch += STREAM_GROUP * max(expert_gpu.values())
     fits, reason, max_ctx = True, "", None
     if use_gpu:
         gpu_groups["kv_cache"] = cache
@@ -629,7 +633,8 @@ def make_plan(g, cfg=None, *, vram: str | int | None = None, ram: str | int | No
             while lo < hi:
                 mid = (lo + hi + 1) // 2
                 if dense - rope_table_bytes(cfg, n_ctx) + rope_table_bytes(cfg, mid) + \
-                        bpt * mid + scratch_bytes(cfg, min(chunk, mid), mid) <= room:
+                        bpt * mid + scratch - scratch_bytes(cfg, min(chunk, n_ctx), n_ctx) + \
+                        scratch_bytes(cfg, min(chunk, mid), mid) <= room:
                     lo = mid
                 else:
                     hi = mid - 1
