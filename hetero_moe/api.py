@@ -395,7 +395,8 @@ def _placement(g: GGUFFile, cfg: ModelConfig, gpu, plan, vram, n_ctx, sparse, th
         if missing:
             raise PlanError(f"the plan does not place tensor {missing[0]!r} of {name}")
     if not plan.fits:
-        raise PlanError(f"{g.path}: the model does not fit the GPU plan: {plan.reason}")
+        raise PlanError(f"{g.path}: the model does not fit the GPU plan: {plan.reason} "
+                        f"(gpu='none' runs it on the CPU alone)")
     return plan_placement(mode, plan=plan), n_ctx
 
 

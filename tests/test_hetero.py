@@ -75,9 +75,11 @@ def test_f32_twin_strict_and_same_greedy(arch, preset, llama_cpp):
 
 
 @pytest.mark.llama
-@pytest.mark.parametrize("arch,preset", MODELS)
-def test_q4_k_m_within_llama_noise_and_greedy(arch, preset, llama_cpp):
-    path = tiny_model(arch, preset=preset)
+@pytest.mark.parametrize("arch,preset,quant", [m + ("Q4_K_M",) for m in MODELS]
+                         + [("qwen3moe", "tiny", "Q3_K_M")])
+def test_quantized_within_llama_noise_and_greedy(arch, preset, quant, llama_cpp):
+    """Q3_K_M: hot experts of a type without a Triton kernel (Q3_K) run from float16 copies."""
+    path = tiny_model(arch, preset=preset, quant=quant)
     p = third_plan(path)
     m = hetero_moe.load(path, gpu="interpret", plan=p)
     # the executor holds what the plan says
@@ -94,7 +96,7 @@ def test_q4_k_m_within_llama_noise_and_greedy(arch, preset, llama_cpp):
     err = rel_err(ours, want)
     stats = compare_logits(ours, want)
     stats.update(llama_q_vs_f32_mean=float(noise.mean()), ours_mean=float(err.mean()))
-    print(arch, preset, "Q4_K_M, interpret", stats)
+    print(arch, preset, quant, "interpret", stats)
     assert err.mean() <= max(MAX_REL_ERR, SELF_MARGIN_MEAN * noise.mean()), stats
     assert np.percentile(err, 95) <= max(MAX_REL_ERR, SELF_MARGIN_P95 * np.percentile(noise, 95))
     assert stats["top1_agree_decided"] >= MIN_TOP1, stats

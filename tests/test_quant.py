@@ -108,8 +108,9 @@ def test_set_kernels_fills_slots(monkeypatch):
     gt = int(GGMLQuantizationType.Q4_K)
     monkeypatch.setitem(QUANT_TYPES, gt, QUANT_TYPES[gt])  # restored after the test
     marker = object()
+    gpu_before = QUANT_TYPES[gt].gpu_kernel     # None, or the Triton kernels once registered
     row = set_kernels(gt, cpu_kernel=marker)
-    assert QUANT_TYPES[gt] is row and row.cpu_kernel is marker and row.gpu_kernel is None
+    assert QUANT_TYPES[gt] is row and row.cpu_kernel is marker and row.gpu_kernel is gpu_before
     assert row.dequantize is QUANT_TYPES[gt].dequantize
 
 

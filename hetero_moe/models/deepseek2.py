@@ -200,7 +200,7 @@ def build_blocks(cfg: ModelConfig, ts, lin, vec, plan, options, n_ctx: int, prog
 
     m, D, H = cfg.mla, cfg.n_embd, cfg.n_head
     C, N, R, Dv = m.kv_lora, m.qk_nope, m.qk_rope, m.v_head
-    from ..runtime.placement import DEQUANT_DTYPE
+    from ..runtime.placement import DEQUANT_DTYPE, Tier
     from .transformer import place_rope
     rope = place_rope(plan, YarnRope(m.rope, n_ctx, "cpu"))
     act_quant = options.act_quant and not plan.has_gpu     # the GPU tier keeps float activations
@@ -209,7 +209,7 @@ def build_blocks(cfg: ModelConfig, ts, lin, vec, plan, options, n_ctx: int, prog
         t = ts.get(name, shape)
         tier = plan.tier_of(name)
         w = float_tensor(t)
-        if tier.value == "gpu" and plan.has_gpu:
+        if tier is Tier.GPU:
             w = w.to(DEQUANT_DTYPE)
         return plan.put(name, w, tier), t.ggml_type
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from .. import quant
 from ..layers.attention import rms_norm
-from .placement import DEQUANT_DTYPE, GPU_BLOCK_TYPES, PlacementPlan
+from .placement import DEQUANT_DTYPE, PlacementPlan, experts_as_blocks
 from .planner import STREAM_GROUP         # experts uploaded at a time (the plan's buffer)
 
 
@@ -74,6 +74,7 @@ class HeteroMoE:
             slot_of[e] = s
         self.slot_of = slot_of.to(dev)
         self.stacks = None
+        self.as_blocks = experts_as_blocks(st.ggml_type for st in (moe.gate, moe.up, moe.down))
         if hot:
             self.stacks = [self._resident(st, hot) for st in (moe.gate, moe.up, moe.down)]
         self.n_hot = len(hot)
@@ -82,14 +83,14 @@ class HeteroMoE:
         # of running them on the CPU (only when every stack has a Triton kernel)
         rule = plan.stream_min_tokens
         self.stream_min = (E // max(1, K)) * STREAM_TOKENS_PER_EXPERT if rule is None else rule
-        if not all(st.ggml_type in GPU_BLOCK_TYPES for st in (moe.gate, moe.up, moe.down)):
+        if not self.as_blocks:
             self.stream_min = 0
 
     def _resident(self, st, hot: list[int]):
         """GPU copies of the hot experts of one stack: blocks as stored [S, expert_bytes], or a
         float16 [S, rows, cols] for a type without a Triton kernel."""
         name = st.name
-        if st.ggml_type in GPU_BLOCK_TYPES:
+        if self.as_blocks:
             raw = quant._as_bytes(st.raw).view(-1, st.expert_bytes)          # [E, bytes]
             return self.plan.put(name, raw[hot])
         w = torch.stack([st.dequantize(e) for e in hot]).to(DEQUANT_DTYPE)  # [S, rows, cols]
@@ -99,7 +100,7 @@ class HeteroMoE:
     def _hot_experts(self, x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         m = self.moe
         gate, up, down = self.stacks
-        if all(s.dtype == torch.uint8 for s in self.stacks):
+        if self.as_blocks:
             from ..kernels.triton import gguf as gk
             return gk.moe_grouped(x.float().contiguous(), ids, w.float().contiguous(),
                                   self.slot_of, gate, up, down, m.gate.ggml_type,

@@ -45,6 +45,19 @@ def gpu_resident_bytes(name: str, ggml_type: int, ne: tuple[int, ...], nbytes: i
     return nbytes
 
 
+def experts_as_blocks(types) -> bool:
+    """Whether a layer's hot experts stay in their blocks on the GPU tier (the grouped Triton
+    kernel needs all of gate/up/down to have a kernel); else all three are held in float16."""
+    return all(t in GPU_BLOCK_TYPES for t in types)
+
+
+def expert_gpu_bytes(stacks, n_expert: int) -> int:
+    """What one hot expert of a layer costs the GPU tier; stacks: the gate/up/down TensorInfos."""
+    if experts_as_blocks(t.ggml_type for t in stacks):
+        return sum(t.nbytes // n_expert for t in stacks)
+    return sum(2 * (t.n_elements // n_expert) for t in stacks)
+
+
 @dataclass
 class PlacementPlan:
     """Where each weight lives while the model runs.

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import HeteroMoEError
-from .placement import gpu_resident_bytes
+from .placement import expert_gpu_bytes, gpu_resident_bytes
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -136,6 +136,22 @@ class Override:
         return f"{self.pattern}={self.tier}"
 
 
+def _write_json(path: str, obj, indent: int | None = None) -> None:
+    """Write through a temporary file, so a reader never sees half a file."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=indent)
+    os.replace(tmp, path)
+
+
+def _read_json(path: str, what: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise PlanError(f"cannot read {what} {path}: {e}") from None
+
+
 # ------------------------------------------------------------------------------------------------
 # routing profiles
 
@@ -152,18 +168,11 @@ class Profile:
                 "counts": {str(k): v for k, v in sorted(self.counts.items())}}
 
     def save(self, path: str) -> None:
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f)
-        os.replace(tmp, path)
+        _write_json(path, self.to_dict())
 
     @staticmethod
     def load(path: str) -> "Profile":
-        try:
-            with open(path, encoding="utf-8") as f:
-                d = json.load(f)
-        except (OSError, ValueError) as e:
-            raise PlanError(f"cannot read routing profile {path}: {e}") from None
+        d = _read_json(path, "routing profile")
         if not isinstance(d, dict) or not isinstance(d.get("counts"), dict):
             raise PlanError(f"{path}: not a routing profile (no 'counts' object)")
         try:
@@ -296,18 +305,11 @@ class Plan:
             raise PlanError(f"plan is missing or has a bad field: {e!r}") from None
 
     def save(self, path: str) -> None:
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=1)
-        os.replace(tmp, path)
+        _write_json(path, self.to_dict(), indent=1)
 
     @staticmethod
     def load(path: str) -> "Plan":
-        try:
-            with open(path, encoding="utf-8") as f:
-                d = json.load(f)
-        except (OSError, ValueError) as e:
-            raise PlanError(f"cannot read plan {path}: {e}") from None
+        d = _read_json(path, "plan")
         try:
             return Plan.from_dict(d)
         except PlanError as e:
@@ -547,8 +549,7 @@ def make_plan(g, cfg=None, *, vram: str | int | None = None, ram: str | int | No
         rules = _cpu_moe_rules(cpu_moe, moe_layers) + rules
     expert_bytes = {l: sum(t.nbytes // E for t in ts) for l, ts in stacks.items()}
     # what one expert costs on the GPU tier (blocks as stored, or float16 without a kernel)
-    expert_gpu = {l: sum(gpu_resident_bytes(t.name, t.ggml_type, t.ne, t.nbytes) // E
-                         for t in ts) for l, ts in stacks.items()}
+    expert_gpu = {l: expert_gpu_bytes(ts, E) for l, ts in stacks.items()}
 
     def rule_for(name: str) -> str | None:
         for r in rules:
@@ -648,8 +649,9 @@ def make_plan(g, cfg=None, *, vram: str | int | None = None, ram: str | int | No
             if max_ctx >= 1:
                 reason += f"the largest context that fits is {max_ctx} tokens"
             else:
-                reason += ("no context fits: the weights alone exceed it; move tensors to the "
-                           "CPU with overrides (e.g. 'attn_.*=cpu') or use a larger GPU")
+                reason += ("no context fits: the weights alone exceed it; move matrices to the "
+                           "CPU with overrides (e.g. '^output\\.weight$=cpu', "
+                           "'_shexp\\.weight$=cpu') or use a larger GPU")
         else:
             free_b = room - dense - cache - scratch
             order = _hot_order(moe_layers, E, prof, cfg.n_layer)
