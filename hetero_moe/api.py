@@ -17,7 +17,7 @@ from .layers.sparse_attn import SparseAttnConfig
 from .layers.sparse_attn import resolve as resolve_sparse
 from .models.base import ModelConfig, config_from_gguf
 from .models.transformer import Transformer
-from .runtime.memory import prefault, return_large_blocks_to_os
+from .runtime.memory import prefault, release, return_large_blocks_to_os
 from .runtime.placement import plan_placement
 
 DEFAULT_MAX_CTX = 4096
@@ -137,10 +137,12 @@ class Model:
         self.net.cache.reset(pos0)
         outs = []
         with torch.inference_mode():
-            for s in range(0, T, PREFILL_CHUNK):
-                logits = self.net.forward(ids[s:s + PREFILL_CHUNK], pos0 + s,
+            # a GPU tier's scratch is planned for its chunk
+            chunk = self.net.plan.plan.chunk if self.net.executor is not None else PREFILL_CHUNK
+            for s in range(0, T, chunk):
+                logits = self.net.forward(ids[s:s + chunk], pos0 + s,
                                           all_logits=all_logits, sparse=sp)
-                if all_logits or s + PREFILL_CHUNK >= T:
+                if all_logits or s + chunk >= T:
                     outs.append(logits)
         return torch.cat(outs) if all_logits else outs[-1]
 
@@ -478,5 +480,8 @@ def load(path: str | os.PathLike, threads: int | None = None, *, n_ctx: int | No
             bar.close()
     # the layers' weights: the embedding table is read row by row (never mapped), and the
     # lm_head is read once per call, after the layers (their temporaries are gone by then)
-    prefault(g, {"token_embd.weight", "output.weight"})
+    on_gpu = {n for n, v in (placement.plan.placement.items() if placement.has_gpu else ())
+              if v == "gpu"}
+    prefault(g, {"token_embd.weight", "output.weight"} | on_gpu)
+    release(g, on_gpu)
     return Model(g, cfg, net, threads, time.perf_counter() - t0)

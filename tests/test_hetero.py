@@ -254,3 +254,17 @@ def test_cli_plan_then_run_and_bench_interpret(tmp_path):
     r = subprocess.run(cli + ["run", path, "--gpu", "interpret", "--vram", "1MiB", "-p", "x",
                               "-n", "1"], capture_output=True, text=True)
     assert r.returncode == 1 and "does not fit" in r.stderr
+
+
+def test_prompts_run_in_the_plans_chunks():
+    path = tiny_model("qwen3moe")
+    p = P.plan(path, gpu="interpret", n_ctx=64, chunk=8, cpu_bandwidth_gbps=20,
+               overrides=LM_HEAD_ON_CPU)
+    m = hetero_moe.load(path, gpu="interpret", plan=p)
+    log = m.executor.record()
+    full = m.logits(_ids(20))
+    assert log.of_layer(0).count("route") == 3             # 8 + 8 + 4 tokens
+    one = hetero_moe.load(path, gpu="interpret", plan=P.plan(
+        path, gpu="interpret", n_ctx=64, cpu_bandwidth_gbps=20, overrides=LM_HEAD_ON_CPU))
+    stats = compare_logits(full.numpy(), one.logits(_ids(20)).numpy())
+    assert stats["max_rel_err"] <= MAX_REL_ERR, stats

@@ -84,6 +84,9 @@ def test_r1_fits_24gib_at_32k(r1):
     assert per == sorted(per) and per[-1] - per[0] <= 1
     assert p.predicted["decode_tok_s"] > 0
     assert "prediction" in p.predicted["note"]
+    # a CPU tier larger than the RAM budget is reported (the file would page from disk)
+    assert "fits in RAM" in _plan(r1, vram="24GiB", ram="512GiB").ram_note
+    assert "read from disk" in _plan(r1, vram="24GiB", ram="64GiB").ram_note
 
 
 def test_r1_planning_reads_no_tensor_data(r1):

@@ -88,3 +88,26 @@ def prefault(g, skip: set[str] = frozenset()) -> int:
                 return done                    # an older kernel: leave it to page faults
             done += b - a
     return done
+
+
+def release(g, names) -> int:
+    """Drop this process's mapping of the pages wholly inside the named tensors (the GPU tier
+    holds its own copies): they leave the process's RSS and stay in the page cache. Returns the
+    bytes released."""
+    by_path = {p.path: p.mm for p in getattr(g, "_parts", [])}
+    page = mmap.PAGESIZE
+    done = 0
+    for name in names:
+        t = g.tensors.get(name)
+        mm = by_path.get(t.path) if t is not None else None
+        if mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+            continue
+        a = -(-t.offset // page) * page                  # whole pages only: neighbours keep theirs
+        b = (t.offset + t.nbytes) // page * page
+        if b > a:
+            try:
+                mm.madvise(mmap.MADV_DONTNEED, a, b - a)
+            except (OSError, ValueError):
+                continue
+            done += b - a
+    return done
