@@ -268,3 +268,15 @@ def test_prompts_run_in_the_plans_chunks():
         path, gpu="interpret", n_ctx=64, cpu_bandwidth_gbps=20, overrides=LM_HEAD_ON_CPU))
     stats = compare_logits(full.numpy(), one.logits(_ids(20)).numpy())
     assert stats["max_rel_err"] <= MAX_REL_ERR, stats
+
+
+def test_cpu_experts_through_the_torch_reference():
+    """cpu_kernels="torch": the cold experts run through the torch reference (synchronously)."""
+    path = tiny_model("qwen3moe")
+    p = third_plan(path)
+    ids = _ids(10)
+    a = hetero_moe.load(path, gpu="interpret", plan=p, cpu_kernels="torch")
+    assert not any(b.ffn.moe.use_kernel for b in a.net.blocks)
+    b = hetero_moe.load(path, gpu="interpret", plan=p)
+    stats = compare_logits(a.logits(ids).numpy(), b.logits(ids).numpy())
+    assert stats["max_rel_err"] <= MAX_REL_ERR, stats

@@ -149,53 +149,41 @@ class HeteroMoE:
 
     # -- the step -----------------------------------------------------------------------------
     def __call__(self, x: torch.Tensor, ws=None) -> torch.Tensor:   # [T, D] -> [T, D]
-        m, log, L = self.moe, self.log, self.layer
-        w, ids = m.route(x)                                      # [T, K] each, on the device
-        if log:
-            log("route", L)
-        if self.n_hot:
-            hot = self.slot_of[ids] >= 0                         # [T, K]
-            cold_ids = ids.masked_fill(hot, -1)
-        else:
-            hot, cold_ids = None, ids
-        handle = streamed = None
+        """ws: the CPU path's scratch (unused: the GPU tier allocates its own)."""
+        log, L = self.log or (lambda what, layer: None), self.layer
+        w, ids = self.moe.route(x)                               # [T, K] each, on the device
+        log("route", L)
+        cold_ids = ids.masked_fill(self.slot_of[ids] >= 0, -1) if self.n_hot else ids
         n_cold = int((cold_ids >= 0).sum()) if self.n_hot else ids.numel()   # host sync
+        out = handle = None
         if n_cold and 0 < self.stream_min <= x.shape[0]:
-            streamed = self._stream_cold(x, w, ids, cold_ids)
-            if log:
-                log("gpu_stream", L)
+            out = self._stream_cold(x, w, ids, cold_ids)
+            log("gpu_stream", L)
         elif n_cold:
-            handle, _ = self._submit_cpu(x, cold_ids, w)
-            if log:
-                log("cpu_submit", L)
-        out = self._shared(x) if streamed is None else streamed
-        if streamed is not None and self.moe.shared is not None:
-            out = out + self._shared(x)
-        if log and out is not None:
+            handle = self._submit_cpu(x, cold_ids, w)            # first: the CPU starts now
+            log("cpu_submit", L)
+        s = self._shared(x)
+        if s is not None:
+            out = s if out is None else out + s
             log("gpu_shared", L)
-        if self.n_hot and n_cold < ids.numel():
+        if n_cold < ids.numel():
             y = self._hot_experts(x, w, ids)
             out = y if out is None else out + y
-            if log:
-                log("gpu_hot", L)
+            log("gpu_hot", L)
         if handle is not None:
-            y = handle.wait() if hasattr(handle, "wait") else handle
-            if log:
-                log("cpu_wait", L)
+            y = handle.wait()
+            log("cpu_wait", L)
             y = y.to(x.device, non_blocking=True)
             out = y if out is None else out + y
-        if out is None:
-            out = torch.zeros_like(x)
-        if log:
-            log("combine", L)
-        return out
+        log("combine", L)
+        return out if out is not None else torch.zeros_like(x)
 
     def _submit_cpu(self, x, cold_ids, w):
-        """Start the cold experts on the C++ pool (or run the torch reference when the kernels
-        are not built) -> (handle with wait(), kept inputs)."""
+        """Start the cold experts on the C++ pool (the torch reference, synchronously, when the
+        kernels are not built) -> a handle whose wait() gives [T, D] on the host."""
         m = self.moe
         xh = x.detach().float()
-        if xh.is_cuda:
+        if xh.is_cuda:                                  # pinned: the copy is a DMA
             buf = torch.empty(xh.shape, dtype=torch.float32, pin_memory=True)
             buf.copy_(xh)
             xh = buf
@@ -206,14 +194,22 @@ class HeteroMoE:
         if m.use_kernel:
             c = m.cfg
             from .. import cpu_backend
-            h = cpu_backend.moe_ffn_submit(
+            return cpu_backend.moe_ffn_submit(
                 xh, ids_h, w_h, m.gate.raw, m.up.raw, m.down.raw, gate_type=m.gate.ggml_type,
                 up_type=m.up.ggml_type, down_type=m.down.ggml_type, n_expert=c.n_expert,
                 d_model=c.n_embd, d_ff=c.n_ff_exp)
-            return h, (xh, ids_h, w_h)
-        keep = ids_h >= 0
-        y = m.experts_torch(xh, w_h * keep, ids_h.clamp_min(0).long())
-        return y, None
+        y = m.experts_torch(xh, w_h * (ids_h >= 0), ids_h.clamp_min(0).long())
+        return _Done(y)
+
+
+class _Done:
+    """A finished result with the CPU pool handle's interface."""
+
+    def __init__(self, y: torch.Tensor):
+        self.y = y
+
+    def wait(self) -> torch.Tensor:
+        return self.y
 
 
 class HeteroExecutor:
