@@ -26,9 +26,9 @@ from hetero_moe.kernels.triton import gguf as K  # noqa: E402
 from hetero_moe.quant import QUANT_TYPES, row_bytes  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-Q4_0, Q8_0, Q4_K, Q5_K, Q6_K = 2, 8, 12, 13, 14
+Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K = 2, 3, 6, 7, 8, 12, 13, 14
 F32, F16, BF16 = 0, 1, 30
-TRITON_TYPES = [Q4_0, Q8_0, Q4_K, Q5_K, Q6_K]
+TRITON_TYPES = [Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K]
 FLOAT_TYPES = [F32, F16, BF16]
 
 
@@ -60,7 +60,7 @@ F16_FIELDS = {Q4_K: [0, 2], Q5_K: [0, 2], Q6_K: [208]}
 def random_weight(ggml_type: int, n_out: int, n_in: int, rng, scale: float = 1.0) -> np.ndarray:
     """uint8 [n_out, row_bytes]: valid GGUF rows. Quantized from random floats where gguf's
     quantizer supports the type, else random bytes with sane (finite, similar) f16 scales."""
-    if ggml_type in (Q4_0, Q8_0):
+    if ggml_type in (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0):
         return ref_quantize((rng.standard_normal((n_out, n_in)) * scale).astype(np.float32),
                             G(ggml_type))
     if ggml_type in FLOAT_TYPES:
@@ -95,7 +95,7 @@ def max_err(y: torch.Tensor, ref: np.ndarray) -> float:
 
 SHAPES = {  # type -> [(n_out, n_in)]: n_out never a multiple of the N tiles
     **{t: [(80, 512), (300, 768)] for t in (Q4_K, Q5_K, Q6_K)},
-    **{t: [(80, 96), (300, 160)] for t in (Q4_0, Q8_0, *FLOAT_TYPES)},
+    **{t: [(80, 96), (300, 160)] for t in (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, *FLOAT_TYPES)},
 }
 MATMUL_CASES = [(t, n_out, n_in) for t in TRITON_TYPES + FLOAT_TYPES for n_out, n_in in SHAPES[t]]
 
@@ -145,7 +145,7 @@ def test_kernel_table_drives_dispatch(monkeypatch):
         for cls in ("gemv", "dot"):
             kind = K.KERNEL_TABLE[(t, cls)].kind
             assert kind == ("torch" if t in FLOAT_TYPES else cls)
-    assert not K.supports(3)
+    assert not K.supports(10) and not K.supports(11)     # Q2_K, Q3_K: float16 copies instead
     calls = []
     entry = K.KERNEL_TABLE[(Q8_0, "dot")]
     spy = K.KernelEntry(entry.kind, lambda *a: calls.append(a[-1]) or entry.run(*a),
@@ -182,6 +182,7 @@ def moe_reference(x, ids, wts, slot_of, Wg, Wu, Wd):
 MOE_CASES = [  # gate, up, down, D, d_ff
     (Q4_K, Q4_K, Q6_K, 256, 512),
     (Q8_0, Q4_0, Q8_0, 96, 160),
+    (Q5_0, Q4_1, Q5_1, 96, 160),
     (F16, F16, BF16, 96, 48),
 ]
 
@@ -241,8 +242,8 @@ def test_errors_name_the_value():
     w = torch.zeros(10 * 144, dtype=torch.uint8)
     with pytest.raises(ValueError, match=r"1439 bytes, expected 1440"):
         K.matmul(x, w[:-1], Q4_K, 10, 256)
-    with pytest.raises(UnsupportedError, match=r"Q4_1 \(type 3\)"):
-        K.matmul(x, w, 3, 10, 256)
+    with pytest.raises(UnsupportedError, match=r"Q3_K \(type 11\)"):
+        K.matmul(x, w, 11, 10, 256)
     with pytest.raises(UnsupportedError, match=r"type 999"):
         K.matmul(x, w, 999, 10, 256)
     with pytest.raises(ValueError, match=r"n_in = 100 must be a positive multiple of 256"):

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import torch
 
 # ggml types the GPU tier multiplies in their own blocks (hetero_moe.kernels.triton.gguf.SUPPORTED;
-# a test keeps the two equal): F32, F16, Q4_0, Q8_0, Q4_K, Q5_K, Q6_K, BF16
-GPU_BLOCK_TYPES = frozenset({0, 1, 2, 8, 12, 13, 14, 30})
+# a test keeps the two equal): F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, BF16
+GPU_BLOCK_TYPES = frozenset({0, 1, 2, 3, 6, 7, 8, 12, 13, 14, 30})
 DEQUANT_DTYPE = torch.float16            # other matrices, and MLA's k_b / v_b, on the GPU tier
 _PER_HEAD = re.compile(r"\.attn_(k_b|v_b|kv_b)\.weight$")
 _FLOAT_GROUPS = ("norms", "router")

@@ -42,12 +42,12 @@ __all__ = ["KERNEL_TABLE", "SUPPORTED", "KernelEntry", "Tiles", "matmul", "moe_g
            "supports"]
 
 _FLOAT_TYPES = {0: torch.float32, 1: torch.float16, 30: torch.bfloat16}   # F32, F16, BF16
-_QUANT_IDS = (2, 8, 12, 13, 14)                                          # Q4_0 Q8_0 Q4_K Q5_K Q6_K
+_QUANT_IDS = (2, 3, 6, 7, 8, 12, 13, 14)     # Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q4_K Q5_K Q6_K
 SUPPORTED: frozenset[int] = frozenset(_QUANT_IDS) | frozenset(_FLOAT_TYPES)
 _GEMV_MAX_T = 8        # T class boundary: "gemv" for T <= 8, "dot" above
 # Smallest K tile per type: a block, a 64-element group of a K-quant super-block (its
 # sub-block pair), 16 for float weights (tl.dot's minimum).
-_TILE_QK = {2: 32, 8: 32, 12: 64, 13: 64, 14: 64, 0: 16, 1: 16, 30: 16}
+_TILE_QK = {2: 32, 3: 32, 6: 32, 7: 32, 8: 32, 12: 64, 13: 64, 14: 64, 0: 16, 1: 16, 30: 16}
 
 # Reductions name triton's combine function: the interpreter maps it to one numpy call, and it
 # needs no nested jit call (tl.sum is a jit function, uncallable when interpreting without
@@ -126,6 +126,29 @@ def _dequant_tile(wb, wh, wi, row_off, k0, QT: tl.constexpr, BN: tl.constexpr,
         hi = (tl.arange(0, 2) == 1)[None, None, :, None]
         q = tl.where(hi, qs >> 4, qs & 15)                                    # [BN, NB, 2, 16]
         w = tl.reshape((q.to(tl.float32) - 8.0) * d, (BN, BK))
+    elif QT == 3 or QT == 6 or QT == 7:
+        # Q4_1 (20 bytes): d m:f16 | qs[16];  Q5_0 (22): d:f16 | qh:u32 | qs[16];
+        # Q5_1 (24): d m:f16 | qh:u32 | qs[16]. Element e = 16 h + l: nibble h of qs[l], and
+        # (Q5) bit e of qh as bit 4. Q4_1 / Q5_1: d * q + m; Q5_0: d * (q - 16).
+        TS: tl.constexpr = 20 if QT == 3 else (22 if QT == 6 else 24)
+        QS: tl.constexpr = 4 if QT == 3 else (6 if QT == 6 else 8)
+        NB: tl.constexpr = BK // 32
+        base = row_off[:, None] + (k0 // 32 + tl.arange(0, NB).to(tl.int64))[None, :] * TS
+        d = tl.load(wh + base // 2).to(tl.float32)[:, :, None, None]          # [BN, NB, 1, 1]
+        l4 = tl.arange(0, 16).to(tl.int64)[None, None, None, :]
+        h4 = tl.arange(0, 2).to(tl.int64)[None, None, :, None]
+        b4 = base[:, :, None, None]
+        qs = tl.load(wb + b4 + QS + l4)                                       # [BN, NB, 1, 16]
+        q = tl.where(h4 == 1, qs >> 4, qs & 15)                               # [BN, NB, 2, 16]
+        if QT != 3:
+            e = 16 * h4 + l4                                                  # [1, 1, 2, 16]
+            qh = tl.load(wb + b4 + (QS - 4) + e // 8)                         # [BN, NB, 2, 16]
+            q = q | (((qh >> (e % 8)) & 1) << 4)
+        if QT == 6:
+            w = tl.reshape((q.to(tl.float32) - 16.0) * d, (BN, BK))
+        else:
+            m = tl.load(wh + base // 2 + 1).to(tl.float32)[:, :, None, None]
+            w = tl.reshape(q.to(tl.float32) * d + m, (BN, BK))
     elif QT == 8:  # Q8_0, 34 bytes: d:f16 | qs:i8[32]
         NB: tl.constexpr = BK // 32
         base = row_off[:, None] + (k0 // 32 + tl.arange(0, NB).to(tl.int64))[None, :] * 34
