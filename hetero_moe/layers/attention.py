@@ -35,9 +35,9 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     q, keys, values = same_dtype(q, keys, values)
     Hkv = keys.shape[1]
     qg = q.reshape(Hkv, q.shape[0] // Hkv, q.shape[1])                   # [Hkv, G, Dk]
-    s = torch.bmm(qg, keys.permute(1, 2, 0)) * scale                     # [Hkv, G, L]
-    return torch.bmm(torch.softmax(s, dim=-1), values.transpose(0, 1)).reshape(
-        q.shape[0], -1).float()
+    s = torch.bmm(qg, keys.permute(1, 2, 0)).float() * scale             # [Hkv, G, L]
+    p = torch.softmax(s, dim=-1).to(values.dtype)                        # softmax in fp32
+    return torch.bmm(p, values.transpose(0, 1)).reshape(q.shape[0], -1).float()
 
 
 def same_dtype(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor):
