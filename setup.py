@@ -1,6 +1,7 @@
 """Build and install hetero-moe.
 
-Install with ``pip install -e .`` (CPU) or ``pip install -e ".[test]"`` for the test suite.
+Install with ``pip install -e .`` (CPU), ``pip install -e ".[server]"`` for `hetero-moe serve`, or
+``pip install -e ".[test]"`` for the test suite (it includes the server's packages).
 Users with a GPU install their CUDA build of torch first; the range below accepts it.
 """
 import os
@@ -17,7 +18,7 @@ _CPU_SOURCES = ["csrc/" + f for f in (
 _CPU_EXT = Extension(
     "hetero_moe._cpu",
     sources=_CPU_SOURCES,
-    depends=["csrc/" + f for f in ("kernels.h", "kernels_simd.inc", "ops.h", "decode.h", "quant_blocks.h", "threadpool.h")],
+    depends=["csrc/" + f for f in ("kernels.h", "kernels_simd.inc", "kernels_simd_lowbit.inc", "ops.h", "decode.h", "quant_blocks.h", "threadpool.h")],
     language="c++",
     extra_compile_args=["-O3", "-std=c++17", "-fvisibility=hidden", "-g0"]
     + os.environ.get("HETERO_MOE_CFLAGS", "").split(),
@@ -80,8 +81,13 @@ setup(
         "tokenizers>=0.15",
     ],
     extras_require={
-        "test": ["pytest>=7", "llama-cpp-python>=0.3.0", "triton"],
+        "test": ["pytest>=7", "llama-cpp-python>=0.3.0", "triton",
+                 # the server's tests drive it with the official client
+                 "fastapi>=0.110", "uvicorn>=0.30", "sse-starlette>=2.0", "pydantic>=2.5",
+                 "prometheus-client>=0.20", "httpx>=0.27", "openai>=1.30"],
         "triton": ["triton"],
+        "server": ["fastapi>=0.110", "uvicorn>=0.30", "sse-starlette>=2.0", "pydantic>=2.5",
+                   "prometheus-client>=0.20"],
     },
     entry_points={"console_scripts": ["hetero-moe=hetero_moe.cli:main"]},
     ext_modules=[_CPU_EXT],

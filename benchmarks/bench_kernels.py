@@ -19,19 +19,27 @@ import json
 import sys
 import time
 
+import os
+
 import numpy as np
 import torch
 
-from hetero_moe import cpu_backend as cb
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout
+from hetero_moe import cpu_backend as cb  # noqa: E402
 
-Q8_0, Q4_K, Q6_K = 8, 12, 14
-F16_OFFSETS = {Q8_0: [0], Q6_K: [208]}  # byte offsets of a block's f16 scales (default: d, dmin)
+F16, BF16, Q8_0, Q2_K, Q3_K, Q4_K, Q6_K = 1, 30, 8, 10, 11, 12, 14
+TYPE_IDS = {"F16": F16, "BF16": BF16, "Q8_0": Q8_0, "Q2_K": Q2_K, "Q3_K": Q3_K, "Q4_K": Q4_K, "Q6_K": Q6_K}
+# byte offsets of a block's f16 scales (default: d, dmin)
+F16_OFFSETS = {Q8_0: [0], Q6_K: [208], Q2_K: [80, 82], Q3_K: [108]}
 D, F, E, K = 2048, 768, 128, 8
 
 
 def rand_weights(t: int, n_rows: int, n_cols: int, rng) -> np.ndarray:
     """Random quant bytes with small finite f16 scales (speed does not depend on values)."""
     info = cb.type_info(t)
+    if t in (F16, BF16):  # finite values (random bytes would hold NaNs and subnormals)
+        v = rng.standard_normal((n_rows, n_cols), dtype=np.float32) * 0.05
+        return (v.astype(np.float16) if t == F16 else (v.view(np.uint32) >> 16).astype(np.uint16)).view(np.uint8)
     nb = n_cols // info["block"]
     b = rng.integers(0, 256, size=(n_rows, nb, info["bytes"]), dtype=np.uint8)
     h = np.frombuffer(np.float16(1e-3).tobytes(), np.uint8)
@@ -99,6 +107,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cputime", action="store_true", help="CPU time of the calling thread (forces 1 thread)")
     ap.add_argument("--min-time", type=float, default=1.0)
     ap.add_argument("--only", default="gemv,gemm,moe")
+    ap.add_argument("--types", default="Q4_K,Q6_K,Q8_0",
+                    help="weight types for gemv/gemm (Q4_K,Q6_K,Q8_0; also Q2_K, Q3_K, F16, BF16)")
     args = ap.parse_args(argv)
     if not cb.available():
         print(f"CPU kernels unavailable: {cb.unavailable_reason()}", file=sys.stderr)
@@ -112,14 +122,14 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     only = set(args.only.split(","))
     results = []
-    if "gemv" in only:  # ~56 MB matrices: larger than L3
-        results.append(bench_gemv(Q4_K, 48 * F, D, args, rng))
-        results.append(bench_gemv(Q6_K, 32 * D, F, args, rng))
+    types = [TYPE_IDS[n] for n in args.types.split(",")]
+    if "gemv" in only:  # ~56 MB matrices (Q4_K): larger than L3
+        for t in types:  # the gate/up shape; Q6_K at the down shape
+            results.append(bench_gemv(t, 32 * D, F, args, rng) if t == Q6_K else bench_gemv(t, 48 * F, D, args, rng))
     if "gemm" in only:
         for T in (32, 512):
-            results.append(bench_gemm(Q4_K, F, D, T, args, rng))
-            results.append(bench_gemm(Q6_K, D, F, T, args, rng))
-            results.append(bench_gemm(Q8_0, F, D, T, args, rng))
+            for t in types:
+                results.append(bench_gemm(t, D, F, T, args, rng) if t == Q6_K else bench_gemm(t, F, D, T, args, rng))
     if "moe" in only:
         n_exp = 32 if args.quick else E
         layer = (rand_weights(Q4_K, n_exp * F, D, rng).reshape(-1), rand_weights(Q4_K, n_exp * F, D, rng).reshape(-1),

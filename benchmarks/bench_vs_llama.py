@@ -8,6 +8,11 @@ size, and decode bytes-per-token over time as a fraction of measured read bandwi
     python benchmarks/bench_vs_llama.py --model deepseek-v2-lite --layers 4
     python benchmarks/bench_vs_llama.py --model smollm2
     python benchmarks/bench_vs_llama.py --model path/to/file.gguf
+    python benchmarks/bench_vs_llama.py --model qwen3moe-a3b --quant Q4_K_M,Q3_K_M,Q2_K
+
+--quant picks the llama.cpp file type of a preset model; several (comma-separated) are measured in
+the same run, interleaved round by round, and each one's ratios are also given relative to the
+first one's (the baseline), which is what to compare on a noisy machine.
 
 Each engine runs in its own subprocess so peak RSS is measured per engine.
 """
@@ -22,9 +27,10 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))   # measure this checkout's hetero_moe, not an installed one
 
 
-def resolve_model(name: str, layers: int) -> str:
+def resolve_model(name: str, layers: int, quant: str = "Q4_K_M") -> str:
     if os.path.exists(name):
         return name
     if name == "smollm2":
@@ -36,7 +42,7 @@ def resolve_model(name: str, layers: int) -> str:
     from hetero_moe.testing.make_model import PRESETS, cached_test_model
     if name in PRESETS:
         arch = {"qwen3moe-a3b": "qwen3moe", "deepseek-v2-lite": "deepseek2"}.get(name, name.split("-")[0])
-        return str(cached_test_model(arch, preset=name, quant="Q4_K_M", layers=layers))
+        return str(cached_test_model(arch, preset=name, quant=quant, layers=layers))
     raise SystemExit(f"unknown model {name!r}: give a .gguf path, 'smollm2', 'demo' or a preset "
                      f"({', '.join(PRESETS)})")
 
@@ -121,24 +127,26 @@ def main() -> None:
     ap.add_argument("--n-prompt", type=int, default=512)
     ap.add_argument("--n-gen", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3, help="A/B rounds; medians reported (3)")
+    ap.add_argument("--quant", default="Q4_K_M",
+                    help="file type(s) of a preset model, comma-separated; the first is the baseline "
+                         "(Q4_K_M)")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
         print(json.dumps(_child(a.child, a.model, a.threads, a.n_prompt, a.n_gen)))
         return
-    path = resolve_model(a.model, a.layers)
-    runs: dict[str, list[dict]] = {"hetero-moe": [], "llama.cpp": []}
+    quants = [q.strip() for q in a.quant.split(",") if q.strip()]
+    paths = {q: resolve_model(a.model, a.layers, q) for q in quants}
+    runs = {q: {"hetero-moe": [], "llama.cpp": []} for q in quants}
     for r in range(a.rounds):
-        for engine in (("hetero-moe", "llama.cpp") if r % 2 == 0 else ("llama.cpp", "hetero-moe")):
-            res = run_engine(engine, path, a.threads, a.n_prompt, a.n_gen)
-            runs[engine].append(res)
-            print(f"round {r + 1} {engine:10s} prefill {res['prefill_tps']:8.1f} tok/s  "
-                  f"decode {res['decode_tps']:7.1f} tok/s  peak RSS {res['peak_rss'] / 2**20:7.0f} "
-                  f"MiB", file=sys.stderr)
-    med = {e: {k: statistics.median(x[k] for x in v) for k in v[0]} for e, v in runs.items()}
-    size = sum(os.path.getsize(p) for p in [path])
-    bpt = decode_bytes_per_token(path)
+        for q in quants:
+            for engine in (("hetero-moe", "llama.cpp") if r % 2 == 0 else ("llama.cpp", "hetero-moe")):
+                res = run_engine(engine, paths[q], a.threads, a.n_prompt, a.n_gen)
+                runs[q][engine].append(res)
+                print(f"round {r + 1} {q:7s} {engine:10s} prefill {res['prefill_tps']:8.1f} tok/s  "
+                      f"decode {res['decode_tps']:7.1f} tok/s  peak RSS {res['peak_rss'] / 2**20:7.0f} "
+                      f"MiB", file=sys.stderr)
     bw = None
     try:
         sys.path.insert(0, HERE)
@@ -146,6 +154,29 @@ def main() -> None:
         bw = measure_bandwidth()
     except Exception as e:  # the probe is optional
         print(f"(bandwidth probe unavailable: {e})", file=sys.stderr)
+    results = {q: summarize(paths[q], runs[q], a, bw) for q in quants}
+    base = results[quants[0]]
+    for q in quants:
+        res = results[q]
+        res["prefill_ratio_vs_baseline"] = res["prefill_ratio"] / base["prefill_ratio"]
+        res["decode_ratio_vs_baseline"] = res["decode_ratio"] / base["decode_ratio"]
+        report(res, a)
+    if len(quants) > 1:
+        print(f"\nratios (ours / llama.cpp), and relative to {quants[0]}'s:")
+        print(f"{'quant':10s}{'prefill':>10s}{'decode':>10s}{'prefill/base':>14s}{'decode/base':>13s}")
+        for q in quants:
+            res = results[q]
+            print(f"{q:10s}{res['prefill_ratio']:10.2f}{res['decode_ratio']:10.2f}"
+                  f"{res['prefill_ratio_vs_baseline']:14.2f}{res['decode_ratio_vs_baseline']:13.2f}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(results[quants[0]] if len(quants) == 1 else results, f, indent=2)
+
+
+def summarize(path: str, runs: dict, a, bw) -> dict:
+    med = {e: {k: statistics.median(x[k] for x in v) for k in v[0]} for e, v in runs.items()}
+    size = os.path.getsize(path)
+    bpt = decode_bytes_per_token(path)
     out = {
         "model": path, "file_size": size, "threads": a.threads, "n_prompt": a.n_prompt,
         "n_gen": a.n_gen, "rounds": a.rounds, "median": med, "runs": runs,
@@ -157,10 +188,15 @@ def main() -> None:
     if bw:
         for e in runs:
             out[f"{e}_roofline_fraction"] = bpt * med[e]["decode_tps"] / (bw * 1e9)
-    print(f"\nmodel {os.path.basename(path)} ({size / 2**20:.0f} MiB), {a.threads} threads, "
+    return out
+
+
+def report(out: dict, a) -> None:
+    med, size, bw, bpt = out["median"], out["file_size"], out["read_bandwidth_gbs"], out["decode_bytes_per_token"]
+    print(f"\nmodel {os.path.basename(out['model'])} ({size / 2**20:.0f} MiB), {a.threads} threads, "
           f"{a.rounds} rounds, medians")
     print(f"{'':12s}{'prefill tok/s':>15s}{'decode tok/s':>15s}{'peak RSS/file':>15s}")
-    for e in runs:
+    for e in med:
         print(f"{e:12s}{med[e]['prefill_tps']:15.1f}{med[e]['decode_tps']:15.1f}"
               f"{med[e]['peak_rss'] / size:15.2f}")
     print(f"ratio       {out['prefill_ratio']:15.2f}{out['decode_ratio']:15.2f}")
@@ -169,9 +205,6 @@ def main() -> None:
               f"{bw * 1e9 / bpt:.0f} tok/s; fraction reached: hetero-moe "
               f"{out['hetero-moe_roofline_fraction']:.2f}, llama.cpp "
               f"{out['llama.cpp_roofline_fraction']:.2f}")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(out, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -99,8 +99,8 @@ PyObject* py_type_info(PyObject*, PyObject* arg) {
     if (t == -1 && PyErr_Occurred()) return nullptr;
     const TypeInfo* ti = type_info((int)t);
     if (!ti) Py_RETURN_NONE;
-    return Py_BuildValue("{s:s,s:i,s:i,s:s,s:i}", "name", ti->name, "block", ti->block, "bytes", ti->bytes, "act",
-                         act_name(ti->act), "act_bytes", act_bytes(ti->act));
+    return Py_BuildValue("{s:s,s:i,s:i,s:s,s:i,s:i}", "name", ti->name, "block", ti->block, "bytes", ti->bytes, "act",
+                         act_name(ti->act), "act_bytes", act_bytes(ti->act), "act_block", act_block(ti->act));
 }
 
 // quantize_act(weight_type, x, rows, cols, out): rows of x into the activation format of weight_type.
@@ -110,9 +110,9 @@ PyObject* py_quantize_act(PyObject*, PyObject* args) {
     if (!PyArg_ParseTuple(args, "iOiiO", &type, &xo, &rows, &cols, &oo)) return nullptr;
     const TypeInfo* ti = type_info(type);
     if (!ti) return PyErr_Format(PyExc_ValueError, "ggml_type %d is not supported by the CPU kernels", type);
-    if (rows < 0 || cols <= 0 || cols % act_block(ti->act))
-        return PyErr_Format(PyExc_ValueError, "rows=%d, cols=%d: cols must be a positive multiple of %d", rows, cols,
-                            act_block(ti->act));
+    const int ab = ti->act == ACT_F32 ? 1 : act_block(ti->act);  // F32 pads its last block
+    if (rows < 0 || cols <= 0 || cols % ab)
+        return PyErr_Format(PyExc_ValueError, "rows=%d, cols=%d: cols must be a positive multiple of %d", rows, cols, ab);
     Buf x, o;
     if (!x.get(xo, "x", false) || !o.get(oo, "out", true)) return nullptr;
     const size_t need_x = (size_t)rows * cols * 4, need_o = act_row_bytes(ti->act, cols) * rows;

@@ -10,8 +10,9 @@ namespace hmoe {
 // Most tokens one gemm call handles; drivers tile longer token lists.
 constexpr int GEMM_MAX_TOKENS = 64;
 
-// Quantize one row of n floats (n a multiple of the activation block) into activation blocks placed
-// block_stride bytes apart (the block size for a plain row; nt * block size inside a tile).
+// Quantize one row of n floats (n a multiple of the activation block; any n for F32, whose last
+// block is zero-padded) into activation blocks placed block_stride bytes apart (the block size for a
+// plain row; nt * block size inside a tile).
 using QuantRowFn = void (*)(const float* x, uint8_t* y, int n, size_t block_stride);
 
 // out[t*ldo + r] = dot(weight row r, activation row t) for r < nr, t < nt <= GEMM_MAX_TOKENS.
@@ -43,7 +44,7 @@ inline size_t attn_prefill_scratch(int rows, int dk, int dv) {
     return (size_t)rows * ATTN_KEY_BLOCK + (size_t)rows * dv + 2 * (size_t)rows + (size_t)ATTN_KEY_BLOCK * (dk + dv);
 }
 
-constexpr int MAX_TYPE_ID = 16;
+constexpr int MAX_TYPE_ID = 31;  // BF16 is 30
 
 struct KernelSet {
     const char* name;

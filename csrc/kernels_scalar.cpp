@@ -80,6 +80,13 @@ void quant_q8_K(const float* x, uint8_t* y, int n, size_t bs) {
     }
 }
 
+// F32 (F16/BF16 weights): the values as they are, in 8-float blocks; the last one zero-padded.
+void quant_f32(const float* x, uint8_t* y, int n, size_t bs) {
+    Strided<BlockF32> b{y, bs};
+    for (int i = 0; i * F32_ACT_BLOCK < n; ++i)
+        for (int j = 0; j < F32_ACT_BLOCK; ++j) b[i].v[j] = i * F32_ACT_BLOCK + j < n ? x[i * F32_ACT_BLOCK + j] : 0.f;
+}
+
 // ---- dot products: one weight row (nb blocks) with one activation row ----
 
 float dot_q4_0(const uint8_t* w, const uint8_t* a, int nb, size_t as) {
@@ -250,7 +257,109 @@ float dot_q6_K(const uint8_t* w, const uint8_t* a, int nb, size_t as) {
     return acc;
 }
 
+// 2-bit field of value v (0..255) of a Q2_K/Q3_K block: bits 2s..2s+1 of qs[32h+l], v = 128h+32s+l.
+inline int low2(const uint8_t* qs, int v) { return (qs[32 * (v / 128) + v % 32] >> (2 * ((v % 128) / 32))) & 3; }
+
+// Q3_K value v: the low 2 bits, minus 4 unless its hmask bit (4h+s) is set.
+inline int q3_value(const BlockQ3_K& x, int v) {
+    const int hb = (x.hmask[v % 32] >> (v / 32)) & 1;
+    return low2(x.qs, v) - (hb ? 0 : 4);
+}
+
+// Signed scale of group g (0..15) of a Q3_K block (6 bits, minus 32).
+inline int q3_scale(const uint8_t* s, int g) {
+    const int lo = g < 8 ? s[g] & 0xf : s[g - 8] >> 4;
+    const int hi = (s[8 + g % 4] >> (2 * (g / 4))) & 3;
+    return (lo | hi << 4) - 32;
+}
+
+// Q2_K: d*sum_g sc_g*<q_g,a_g> - dmin*sum_g m_g*sum(a_g), 16 groups of 16.
+float dot_q2_K(const uint8_t* w, const uint8_t* a, int nb, size_t as) {
+    auto* x = reinterpret_cast<const BlockQ2_K*>(w);
+    CStrided<BlockQ8_K> y{a, as};
+    float acc = 0.f;
+    for (int i = 0; i < nb; ++i) {
+        int sumi = 0, summ = 0;
+        for (int g = 0; g < 16; ++g) {
+            int s = 0;
+            for (int l = 0; l < 16; ++l) s += low2(x[i].qs, 16 * g + l) * y[i].qs[16 * g + l];
+            sumi += (x[i].scales[g] & 0xf) * s;
+            summ += (x[i].scales[g] >> 4) * y[i].bsums[g];
+        }
+        acc += y[i].d * (half(x[i].d) * (float)sumi - half(x[i].dmin) * (float)summ);
+    }
+    return acc;
+}
+
+float dot_q3_K(const uint8_t* w, const uint8_t* a, int nb, size_t as) {
+    auto* x = reinterpret_cast<const BlockQ3_K*>(w);
+    CStrided<BlockQ8_K> y{a, as};
+    float acc = 0.f;
+    for (int i = 0; i < nb; ++i) {
+        int sumi = 0;
+        for (int g = 0; g < 16; ++g) {
+            int s = 0;
+            for (int l = 0; l < 16; ++l) s += q3_value(x[i], 16 * g + l) * y[i].qs[16 * g + l];
+            sumi += q3_scale(x[i].scales, g) * s;
+        }
+        acc += half(x[i].d) * y[i].d * (float)sumi;
+    }
+    return acc;
+}
+
+inline float bf16_to_fp32(uint16_t h) {
+    const uint32_t bits = (uint32_t)h << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+}
+
+// Float weights (F16/BF16, n values) with F32 activation blocks `as` bytes apart.
+template <float (*CVT)(uint16_t)>
+float dot_float(const uint8_t* w, const uint8_t* a, int n, size_t as) {
+    CStrided<BlockF32> y{a, as};
+    float acc = 0.f;
+    for (int j = 0; j < n; ++j) {
+        uint16_t h;
+        std::memcpy(&h, w + 2 * j, 2);
+        acc += CVT(h) * y[j / F32_ACT_BLOCK].v[j % F32_ACT_BLOCK];
+    }
+    return acc;
+}
+
 // ---- dequantization of whole rows (embedding lookups): the formats above, to floats ----
+
+void dequant_q2_K(const uint8_t* w, int nb, float* o) {
+    auto* x = reinterpret_cast<const BlockQ2_K*>(w);
+    for (int i = 0; i < nb; ++i, o += QK_K) {
+        const float d = half(x[i].d), dmin = half(x[i].dmin);
+        for (int g = 0; g < 16; ++g) {
+            const float dl = d * (float)(x[i].scales[g] & 0xf), ml = dmin * (float)(x[i].scales[g] >> 4);
+            for (int v = 16 * g; v < 16 * g + 16; ++v) o[v] = dl * (float)low2(x[i].qs, v) - ml;
+        }
+    }
+}
+
+void dequant_q3_K(const uint8_t* w, int nb, float* o) {
+    auto* x = reinterpret_cast<const BlockQ3_K*>(w);
+    for (int i = 0; i < nb; ++i, o += QK_K) {
+        const float d = half(x[i].d);
+        for (int g = 0; g < 16; ++g) {
+            const float dl = d * (float)q3_scale(x[i].scales, g);
+            for (int v = 16 * g; v < 16 * g + 16; ++v) o[v] = dl * (float)q3_value(x[i], v);
+        }
+    }
+}
+
+template <float (*CVT)(uint16_t)>
+void dequant_float(const uint8_t* w, int n, float* o) {
+    for (int j = 0; j < n; ++j) {
+        uint16_t h;
+        std::memcpy(&h, w + 2 * j, 2);
+        o[j] = CVT(h);
+    }
+}
+
 
 void dequant_q4_0(const uint8_t* w, int nb, float* o) {
     auto* x = reinterpret_cast<const BlockQ4_0*>(w);
@@ -359,6 +468,13 @@ void gemm(const uint8_t* w, size_t rb, int nr, int n_cols, const uint8_t* act, i
             out[t * ldo + r] = DOT(w + r * rb, act + t * sizeof(ABlock), nb, nt * sizeof(ABlock));
 }
 
+template <float (*CVT)(uint16_t)>
+void gemm_float(const uint8_t* w, size_t rb, int nr, int n_cols, const uint8_t* act, int nt, float* out, size_t ldo) {
+    for (int t = 0; t < nt; ++t)
+        for (int r = 0; r < nr; ++r)
+            out[t * ldo + r] = dot_float<CVT>(w + r * rb, act + t * sizeof(BlockF32), n_cols, nt * sizeof(BlockF32));
+}
+
 void attn_part(const float* q, int G, int dk, int dv, const float* k, size_t ks, const float* v, size_t vs, int n,
                float scale, float* p, float* m, float* s, float* o) {
     for (int g = 0; g < G; ++g) {
@@ -422,6 +538,7 @@ KernelSet make_scalar() {
     k.quant[ACT_Q8_0] = quant_q8_0;
     k.quant[ACT_Q8_1] = quant_q8_1;
     k.quant[ACT_Q8_K] = quant_q8_K;
+    k.quant[ACT_F32] = quant_f32;
     k.silu_mul = silu_mul;
     k.attn_part = attn_part;
     k.attn_prefill = attn_prefill;
@@ -430,9 +547,13 @@ KernelSet make_scalar() {
     k.gemm[T_Q5_0] = gemm<dot_q5_0, QK32, BlockQ8_0>;
     k.gemm[T_Q5_1] = gemm<dot_q5_1, QK32, BlockQ8_1>;
     k.gemm[T_Q8_0] = gemm<dot_q8_0, QK32, BlockQ8_0>;
+    k.gemm[T_Q2_K] = gemm<dot_q2_K, QK_K, BlockQ8_K>;
+    k.gemm[T_Q3_K] = gemm<dot_q3_K, QK_K, BlockQ8_K>;
     k.gemm[T_Q4_K] = gemm<dot_q4_K, QK_K, BlockQ8_K>;
     k.gemm[T_Q5_K] = gemm<dot_q5_K, QK_K, BlockQ8_K>;
     k.gemm[T_Q6_K] = gemm<dot_q6_K, QK_K, BlockQ8_K>;
+    k.gemm[T_F16] = gemm_float<fp16_to_fp32>;
+    k.gemm[T_BF16] = gemm_float<bf16_to_fp32>;
     return k;
 }
 
@@ -446,9 +567,13 @@ bool dequantize_row(int type, const uint8_t* w, int n_cols, float* out) {
         case T_Q5_0: dequant_q5_0(w, nb32, out); return true;
         case T_Q5_1: dequant_q5_1(w, nb32, out); return true;
         case T_Q8_0: dequant_q8_0(w, nb32, out); return true;
+        case T_Q2_K: dequant_q2_K(w, nbk, out); return true;
+        case T_Q3_K: dequant_q3_K(w, nbk, out); return true;
         case T_Q4_K: dequant_k4<false>(w, nbk, out); return true;
         case T_Q5_K: dequant_k4<true>(w, nbk, out); return true;
         case T_Q6_K: dequant_q6_K(w, nbk, out); return true;
+        case T_F16: dequant_float<fp16_to_fp32>(w, n_cols, out); return true;
+        case T_BF16: dequant_float<bf16_to_fp32>(w, n_cols, out); return true;
         default: return false;
     }
 }
@@ -464,6 +589,10 @@ static const TypeInfo kTypes[] = {
     {T_Q5_0, "Q5_0", QK32, (int)sizeof(BlockQ5_0), ACT_Q8_0},
     {T_Q5_1, "Q5_1", QK32, (int)sizeof(BlockQ5_1), ACT_Q8_1},
     {T_Q8_0, "Q8_0", QK32, (int)sizeof(BlockQ8_0), ACT_Q8_0},
+    {T_F16, "F16", 1, 2, ACT_F32},
+    {T_BF16, "BF16", 1, 2, ACT_F32},
+    {T_Q2_K, "Q2_K", QK_K, (int)sizeof(BlockQ2_K), ACT_Q8_K},
+    {T_Q3_K, "Q3_K", QK_K, (int)sizeof(BlockQ3_K), ACT_Q8_K},
     {T_Q4_K, "Q4_K", QK_K, (int)sizeof(BlockQ4_K), ACT_Q8_K},
     {T_Q5_K, "Q5_K", QK_K, (int)sizeof(BlockQ5_K), ACT_Q8_K},
     {T_Q6_K, "Q6_K", QK_K, (int)sizeof(BlockQ6_K), ACT_Q8_K},
@@ -476,7 +605,7 @@ const TypeInfo* type_info(int ggml_type) {
 }
 
 const char* act_name(ActKind a) {
-    return a == ACT_Q8_K ? "Q8_K" : a == ACT_Q8_1 ? "Q8_1" : "Q8_0";
+    return a == ACT_Q8_K ? "Q8_K" : a == ACT_Q8_1 ? "Q8_1" : a == ACT_F32 ? "F32" : "Q8_0";
 }
 
 }  // namespace hmoe

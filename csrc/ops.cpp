@@ -35,7 +35,7 @@ std::string fmt(const char* f, long long a, long long b = 0, long long c = 0, lo
 
 }  // namespace
 
-size_t act_row_bytes(ActKind a, int n_cols) { return (size_t)(n_cols / act_block(a)) * act_bytes(a); }
+size_t act_row_bytes(ActKind a, int n_cols) { return (size_t)act_blocks(a, n_cols) * act_bytes(a); }
 
 void quantize_rows(ActKind a, const float* x, int rows, int cols, uint8_t* out) {
     const QuantRowFn q = active_kernels()->quant[a];

@@ -13,7 +13,7 @@ constexpr int QK32 = 32;   // elements per legacy block
 // ggml type ids (the numbers stored in GGUF tensor infos).
 enum GgmlType : int {
     T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8,
-    T_Q8_1 = 9, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14, T_Q8_K = 15,
+    T_Q8_1 = 9, T_Q2_K = 10, T_Q3_K = 11, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14, T_Q8_K = 15, T_BF16 = 30,
 };
 
 // ---- weight blocks ----
@@ -22,6 +22,14 @@ struct BlockQ4_1 { uint16_t d, m; uint8_t qs[16]; };                // x = d*nib
 struct BlockQ5_0 { uint16_t d; uint8_t qh[4]; uint8_t qs[16]; };    // q = (nibble | bit<<4) - 16
 struct BlockQ5_1 { uint16_t d, m; uint8_t qh[4]; uint8_t qs[16]; };
 struct BlockQ8_0 { uint16_t d; int8_t qs[32]; };
+// Q2_K: 16 groups of 16; scales[g] = scale (low nibble) | min (high nibble); value 128h+32s+l is
+// bits 2s..2s+1 of qs[32h+l]; x = d*scale*q - dmin*min.
+struct BlockQ2_K { uint8_t scales[16]; uint8_t qs[64]; uint16_t d, dmin; };
+// Q3_K: 16 groups of 16 with 6-bit scales (minus 32) packed in 12 bytes (low nibbles in bytes 0-7,
+// group g >= 8 in the high nibble of byte g-8; the top 2 bits of group g are bits 2(g/4).. of
+// byte 8+g%4); value 128h+32s+l: low bits 2s..2s+1 of qs[32h+l], high bit 4h+s of hmask[l] (set:
+// q = low, clear: q = low - 4); x = d*(scale-32)*q.
+struct BlockQ3_K { uint8_t hmask[32]; uint8_t qs[64]; uint8_t scales[12]; uint16_t d; };
 struct BlockQ4_K { uint16_t d, dmin; uint8_t scales[12]; uint8_t qs[128]; };
 struct BlockQ5_K { uint16_t d, dmin; uint8_t scales[12]; uint8_t qh[32]; uint8_t qs[128]; };
 struct BlockQ6_K { uint8_t ql[128]; uint8_t qh[64]; int8_t scales[16]; uint16_t d; };
@@ -38,14 +46,23 @@ static_assert(sizeof(BlockQ4_1) == 20, "Q4_1 layout");
 static_assert(sizeof(BlockQ5_0) == 22, "Q5_0 layout");
 static_assert(sizeof(BlockQ5_1) == 24, "Q5_1 layout");
 static_assert(sizeof(BlockQ8_0) == 34, "Q8_0 layout");
+static_assert(sizeof(BlockQ2_K) == 84, "Q2_K layout");
+static_assert(sizeof(BlockQ3_K) == 110, "Q3_K layout");
 static_assert(sizeof(BlockQ4_K) == 144, "Q4_K layout");
 static_assert(sizeof(BlockQ5_K) == 176, "Q5_K layout");
 static_assert(sizeof(BlockQ6_K) == 210, "Q6_K layout");
 static_assert(sizeof(BlockQ8_K) == 324, "Q8_K layout");
 static_assert(sizeof(BlockQ8_1) == 36, "Q8_1 layout");
 
+// F32 (for F16/BF16 weights): the activations themselves, in blocks of 8 floats; a row's last block
+// is zero-padded, so float weights of any width (llama.cpp's fallback for rows that are not whole
+// quant blocks) run on the kernels. Exact, and converting the weights costs one instruction per 8.
+constexpr int F32_ACT_BLOCK = 8;
+struct BlockF32 { float v[F32_ACT_BLOCK]; };
+static_assert(sizeof(BlockF32) == 32, "F32 activation block");
+
 // Which activation format a weight type's dot product consumes.
-enum ActKind : int { ACT_Q8_0 = 0, ACT_Q8_1 = 1, ACT_Q8_K = 2, ACT_COUNT = 3 };
+enum ActKind : int { ACT_Q8_0 = 0, ACT_Q8_1 = 1, ACT_Q8_K = 2, ACT_F32 = 3, ACT_COUNT = 4 };
 
 struct TypeInfo {
     int type;          // ggml id
@@ -57,9 +74,16 @@ struct TypeInfo {
 
 // Data table of supported weight types; nullptr when unsupported.
 const TypeInfo* type_info(int ggml_type);
-inline int act_block(ActKind a) { return a == ACT_Q8_K ? QK_K : QK32; }
+inline int act_block(ActKind a) { return a == ACT_Q8_K ? QK_K : a == ACT_F32 ? F32_ACT_BLOCK : QK32; }
 inline int act_bytes(ActKind a) {
-    return a == ACT_Q8_K ? (int)sizeof(BlockQ8_K) : a == ACT_Q8_1 ? (int)sizeof(BlockQ8_1) : (int)sizeof(BlockQ8_0);
+    return a == ACT_Q8_K ? (int)sizeof(BlockQ8_K)
+           : a == ACT_Q8_1 ? (int)sizeof(BlockQ8_1)
+           : a == ACT_F32  ? (int)sizeof(BlockF32)
+                           : (int)sizeof(BlockQ8_0);
+}
+// Activation blocks per row of n values: whole blocks, except F32's padded last block.
+inline int act_blocks(ActKind a, int n) {
+    return a == ACT_F32 ? (n + F32_ACT_BLOCK - 1) / F32_ACT_BLOCK : n / act_block(a);
 }
 const char* act_name(ActKind a);
 

@@ -1,7 +1,8 @@
 """CPU kernels (the hetero_moe._cpu extension): quantized matmul and the fused MoE FFN.
 
 Weights stay in their GGUF blocks (numpy uint8 arrays, read-only mmap views are fine); activations are
-float32 torch tensors, quantized inside the op (Q8_K for K-quants, Q8_0/Q8_1 for the 32-blocks).
+float32 torch tensors, quantized inside the op (Q8_K for K-quants, Q8_0/Q8_1 for the 32-blocks; F16 and
+BF16 weights meet the float32 activations themselves, in zero-padded blocks of 8).
 
 Threads: one persistent pool per process (set_num_threads(n) = n - 1 workers plus the calling
 thread, which helps while it waits; default HETERO_MOE_THREADS or the usable cores). Ops release the
@@ -25,7 +26,8 @@ _reason: str | None = None
 _loaded = False
 _threads_set = False
 
-_TYPE_NAMES = {2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K"}
+_TYPE_NAMES = {1: "F16", 30: "BF16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 10: "Q2_K",
+               11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K"}
 
 
 def _load():
@@ -105,7 +107,8 @@ _INFO: dict[int, dict] = {}  # ggml type -> type_info, filled on first use (ops 
 
 
 def type_info(ggml_type: int) -> dict:
-    """Block facts: name, block (elements), bytes (per block), act (activation format), act_bytes."""
+    """Block facts: name, block (elements), bytes (per block), act (activation format), act_bytes,
+    act_block (elements per activation block)."""
     info = _INFO.get(ggml_type)
     if info is None:
         info = _lib().type_info(int(ggml_type))
@@ -404,9 +407,13 @@ def quantize_act(x: torch.Tensor, ggml_type: int) -> np.ndarray:
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D [R, C], got shape {tuple(x.shape)}")
     R, C = x.shape
-    ab = 256 if info["act"] == "Q8_K" else 32
-    if C % ab:
+    ab = info["act_block"]
+    if info["act"] == "F32":       # any width: the last block is zero-padded
+        n_blocks = -(-C // ab)
+    elif C % ab:
         raise ValueError(f"x has {C} columns, not a multiple of the {info['act']} block size {ab}")
-    out = np.empty(R * (C // ab) * info["act_bytes"], dtype=np.uint8)
+    else:
+        n_blocks = C // ab
+    out = np.empty(R * n_blocks * info["act_bytes"], dtype=np.uint8)
     m.quantize_act(int(ggml_type), x.numpy(), R, C, out)
     return out.reshape(R, -1)

@@ -293,7 +293,7 @@ def test_bad_matmul_inputs():
     w = make_weights("Q4_K", 4, 256)
     x = gaussian(2, 256)
     with pytest.raises(ValueError, match="not supported"):
-        cb.matmul(w, 10, 4, 256, x)
+        cb.matmul(w, 16, 4, 256, x)  # IQ2_XXS
     with pytest.raises(ValueError, match="w has 576 bytes, expected 720"):
         cb.matmul(w, 12, 5, 256, x)
     with pytest.raises(ValueError, match="multiple of the Q4_K block size 256"):
@@ -364,7 +364,7 @@ def test_threads_and_variants_api():
     cb.set_num_threads(n)
     with pytest.raises(ValueError, match="not supported by this CPU|unknown"):
         cb._lib()._force_variant("sse9")
-    assert cb.supports(12) and not cb.supports(10)
+    assert cb.supports(12) and cb.supports(10) and not cb.supports(16)
 
 
 @needs_ext

@@ -6,6 +6,9 @@ compute the same numbers: x ~= q * d per block, q int8.
   q8_K: blocks of 256, d = -max / 127 (max = the signed value of largest magnitude), f32,
         q = min(127, round(x / d))
   f16:  activations rounded to half precision (for F16 weights)
+  bf16: activations rounded to bfloat16 (for BF16 weights)
+The f16/bf16 roundings model llama.cpp (its F16/BF16 dot products convert the activations); the C++
+kernels keep F16/BF16 activations in f32 (exact), which differs from them by ~3e-4 (f16) relative.
 """
 from __future__ import annotations
 
