@@ -414,6 +414,49 @@ PyObject* py_decode_step(PyObject*, PyObject* args) {
     Py_END_ALLOW_THREADS Py_RETURN_NONE;
 }
 
+// decode_steps(plan, x, pos, caches, logits): B sequences one token each. x [B, D] float32 (overwritten),
+// pos int32 [B], caches int64 [B, n_layer, 4] = (k address, k bytes, v address, v bytes) of each row's
+// layer caches, each [Hkv, n_ctx, Dh] float32 like the plan's; logits [B, V] float32.
+PyObject* py_decode_steps(PyObject*, PyObject* args) {
+    PyObject *cap, *xo, *po, *co, *lo;
+    if (!PyArg_ParseTuple(args, "OOOOO", &cap, &xo, &po, &co, &lo)) return nullptr;
+    auto* m = static_cast<DecodeModel*>(PyCapsule_GetPointer(cap, kPlanName));
+    if (!m) return nullptr;
+    Buf x, p, c, l;
+    if (!x.get(xo, "x", true) || !p.get(po, "pos", false) || !c.get(co, "caches", false) || !l.get(lo, "logits", true))
+        return nullptr;
+    if (p.len() % 4 || p.len() == 0 || p.len() / 4 > 4096)
+        return PyErr_Format(PyExc_ValueError, "pos must hold 1..4096 int32 positions, got %zu bytes", p.len());
+    const long long B = (long long)(p.len() / 4), L = m->n_layer;
+    if (x.len() != (size_t)(B * m->D * 4))
+        return PyErr_Format(PyExc_ValueError, "x has %zu bytes, expected %lld (B=%lld rows of %d)", x.len(),
+                            B * m->D * 4, B, m->D);
+    if (l.len() != (size_t)(B * m->V * 4))
+        return PyErr_Format(PyExc_ValueError, "logits has %zu bytes, expected %lld", l.len(), B * m->V * 4);
+    if (c.len() != (size_t)(B * L * 4 * 8))
+        return PyErr_Format(PyExc_ValueError, "caches has %zu bytes, expected %lld (B=%lld x %lld layers x 4 int64)",
+                            c.len(), B * L * 32, B, L);
+    const int32_t* pos = p.ptr<int32_t>();
+    for (long long b = 0; b < B; ++b)
+        if (pos[b] < 0 || pos[b] >= m->n_ctx)
+            return PyErr_Format(PyExc_ValueError, "row %lld: position %d is outside the context [0, %d)", b, pos[b],
+                                m->n_ctx);
+    const long long want = (long long)m->n_ctx * m->Hkv * m->Dh * 4;
+    const int64_t* ci = c.ptr<int64_t>();
+    std::vector<SeqCache> seq((size_t)(B * L));
+    for (long long i = 0; i < B * L; ++i) {
+        const int64_t* e = ci + 4 * i;
+        if (e[0] == 0 || e[2] == 0 || e[1] != want || e[3] != want)
+            return PyErr_Format(PyExc_ValueError,
+                                "row %lld layer %lld: key/value caches of %lld/%lld bytes at %s; expected %lld bytes each",
+                                i / L, i % L, (long long)e[1], (long long)e[3], e[0] && e[2] ? "given addresses" : "a null address",
+                                want);
+        seq[i].k = reinterpret_cast<float*>(e[0]), seq[i].v = reinterpret_cast<float*>(e[2]);
+    }
+    Py_BEGIN_ALLOW_THREADS decode_steps(*m, (int)B, x.ptr<float>(), pos, seq.data(), l.ptr<float>());
+    Py_END_ALLOW_THREADS Py_RETURN_NONE;
+}
+
 // decode_profile(on) -> {part: seconds} accumulated since the last call; timing on/off from now
 PyObject* py_decode_profile(PyObject*, PyObject* arg) {
     const int on = PyObject_IsTrue(arg);
@@ -452,6 +495,7 @@ PyMethodDef methods[] = {
     {"attn_prep", py_attn_prep, METH_VARARGS, "Biases, q/k norms, RoPE and the KV-cache write for T tokens."},
     {"decode_plan", py_decode_plan, METH_VARARGS, "A whole-model decode plan from a flat description."},
     {"decode_step", py_decode_step, METH_VARARGS, "One token through the whole model -> logits."},
+    {"decode_steps", py_decode_steps, METH_VARARGS, "One token of each of B sequences through the model -> logits."},
     {"decode_profile", py_decode_profile, METH_O, "Per-part decode_step seconds so far; timing on/off."},
     {nullptr, nullptr, 0, nullptr},
 };

@@ -255,136 +255,190 @@ void add(float* y, const float* b, int n) {
 }
 
 struct Buffers {
-    std::vector<float> xn, q, k, v, att, y, ys, g, u, logit, w;  // k, v: this token's, then cached
+    std::vector<float> xn, q, k, v, att, y, ys, g, u, logit, w;  // B rows each; k, v: this step's
     std::vector<int32_t> ids;
     std::vector<char> taken;
 };
 
-void attention(const DecodeModel& m, const DecodeLayer& L, Buffers& b, float* x, int pos) {
-    const int D = m.D, qd = m.H * m.Dh;
+// Row b's caches of layer l: the plan's own (one sequence) or the caller's (a batch of sequences).
+struct Caches {
+    const DecodeModel& m;
+    const SeqCache* seq;  // [B * n_layer] or nullptr: the plan's
+    float* k(int b, int l) const { return seq ? seq[(size_t)b * m.n_layer + l].k : m.layers[l].k_cache; }
+    float* v(int b, int l) const { return seq ? seq[(size_t)b * m.n_layer + l].v : m.layers[l].v_cache; }
+};
+
+void rms_rows(const float* x, const float* w, int B, int n, float eps, float* y) {
+    for (int r = 0; r < B; ++r) rms_norm(x + (size_t)r * n, w, n, eps, y + (size_t)r * n);
+}
+
+// y [B, rows] = x [B, cols] @ m^T
+void matmul_rows(const QMat& m, const float* x, int B, float* y) { matmul(m.w, m.type, m.rows, m.cols, x, B, y); }
+
+void attention(const DecodeModel& m, int l, const Caches& cs, Buffers& b, float* x, int B, const int* pos) {
+    const DecodeLayer& L = m.layers[l];
+    const int D = m.D, qd = m.H * m.Dh, kvd = m.Hkv * m.Dh;
     Timer tm(PART_OTHER);
-    rms_norm(x, L.attn_norm, D, m.eps, b.xn.data());
-    float* k = b.k.data();
-    float* v = b.v.data();
+    rms_rows(x, L.attn_norm, B, D, m.eps, b.xn.data());
     MultiMatmulArgs a{};
-    a.n = 3, a.n_cols = D, a.T = 1, a.x = b.xn.data();
+    a.n = 3, a.n_cols = D, a.T = B, a.x = b.xn.data();
     const QMat* mats[3] = {&L.q, &L.k, &L.v};
-    float* outs[3] = {b.q.data(), k, v};
+    float* outs[3] = {b.q.data(), b.k.data(), b.v.data()};
     for (int i = 0; i < 3; ++i)
         a.w[i] = mats[i]->w, a.type[i] = mats[i]->type, a.n_rows[i] = mats[i]->rows, a.out[i] = outs[i];
     tm.next(PART_PROJ);
     matmul_multi(a);
-    tm.next(PART_OTHER);
-    AttnPrepArgs pa;
-    pa.q = b.q.data(), pa.k = k, pa.v = v, pa.T = 1, pa.H = m.H, pa.Hkv = m.Hkv, pa.Dh = m.Dh;
-    pa.n_rot = m.n_rot, pa.pos0 = pos, pa.neox = m.rope_neox, pa.cos = m.rope_cos, pa.sin = m.rope_sin;
-    pa.bq = L.bq, pa.bk = L.bk, pa.bv = L.bv, pa.qk_norm = L.qk_norm, pa.q_norm = L.q_norm, pa.k_norm = L.k_norm;
-    pa.eps = m.eps, pa.k_cache = L.k_cache, pa.v_cache = L.v_cache, pa.cache_ctx = m.n_ctx;
-    attn_prep_token(pa, 0);
     const long long hs = (long long)m.n_ctx * m.Dh;  // head stride of the head-major caches
-    tm.next(PART_ATTN);
-    if (m.Hkv >= ThreadPool::instance().threads()) {
-        // one task per KV head keeps every thread busy: the register-tiled prompt kernel
-        AttnPrefillArgs ap{};
-        ap.q = b.q.data(), ap.k = L.k_cache, ap.v = L.v_cache, ap.out = b.att.data();
-        ap.T = 1, ap.pos0 = pos, ap.H = m.H, ap.Hkv = m.Hkv, ap.dk = m.Dh, ap.dv = m.Dh;
-        ap.qs = qd, ap.os = qd, ap.ks = m.Dh, ap.khs = hs, ap.vs = m.Dh, ap.vhs = hs, ap.scale = m.attn_scale;
-        attn_prefill(ap);
-    } else {  // few KV heads: split the positions too (flash-decoding)
-        AttnArgs at{};
-        at.q = b.q.data(), at.k = L.k_cache, at.v = L.v_cache, at.out = b.att.data();
-        at.H = m.H, at.Hkv = m.Hkv, at.dk = m.Dh, at.dv = m.Dh, at.L = pos + 1;
-        at.ks = m.Dh, at.khs = hs, at.vs = m.Dh, at.vhs = hs, at.scale = m.attn_scale;
-        attn_decode(at);
+    for (int r = 0; r < B; ++r) {
+        float* q = b.q.data() + (size_t)r * qd;
+        float* att = b.att.data() + (size_t)r * qd;
+        float *kc = cs.k(r, l), *vc = cs.v(r, l);
+        tm.next(PART_OTHER);
+        AttnPrepArgs pa;
+        pa.q = q, pa.k = b.k.data() + (size_t)r * kvd, pa.v = b.v.data() + (size_t)r * kvd, pa.T = 1;
+        pa.H = m.H, pa.Hkv = m.Hkv, pa.Dh = m.Dh;
+        pa.n_rot = m.n_rot, pa.pos0 = pos[r], pa.neox = m.rope_neox, pa.cos = m.rope_cos, pa.sin = m.rope_sin;
+        pa.bq = L.bq, pa.bk = L.bk, pa.bv = L.bv, pa.qk_norm = L.qk_norm, pa.q_norm = L.q_norm, pa.k_norm = L.k_norm;
+        pa.eps = m.eps, pa.k_cache = kc, pa.v_cache = vc, pa.cache_ctx = m.n_ctx;
+        attn_prep_token(pa, 0);
+        tm.next(PART_ATTN);
+        if (m.Hkv >= ThreadPool::instance().threads()) {
+            // one task per KV head keeps every thread busy: the register-tiled prompt kernel
+            AttnPrefillArgs ap{};
+            ap.q = q, ap.k = kc, ap.v = vc, ap.out = att;
+            ap.T = 1, ap.pos0 = pos[r], ap.H = m.H, ap.Hkv = m.Hkv, ap.dk = m.Dh, ap.dv = m.Dh;
+            ap.qs = qd, ap.os = qd, ap.ks = m.Dh, ap.khs = hs, ap.vs = m.Dh, ap.vhs = hs, ap.scale = m.attn_scale;
+            attn_prefill(ap);
+        } else {  // few KV heads: split the positions too (flash-decoding)
+            AttnArgs at{};
+            at.q = q, at.k = kc, at.v = vc, at.out = att;
+            at.H = m.H, at.Hkv = m.Hkv, at.dk = m.Dh, at.dv = m.Dh, at.L = pos[r] + 1;
+            at.ks = m.Dh, at.khs = hs, at.vs = m.Dh, at.vhs = hs, at.scale = m.attn_scale;
+            attn_decode(at);
+        }
     }
     tm.next(PART_PROJ);
-    matmul(L.o.w, L.o.type, L.o.rows, L.o.cols, b.att.data(), 1, b.y.data());
+    matmul_rows(L.o, b.att.data(), B, b.y.data());
     tm.next(PART_OTHER);
-    if (L.bo) add(b.y.data(), L.bo, D);
-    add(x, b.y.data(), D);
+    for (int r = 0; r < B; ++r) {
+        float* y = b.y.data() + (size_t)r * D;
+        if (L.bo) add(y, L.bo, D);
+        add(x + (size_t)r * D, y, D);
+    }
 }
 
-// silu(gate(xn)) * up(xn) -> down, into out [D]
-void swiglu(const QMat& gate, const QMat& up, const QMat& down, Buffers& b, float* out) {
+// silu(gate(xn)) * up(xn) -> down, for B rows of b.xn into out [B, D]
+void swiglu(const QMat& gate, const QMat& up, const QMat& down, Buffers& b, int B, float* out) {
     const int F = gate.rows;
     MultiMatmulArgs a{};
-    a.n = 2, a.n_cols = gate.cols, a.T = 1, a.x = b.xn.data();
+    a.n = 2, a.n_cols = gate.cols, a.T = B, a.x = b.xn.data();
     a.w[0] = gate.w, a.type[0] = gate.type, a.n_rows[0] = F, a.out[0] = b.g.data();
     a.w[1] = up.w, a.type[1] = up.type, a.n_rows[1] = F, a.out[1] = b.u.data();
     matmul_multi(a);
-    active_kernels()->silu_mul(b.g.data(), b.u.data(), b.g.data(), F);
-    matmul(down.w, down.type, down.rows, down.cols, b.g.data(), 1, out);
+    active_kernels()->silu_mul(b.g.data(), b.u.data(), b.g.data(), B * F);
+    matmul(down.w, down.type, down.rows, down.cols, b.g.data(), B, out);
 }
 
-void route(const DecodeModel& m, const DecodeLayer& L, Buffers& b) {
+// router probabilities and the top-K experts of B rows -> b.ids, b.w [B, K]
+void route(const DecodeModel& m, const DecodeLayer& L, Buffers& b, int B) {
     const int E = m.E, D = m.D, K = m.K;
-    const float* xn = b.xn.data();
-    float* lg = b.logit.data();
-    const int per = 16;
-    parallel_for((E + per - 1) / per, [&](int t) {
-        for (int e = t * per; e < std::min(E, (t + 1) * per); ++e) lg[e] = dot(L.router + (size_t)e * D, xn, D);
+    const int per = 16, n_chunk = (E + per - 1) / per;
+    parallel_for(n_chunk * B, [&](int t) {
+        const int r = t / n_chunk, c = t % n_chunk;
+        const float* xn = b.xn.data() + (size_t)r * D;
+        float* lg = b.logit.data() + (size_t)r * E;
+        for (int e = c * per; e < std::min(E, (c + 1) * per); ++e) lg[e] = dot(L.router + (size_t)e * D, xn, D);
     });
-    if (m.sigmoid_gating) {
-        for (int e = 0; e < E; ++e) lg[e] = 1.f / (1.f + std::exp(-lg[e]));
-    } else {
-        float mx = -INFINITY;
-        for (int e = 0; e < E; ++e) mx = std::max(mx, lg[e]);
+    for (int r = 0; r < B; ++r) {
+        float* lg = b.logit.data() + (size_t)r * E;
+        int32_t* ids = b.ids.data() + (size_t)r * K;
+        float* w = b.w.data() + (size_t)r * K;
+        if (m.sigmoid_gating) {
+            for (int e = 0; e < E; ++e) lg[e] = 1.f / (1.f + std::exp(-lg[e]));
+        } else {
+            float mx = -INFINITY;
+            for (int e = 0; e < E; ++e) mx = std::max(mx, lg[e]);
+            float sum = 0.f;
+            for (int e = 0; e < E; ++e) sum += (lg[e] = std::exp(lg[e] - mx));
+            const float inv = 1.f / sum;
+            for (int e = 0; e < E; ++e) lg[e] *= inv;
+        }
+        // top-K, ties to the lower id, in descending order
+        b.taken.assign(E, 0);
         float sum = 0.f;
-        for (int e = 0; e < E; ++e) sum += (lg[e] = std::exp(lg[e] - mx));
-        const float inv = 1.f / sum;
-        for (int e = 0; e < E; ++e) lg[e] *= inv;
+        for (int j = 0; j < K; ++j) {
+            int best = -1;
+            for (int e = 0; e < E; ++e)
+                if (!b.taken[e] && (best < 0 || lg[e] > lg[best])) best = e;
+            b.taken[best] = 1;
+            ids[j] = best;
+            w[j] = lg[best];
+            sum += lg[best];
+        }
+        if (m.norm_topk) {
+            const float inv = 1.f / std::max(sum, 6.103515625e-5f);  // llama.cpp's floor
+            for (int j = 0; j < K; ++j) w[j] *= inv;
+        }
+        if (m.expert_scale != 0.f && m.expert_scale != 1.f)
+            for (int j = 0; j < K; ++j) w[j] *= m.expert_scale;
     }
-    // top-K, ties to the lower id, in descending order
-    b.taken.assign(E, 0);
-    float sum = 0.f;
-    for (int j = 0; j < K; ++j) {
-        int best = -1;
-        for (int e = 0; e < E; ++e)
-            if (!b.taken[e] && (best < 0 || lg[e] > lg[best])) best = e;
-        b.taken[best] = 1;
-        b.ids[j] = best;
-        b.w[j] = lg[best];
-        sum += lg[best];
-    }
-    if (m.norm_topk) {
-        const float inv = 1.f / std::max(sum, 6.103515625e-5f);  // llama.cpp's floor
-        for (int j = 0; j < K; ++j) b.w[j] *= inv;
-    }
-    if (m.expert_scale != 0.f && m.expert_scale != 1.f)
-        for (int j = 0; j < K; ++j) b.w[j] *= m.expert_scale;
 }
 
-void ffn(const DecodeModel& m, const DecodeLayer& L, Buffers& b, float* x) {
+void ffn(const DecodeModel& m, const DecodeLayer& L, Buffers& b, float* x, int B) {
     const int D = m.D;
     Timer tm(PART_OTHER);
-    rms_norm(x, L.ffn_norm, D, m.eps, b.xn.data());
+    rms_rows(x, L.ffn_norm, B, D, m.eps, b.xn.data());
     if (!L.moe) {
         tm.next(PART_PROJ);
-        swiglu(L.gate, L.up, L.down, b, b.y.data());
+        swiglu(L.gate, L.up, L.down, b, B, b.y.data());
         tm.next(PART_OTHER);
-        add(x, b.y.data(), D);
+        for (int r = 0; r < B; ++r) add(x + (size_t)r * D, b.y.data() + (size_t)r * D, D);
         return;
     }
     tm.next(PART_ROUTE);
-    route(m, L, b);
+    route(m, L, b, B);
     tm.next(PART_MOE);
     MoeArgs a{};
     a.x = b.xn.data(), a.ids = b.ids.data(), a.weights = b.w.data();
     a.gate = L.gate_exps.w, a.up = L.up_exps.w, a.down = L.down_exps.w, a.out = b.y.data();
-    a.T = 1, a.k = m.K, a.n_expert = m.E, a.d_model = D, a.d_ff = L.gate_exps.rows;
+    a.T = B, a.k = m.K, a.n_expert = m.E, a.d_model = D, a.d_ff = L.gate_exps.rows;
     a.gate_type = L.gate_exps.type, a.up_type = L.up_exps.type, a.down_type = L.down_exps.type;
     moe_wait(moe_submit(a));
     tm.next(PART_SHARED);
     if (L.sh_gate.w) {
-        swiglu(L.sh_gate, L.sh_up, L.sh_down, b, b.ys.data());
-        if (L.sh_scale) {
-            const float s = 1.f / (1.f + std::exp(-dot(b.xn.data(), L.sh_scale, D)));
-            for (int i = 0; i < D; ++i) b.ys[i] *= s;
+        swiglu(L.sh_gate, L.sh_up, L.sh_down, b, B, b.ys.data());
+        for (int r = 0; r < B; ++r) {
+            float* ys = b.ys.data() + (size_t)r * D;
+            if (L.sh_scale) {
+                const float s = 1.f / (1.f + std::exp(-dot(b.xn.data() + (size_t)r * D, L.sh_scale, D)));
+                for (int i = 0; i < D; ++i) ys[i] *= s;
+            }
+            add(b.y.data() + (size_t)r * D, ys, D);
         }
-        add(b.y.data(), b.ys.data(), D);
     }
     tm.next(PART_OTHER);
-    add(x, b.y.data(), D);
+    for (int r = 0; r < B; ++r) add(x + (size_t)r * D, b.y.data() + (size_t)r * D, D);
+}
+
+void steps(const DecodeModel& m, int B, float* x, const int* pos, const SeqCache* seq, float* logits) {
+    thread_local Buffers b;
+    size_t F = 1;
+    for (const DecodeLayer& L : m.layers)
+        F = std::max<size_t>(F, std::max({L.gate.rows, L.sh_gate.rows, 1}));
+    const size_t qd = (size_t)m.H * m.Dh, kvd = (size_t)m.Hkv * m.Dh;
+    b.xn.resize(B * (size_t)m.D), b.q.resize(B * qd), b.att.resize(B * qd), b.y.resize(B * (size_t)m.D);
+    b.ys.resize(B * (size_t)m.D), b.k.resize(B * kvd), b.v.resize(B * kvd);
+    b.g.resize(B * F), b.u.resize(B * F), b.logit.resize(B * (size_t)std::max(m.E, 1));
+    b.w.resize(B * (size_t)std::max(m.K, 1)), b.ids.resize(B * (size_t)std::max(m.K, 1));
+    const Caches cs{m, seq};
+    for (int l = 0; l < m.n_layer; ++l) {
+        attention(m, l, cs, b, x, B, pos);
+        ffn(m, m.layers[l], b, x, B);
+    }
+    Timer tm(PART_OTHER);
+    rms_rows(x, m.out_norm, B, m.D, m.eps, b.xn.data());
+    tm.next(PART_LM_HEAD);
+    matmul_rows(m.lm_head, b.xn.data(), B, logits);
 }
 
 }  // namespace
@@ -445,24 +499,10 @@ const char* decode_part_name(int i) {
     return i >= 0 && i < DECODE_PARTS ? names[i] : "";
 }
 
-void decode_step(const DecodeModel& m, float* x, int pos, float* logits) {
-    thread_local Buffers b;
-    size_t F = 1;
-    for (const DecodeLayer& L : m.layers)
-        F = std::max<size_t>(F, std::max({L.gate.rows, L.sh_gate.rows, 1}));
-    const size_t qd = (size_t)m.H * m.Dh;
-    b.xn.resize(m.D), b.q.resize(qd), b.att.resize(qd), b.y.resize(m.D), b.ys.resize(m.D);
-    b.k.resize((size_t)m.Hkv * m.Dh), b.v.resize((size_t)m.Hkv * m.Dh);
-    b.g.resize(F), b.u.resize(F), b.logit.resize(std::max(m.E, 1)), b.w.resize(std::max(m.K, 1));
-    b.ids.resize(std::max(m.K, 1));
-    for (const DecodeLayer& L : m.layers) {
-        attention(m, L, b, x, pos);
-        ffn(m, L, b, x);
-    }
-    Timer tm(PART_OTHER);
-    rms_norm(x, m.out_norm, m.D, m.eps, b.xn.data());
-    tm.next(PART_LM_HEAD);
-    matmul(m.lm_head.w, m.lm_head.type, m.lm_head.rows, m.lm_head.cols, b.xn.data(), 1, logits);
+void decode_step(const DecodeModel& m, float* x, int pos, float* logits) { steps(m, 1, x, &pos, nullptr, logits); }
+
+void decode_steps(const DecodeModel& m, int B, float* x, const int* pos, const SeqCache* caches, float* logits) {
+    steps(m, B, x, pos, caches, logits);
 }
 
 }  // namespace hmoe

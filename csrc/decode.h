@@ -57,6 +57,15 @@ std::string parse_decode_model(const int64_t* ints, size_t n_ints, const double*
 // pos < n_ctx and that the cache holds positions [0, pos)).
 void decode_step(const DecodeModel& m, float* x, int pos, float* logits);
 
+// B decode steps at once, one token of each of B sequences: x [B, D] (overwritten), pos[b] the position of
+// row b, caches[b * n_layer + l] row b's key/value caches of layer l (each [Hkv, n_ctx, Dh] float32 like the
+// plan's; nullptr: the plan's own, B must then be 1), logits [B, V]. Projections, experts and lm_head run
+// over the B rows together (one weight read for all of them), attention per row against its own cache.
+struct SeqCache {
+    float *k = nullptr, *v = nullptr;
+};
+void decode_steps(const DecodeModel& m, int B, float* x, const int* pos, const SeqCache* caches, float* logits);
+
 // Attention input preparation for T tokens at positions pos0..pos0+T-1, parallel over tokens:
 // q/k/v biases, q/k RMSNorms (per head or over all heads), RoPE on q and k (in place), and k and v
 // written to positions pos0.. of the head-major caches k_cache/v_cache: [Hkv, cache_ctx, Dh] float32.

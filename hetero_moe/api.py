@@ -1,9 +1,12 @@
 """Python embedding API: `hetero_moe.load(path) -> Model`."""
 from __future__ import annotations
 
+import gc
 import os
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -29,12 +32,14 @@ class Timings:
     """Where the time went: prompt evaluation (prefill) and token generation (decode)."""
     prompt_tokens: int = 0
     prefill_seconds: float = 0.0
+    cached_tokens: int = 0          # prompt tokens whose keys/values were reused (cache_prompt)
     generated_tokens: int = 0
     decode_seconds: float = 0.0
 
     @property
     def prefill_tps(self) -> float:
-        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+        n = self.prompt_tokens - self.cached_tokens          # the tokens evaluated
+        return n / self.prefill_seconds if self.prefill_seconds else 0.0
 
     @property
     def decode_tps(self) -> float:
@@ -67,8 +72,33 @@ class Completion:
     prompt_logprobs: list[TokenLogprob] | None = None
 
 
+class ModelBusyError(HeteroMoEError, RuntimeError):
+    """The model is owned by another user (a running server): its cache and scratch buffers are
+    not free for this call."""
+
+
+class ModelClosedError(HeteroMoEError, RuntimeError):
+    """The model was closed (Model.close())."""
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
 class Model:
     """A loaded GGUF model. Create with :func:`load`.
+
+    One model, many threads: every call that touches the KV cache and scratch buffers (eval,
+    logits, generate, stream, chat) holds the model's lock for each step, so calls from several
+    threads wait for each other; a stream paused between tokens while another call used the
+    cache re-evaluates what it needs before its next step. While a server owns the model
+    (`exclusive()`), calls from other threads raise ModelBusyError. tokenize/detokenize need
+    no lock.
 
     Attributes:
         config: the typed hyper-parameters (`ModelConfig`).
@@ -86,7 +116,71 @@ class Model:
         self._tokenizer = None
         self._cached: list[int] = []   # tokens whose keys/values are in the cache
         self._cached_sparse: SparseAttnConfig | None = None   # the attention they were made with
+        self._cache_user: object | None = None   # the generation that wrote the cache last
+        self._lock = threading.RLock()
+        self._owner: str | None = None           # exclusive() holder, by name
+        self._owner_thread: int | None = None
+        self._closed = False
         self.last_completion: Completion | None = None
+
+    # -- one model, many callers -----------------------------------------------------------------
+    @contextmanager
+    def _use(self):
+        """Hold the model for one step of a call (waits for other threads' steps)."""
+        with self._lock:
+            if self._closed:
+                raise ModelClosedError(f"{self.path}: the model is closed")
+            if self._owner is not None and threading.get_ident() != self._owner_thread:
+                raise ModelBusyError(f"the model is owned by {self._owner}; calls from other "
+                                     f"threads are refused until it is released (send requests "
+                                     f"to it, or load a second Model)")
+            yield
+
+    @contextmanager
+    def exclusive(self, owner: str):
+        """Own the model from this thread (a server's engine): other threads' calls raise
+        ModelBusyError until the block ends. Waits for a step in progress elsewhere."""
+        with self._use():
+            if self._owner is not None:
+                raise ModelBusyError(f"the model is already owned by {self._owner}")
+            self._owner, self._owner_thread = owner, threading.get_ident()
+        try:
+            yield self
+        finally:
+            with self._lock:
+                self._owner = self._owner_thread = None
+                self._cached, self._cache_user = [], None   # the owner used the cache freely
+
+    def close(self) -> None:
+        """Release the weights' memory maps, file descriptors and caches. Later calls raise
+        ModelClosedError (tokenize/detokenize keep working). Closing twice is harmless."""
+        with self._lock:
+            if self._closed:
+                return
+            if self._owner is not None and threading.get_ident() != self._owner_thread:
+                raise ModelBusyError(f"cannot close: the model is owned by {self._owner}")
+            self._closed = True
+            if self._tokenizer is None and self.gguf.get("tokenizer.ggml.tokens") is not None:
+                _ = self.tokenizer          # built from metadata, so it outlives the maps
+            net, self.net = self.net, None
+            emb = getattr(net, "embed", None)
+            fd = getattr(emb, "_fd", None)
+            if fd is not None and fd >= 0:
+                os.close(fd)
+                emb._fd = -1
+            del net, emb
+            self._cached = []
+            self.gguf.tensors.clear()       # the tensors' views into the maps
+            for part in getattr(self.gguf, "_parts", ()):
+                getattr(part, "tensors", {}).clear()
+            gc.collect()
+            self.gguf.close()
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # -- logits ------------------------------------------------------------------------------
     def _check_ids(self, ids: Sequence[int]) -> torch.Tensor:
@@ -122,6 +216,19 @@ class Model:
         Returns [T, V] float32 if all_logits else the last position's [1, V].
         Raises ContextLengthError if pos0 + len(token_ids) exceeds n_ctx.
         """
+        with self._use():
+            # the cache keeps what it held before pos0 (known if _cached reaches that far)
+            sp = self._sparse(sparse_attn)
+            keep = self._cached[:pos0] if len(self._cached) >= pos0 and (
+                pos0 == 0 or sp == self._cached_sparse) else None
+            self._cached, self._cache_user = keep or [], None
+            out = self._eval(token_ids, pos0, all_logits, sp)
+            if keep is not None:
+                self._cached, self._cached_sparse = keep + [int(t) for t in token_ids], sp
+            return out
+
+    def _eval(self, token_ids: Sequence[int], pos0: int = 0, all_logits: bool = False,
+              sparse_attn=None) -> torch.Tensor:
         ids = self._check_ids(token_ids)
         T = ids.numel()
         if T == 0:
@@ -158,7 +265,12 @@ class Model:
             ContextLengthError: the input is longer than the context window.
             ValueError: empty input or a token id out of range.
         """
-        return self.eval(token_ids, 0, all_logits=True, sparse_attn=sparse_attn)
+        with self._use():
+            sp = self._sparse(sparse_attn)
+            self._cached, self._cache_user = [], None
+            out = self._eval(token_ids, 0, all_logits=True, sparse_attn=sp)
+            self._cached, self._cached_sparse = [int(t) for t in token_ids], sp
+            return out
 
     # -- text ---------------------------------------------------------------------------------
     @property
@@ -195,8 +307,26 @@ class Model:
             raise ValueError("the prompt is empty (no tokens)")
         return ids
 
-    def _events(self, ids: list[int], p, sparse_attn=None) -> Iterator:
-        """Generate: yields text pieces; returns the Completion (StopIteration.value)."""
+    def _prefill(self, run: object, ids: list[int], sp, reuse: bool) -> tuple[torch.Tensor, int]:
+        """Put ids in the cache for generation `run` -> (the last position's logits [V], tokens
+        reused). reuse: keep the longest prefix the cache already holds (at least one token is
+        evaluated, for its logits). Call under _use()."""
+        keep = 0
+        if reuse and sp == self._cached_sparse:
+            keep = min(common_prefix(self._cached, ids), len(ids) - 1)
+        self._cached, self._cached_sparse, self._cache_user = self._cached[:keep], sp, run
+        logits = self._eval(ids[keep:], keep, sparse_attn=sp)[-1]
+        self._cached = list(ids)
+        return logits, keep
+
+    def _events(self, ids: list[int], p, sparse_attn=None, cache_prompt: bool = False
+                ) -> Iterator:
+        """Generate: yields text pieces; returns the Completion (StopIteration.value).
+
+        cache_prompt: reuse the keys/values of the longest prefix of ids the cache holds from
+        the call before (a chat's earlier turns); off, the whole prompt is evaluated, so a
+        call's result does not depend on the calls before it (a suffix evaluated on its own
+        rounds differently from one prefill)."""
         from .sampling import Sampler, StopMatcher, token_logprob
         from .tokenizer import StreamDecoder
         tok = self.tokenizer if self.gguf.get("tokenizer.ggml.tokens") is not None else None
@@ -204,31 +334,28 @@ class Model:
             raise ContextLengthError(f"the prompt has {len(ids)} tokens; the context window is "
                                      f"{self.n_ctx} (load with n_ctx=... up to the model's "
                                      f"{self.config.n_ctx_train})")
-        sp = self._sparse(sparse_attn)
-        if sp != self._cached_sparse:           # cached keys/values depend on the attention
-            self._cached = []
-        self._cached_sparse = sp
+        run = object()          # this generation, as the cache's user
         sampler = Sampler(p, self.config.n_vocab)
         text_of = (lambda t: tok.token_str(t)) if tok else str
         timings = Timings(prompt_tokens=len(ids))
         t0 = time.perf_counter()
         prompt_lp = None
-        self._cached = []
+        with self._use():
+            sp = self._sparse(sparse_attn)
+            if p.echo:
+                self._cached, self._cached_sparse, self._cache_user = [], sp, run
+                rows = self._eval(ids, 0, all_logits=True, sparse_attn=sp)
+                self._cached = list(ids)
+                logits = rows[-1]
+            else:
+                logits, timings.cached_tokens = self._prefill(run, ids, sp, cache_prompt)
         if p.echo:
-            rows = self.eval(ids, 0, all_logits=True, sparse_attn=sp)
-            logits = rows[-1]
             prompt_lp = [TokenLogprob(ids[0], text_of(ids[0]), None)]
             for i in range(1, len(ids)):
                 top = [(t, text_of(t), lp) for t, lp in sampler.top_logprobs(rows[i - 1],
                                                                               p.logprobs or 0)]
                 prompt_lp.append(TokenLogprob(ids[i], text_of(ids[i]),
                                               token_logprob(rows[i - 1], ids[i]), top))
-            self._cached = list(ids)
-        else:
-            # the whole prompt every call: a cached prefix would make a call's result depend on
-            # the calls before it (a suffix evaluated alone rounds differently from one prefill)
-            logits = self.eval(ids, 0, sparse_attn=sp)[-1]
-            self._cached = list(ids)
         timings.prefill_seconds = time.perf_counter() - t0
         dec = StreamDecoder(tok, skip_special=True) if tok else None
         stops = StopMatcher(p.stop_list())
@@ -262,8 +389,12 @@ class Model:
                 break
             if len(out_ids) >= p.max_tokens or pos + 1 >= self.n_ctx:
                 break
-            logits = self.eval([t], pos, sparse_attn=sp)[-1]
-            self._cached.append(t)
+            with self._use():
+                if self._cache_user is run and len(self._cached) == pos:
+                    logits = self._eval([t], pos, sparse_attn=sp)[-1]
+                    self._cached.append(t)
+                else:       # another call used the cache while this one was paused
+                    logits, _ = self._prefill(run, history, sp, reuse=True)
             pos += 1
         if not stops.stopped:
             tail = stops.feed(dec.flush())[0] if dec else ""
@@ -279,7 +410,7 @@ class Model:
         return Completion(text, out_ids, finish, list(ids), timings, lps, prompt_lp)
 
     def generate(self, prompt: str | Sequence[int], params=None, sparse_attn=None,
-                 **sampling) -> Completion:
+                 cache_prompt: bool = False, **sampling) -> Completion:
         """Complete a prompt.
 
         Args:
@@ -289,6 +420,9 @@ class Model:
                 presence_penalty, seed, stop, logprobs, echo).
             sparse_attn: this call's sparse attention ("off", "approx", "nsa" or a
                 SparseAttnConfig); None keeps the setting chosen at load().
+            cache_prompt: reuse the cached keys/values of the longest prefix this prompt shares
+                with the previous call's prompt and output (a chat's earlier turns); off by
+                default, so results never depend on earlier calls.
         Returns:
             Completion (text, tokens, finish_reason, logprobs, timings).
         Raises:
@@ -296,7 +430,7 @@ class Model:
             ContextLengthError: the prompt does not fit in the context window.
         """
         p = self._params(params, sampling)
-        gen = self._events(self._prompt_ids(prompt), p, sparse_attn)
+        gen = self._events(self._prompt_ids(prompt), p, sparse_attn, cache_prompt)
         while True:
             try:
                 next(gen)
@@ -305,12 +439,12 @@ class Model:
                 return stop.value
 
     def stream(self, prompt: str | Sequence[int], params=None, sparse_attn=None,
-               **sampling) -> Iterator[str]:
+               cache_prompt: bool = False, **sampling) -> Iterator[str]:
         """Like generate(), yielding text pieces as they are produced (never a split UTF-8
         character). The Completion is in `model.last_completion` afterwards."""
         p = self._params(params, sampling)
         ids = self._prompt_ids(prompt)
-        self.last_completion = yield from self._events(ids, p, sparse_attn)
+        self.last_completion = yield from self._events(ids, p, sparse_attn, cache_prompt)
 
     def chat_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of `messages` rendered with the model's chat template."""
@@ -320,12 +454,13 @@ class Model:
                                add_generation_prompt=add_generation_prompt)
 
     def chat(self, messages: list[dict], params=None, stream: bool = False, sparse_attn=None,
-             **sampling):
+             cache_prompt: bool = False, **sampling):
         """Reply to a conversation [{"role": "user", "content": "..."}, ...] rendered through the
-        GGUF's chat template. Returns a Completion, or an iterator of text pieces if stream."""
+        GGUF's chat template. Returns a Completion, or an iterator of text pieces if stream.
+        cache_prompt=True reuses the earlier turns' keys/values (see generate())."""
         ids = self.chat_ids(messages)
-        return self.stream(ids, params, sparse_attn, **sampling) if stream else \
-            self.generate(ids, params, sparse_attn, **sampling)
+        return self.stream(ids, params, sparse_attn, cache_prompt, **sampling) if stream else \
+            self.generate(ids, params, sparse_attn, cache_prompt, **sampling)
 
     # -- placement ---------------------------------------------------------------------------
     @property

@@ -1,4 +1,4 @@
-"""`hetero-moe` command line: run, plan, profile, inspect, bench."""
+"""`hetero-moe` command line: run, serve, plan, profile, inspect, bench."""
 from __future__ import annotations
 
 import argparse
@@ -117,7 +117,8 @@ def _load(args, path: str):
 
 def _print_stats(c, stream=sys.stderr) -> None:
     t = c.timings
-    print(f"\n[prefill: {t.prompt_tokens} tokens, {t.prefill_tps:.1f} tok/s | decode: "
+    cached = f" ({t.cached_tokens} cached)" if t.cached_tokens else ""
+    print(f"\n[prefill: {t.prompt_tokens} tokens{cached}, {t.prefill_tps:.1f} tok/s | decode: "
           f"{t.generated_tokens} tokens, {t.decode_tps:.1f} tok/s | finish: {c.finish_reason}]",
           file=stream)
 
@@ -159,7 +160,11 @@ def cmd_run(args) -> int:
         if tty:
             sys.stderr.write("> ")
             sys.stderr.flush()
-        line = sys.stdin.readline()
+        try:
+            line = sys.stdin.readline()
+        except KeyboardInterrupt:           # at the prompt: a fresh line, not the end
+            print("\n(Ctrl-D or /exit to quit)", file=sys.stderr)
+            continue
         if not line:
             break
         line = line.rstrip("\n")
@@ -171,9 +176,53 @@ def cmd_run(args) -> int:
         if not line.strip():
             continue
         msgs.append({"role": "user", "content": line})
-        _stream_out(model, model.chat(msgs, stream=True, **samp))
-        msgs.append({"role": "assistant", "content": model.last_completion.text})
+        # earlier turns stay in the cache: only the new turn is evaluated
+        msgs.append({"role": "assistant", "content": _chat_turn(model, msgs, samp)})
     return 0
+
+
+def _chat_turn(model, msgs: list, samp: dict) -> str:
+    """Stream one reply; Ctrl-C stops it (the reply so far is kept) and the session goes on."""
+    gen = model.chat(msgs, stream=True, cache_prompt=True, **samp)
+    pieces: list[str] = []
+    try:
+        for piece in gen:
+            pieces.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        gen.close()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        print("[reply interrupted]", file=sys.stderr)
+        return "".join(pieces)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    _print_stats(model.last_completion)
+    return model.last_completion.text
+
+
+def cmd_serve(args) -> int:
+    import importlib.util
+    missing = [m for m in ("fastapi", "uvicorn", "sse_starlette", "prometheus_client")
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        raise HeteroMoEError(f"the server needs its extra packages ({', '.join(missing)} "
+                             f"missing): pip install -e '.[server]'")
+    from .server import read_api_keys, serve
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"hetero-moe serve: warning: listening on {args.host}, reachable from other "
+              f"machines" + ("" if args.api_key or args.api_key_file else " without an API "
+                             "key (--api-key)"), file=sys.stderr)
+    keys = read_api_keys(args.api_key, args.api_key_file)
+    path = _model_path(args)
+    load_options = dict(threads=args.threads, n_ctx=args.ctx_size, cpu_kernels=args.cpu_kernels,
+                        progress=True, sparse_attn=args.sparse, gpu=args.gpu, plan=args.plan,
+                        vram=args.vram, stream_min_tokens=args.stream_min_tokens)
+    return serve(path, host=args.host, port=args.port, parallel=args.parallel, queue=args.queue,
+                 api_keys=keys, metrics=args.metrics, load_options=load_options,
+                 drain_seconds=args.shutdown_timeout, max_body=args.max_body,
+                 batch=args.batch, chunk=args.chunk, verbose=args.verbose)
 
 
 def _group_of(name: str) -> str:
@@ -463,6 +512,40 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sparse_opts(r)
     _add_sampling_opts(r)
     r.set_defaults(func=cmd_run)
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat, completions, "
+                        "streaming) with parallel slots",
+                        description="Serve a model over an OpenAI-compatible HTTP API: "
+                                    "/v1/chat/completions, /v1/completions, /v1/models, /health, "
+                                    "/tokenize, /detokenize, /metrics. Without MODEL, serves the "
+                                    "demo model. Needs: pip install -e '.[server]'.")
+    sv.add_argument("model", nargs="?", help="GGUF file (first part of a split model)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
+    sv.add_argument("--port", type=int, default=8080, help="port (8080; 0: any free port)")
+    sv.add_argument("-np", "--parallel", type=int, default=4,
+                    help="slots: requests generated at once, each with its own KV cache of "
+                         "--ctx tokens (4)")
+    sv.add_argument("--queue", type=int, default=64,
+                    help="requests that may wait for a slot; beyond it: 503 (64)")
+    sv.add_argument("--api-key", help="require this key (comma-separated list for several) as "
+                                      "'Authorization: Bearer KEY' or 'X-Api-Key: KEY'")
+    sv.add_argument("--api-key-file", help="file with API keys, one per line")
+    sv.add_argument("--metrics", action="store_true", help="serve Prometheus metrics at /metrics")
+    sv.add_argument("--chunk", type=int, default=256,
+                    help="prompt tokens per step while other slots are generating (256)")
+    sv.add_argument("--batch", choices=["auto", "on", "off"], default="auto",
+                    help="decode the generating slots in one batched forward (on), one after "
+                         "another (off), or whichever measures faster here (auto)")
+    sv.add_argument("--max-body", type=int, default=8 << 20,
+                    help="largest request body in bytes; larger: 400 (8 MiB)")
+    sv.add_argument("--shutdown-timeout", type=float, default=30.0,
+                    help="seconds running requests get to finish on SIGINT/SIGTERM (30)")
+    sv.add_argument("-v", "--verbose", action="store_true", help="log every request")
+    _add_model_opts(sv)
+    sv.add_argument("--ctx", dest="ctx_size", type=int, default=None,
+                    help="context window per slot (same as -c)")
+    _add_gpu_opts(sv)
+    _add_sparse_opts(sv)
+    sv.set_defaults(func=cmd_serve)
     pl = sub.add_parser(
         "plan", help="will it fit? place a model on a GPU budget + RAM (reads the header only)",
         description="Plan which tensors a GPU holds: dense weights first, then the KV/latent "
@@ -531,11 +614,15 @@ def main(argv=None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     for name in ("threads", "max_tokens", "ctx_size", "n_prompt", "n_gen", "repeats", "ctx",
-                 "chunk"):
+                 "chunk", "parallel", "max_body"):
         v = getattr(args, name, None)
         if v is not None and v < (0 if name == "max_tokens" else 1):
             ap.error(f"--{name.replace('_', '-')} must be >= {0 if name == 'max_tokens' else 1},"
                      f" got {v}")
+    if getattr(args, "port", None) is not None and not 0 <= args.port <= 65535:
+        ap.error(f"--port must be in 0..65535, got {args.port}")
+    if getattr(args, "queue", None) is not None and args.queue < 0:
+        ap.error(f"--queue must be >= 0, got {args.queue}")
     if hasattr(args, "sparse_attn"):
         try:
             args.sparse = _sparse_config(args)

@@ -139,3 +139,80 @@ def test_decode_plan_rejects_bad_descriptions(llama_cpp):
         lib.decode_step(f.plan, np.zeros(D - 1, np.float32), 0, logits)
     with pytest.raises(ValueError, match="logits has"):
         lib.decode_step(f.plan, x, 0, np.zeros(V + 1, np.float32))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fused_steps_batch_equals_each_alone(llama_cpp, arch, monkeypatch):
+    """decode_steps: B sequences of different lengths, each in its own cache, in one C++ call.
+    Each row equals that sequence's single fused step (the GEMM tiles of several rows sum in
+    another order than the one-row GEMV: float rounding), and each cache gets the same rows."""
+    m = hetero_moe.load(tiny_model(arch), threads=2, n_ctx=128)
+    net, V = m.net, m.config.n_vocab
+    calls = []
+    real = fused_decode.FusedDecode.steps
+    monkeypatch.setattr(fused_decode.FusedDecode, "steps",
+                        lambda self, x, p, c: calls.append(len(p)) or real(self, x, p, c))
+    prompts = [_ids(n, V, seed) for seed, n in ((0, 3), (1, 17), (2, 60), (3, 9))]
+    toks = [11, 12, 13, 14]
+    batch = [net.new_cache() for _ in prompts]
+    solo = [net.new_cache() for _ in prompts]
+    for ids, b, s in zip(prompts, batch, solo):
+        net.forward(torch.tensor(ids), 0, cache=b)
+        net.forward(torch.tensor(ids), 0, cache=s)
+    pos = [len(p) for p in prompts]
+    rows = net.forward_batch(toks, pos, batch)
+    assert calls == [4], net.fused_reason
+    for j in range(4):
+        alone = net.forward_batch([toks[j]], [pos[j]], [solo[j]])[0]
+        err = float((rows[j] - alone).norm() / alone.norm())
+        assert err < 1e-4, (arch, j, err)
+        assert int(rows[j].argmax()) == int(alone.argmax())
+        p = pos[j]
+        for lb, ls in zip(batch[j].layers, solo[j].layers):
+            assert lb.length == ls.length == p + 1
+            torch.testing.assert_close(lb.k[p], ls.k[p], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(lb.v[p], ls.v[p], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(lb.k[:p], ls.k[:p], atol=0, rtol=0)   # earlier rows kept
+        assert batch[j].pos == p + 1
+    assert calls == [4, 1, 1, 1, 1]
+    # one row on the model's own cache is the single-sequence step, bit for bit
+    m.eval(prompts[1], 0)
+    one = m.eval([toks[1]], pos[1])[-1].clone()
+    m.eval(prompts[1], 0)
+    x = net.embed(torch.tensor([toks[1]])).float().clone()
+    again = real(net.fused, x, [pos[1]], [net.cache])[0]
+    assert torch.equal(one, again)
+
+
+def test_decode_steps_rejects_bad_arguments(llama_cpp):
+    m = hetero_moe.load(tiny_model("qwen3moe"), threads=2, n_ctx=32)
+    m.eval([5, 6], 0)
+    m.eval([7], 2)
+    f, lib = m.net.fused, m.net.fused._lib
+    D, V, L = m.config.n_embd, m.config.n_vocab, m.config.n_layer
+    c = m.net.new_cache()
+    addrs = np.stack([f._addrs(c), f._addrs(c)])                      # B = 2
+    x, lg = np.zeros(2 * D, np.float32), np.zeros(2 * V, np.float32)
+    pos = np.array([0, 1], np.int32)
+    lib.decode_steps(f.plan, x, pos, addrs, lg)                        # fine
+    with pytest.raises(ValueError, match="outside the context"):
+        lib.decode_steps(f.plan, x, np.array([0, 32], np.int32), addrs, lg)
+    with pytest.raises(ValueError, match="x has"):
+        lib.decode_steps(f.plan, x[:D], pos, addrs, lg)
+    with pytest.raises(ValueError, match="logits has"):
+        lib.decode_steps(f.plan, x, pos, addrs, lg[:V])
+    with pytest.raises(ValueError, match="caches has"):
+        lib.decode_steps(f.plan, x, pos, addrs[:1], lg)
+    bad = addrs.copy()
+    bad[1, L - 1, 3] -= 4                                              # a short value cache
+    with pytest.raises(ValueError, match=f"row 1 layer {L - 1}"):
+        lib.decode_steps(f.plan, x, pos, bad, lg)
+    bad = addrs.copy()
+    bad[0, 0, 0] = 0
+    with pytest.raises(ValueError, match="null address"):
+        lib.decode_steps(f.plan, x, pos, bad, lg)
+    with pytest.raises(ValueError, match="pos must hold"):
+        lib.decode_steps(f.plan, x, np.zeros(0, np.int32), addrs, lg)
+    small = hetero_moe.load(tiny_model("qwen3moe"), threads=2, n_ctx=16).net.new_cache()
+    with pytest.raises(ValueError, match="expected"):                 # another context size
+        lib.decode_steps(f.plan, x, pos, np.stack([f._addrs(c), f._addrs(small)]), lg)

@@ -7,19 +7,21 @@ Dimension key: T tokens, D n_embd, V vocabulary.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from ..errors import ContextLengthError, GGUFFormatError, MissingTensorError
 from ..gguf import GGUFFile, TensorInfo
-from ..layers.attention import Attention, Rope, rms_norm
-from ..layers.linear import Embedding, KernelOptions, QuantLinear, float_tensor
+from ..layers.attention import Attention, Rope, decode_attention, rms_norm
+from ..layers.linear import Embedding, KernelOptions, QuantLinear, apply_group, float_tensor
 from ..layers.moe import DenseFFN, ExpertStack, MoE
 from ..layers.sparse_attn import SparseAttnConfig
 from ..layers.sparse_attn.cpu import load_nsa_weights
 from ..runtime.kv_cache import KVCache, LatentKVCache
 from ..runtime.placement import PlacementPlan
 from ..runtime.workspace import Workspace
-from .base import ModelConfig
+from .base import ROPE_NEOX, ModelConfig
 
 # tensors llama.cpp may carry that never change the output
 _IGNORED = ("rope_freqs.weight",)
@@ -39,6 +41,7 @@ def _pool_spin(us: int) -> None:
     if cpu_backend.available():
         cpu_backend.set_spin_us(us)
 _IGNORED_SUFFIX = (".attn_rot_embd",)
+_QK_KIND = {None: 0, "head": 1, "full": 2}   # attn_prep's qk_norm codes
 
 
 def place_rope(plan: PlacementPlan, rope):
@@ -183,6 +186,7 @@ class Transformer:
         else:
             self.cache = KVCache(cfg.n_layer, n_ctx, cfg.n_head_kv, cfg.head_dim,
                                  plan.gpu_device, plan.cache_dtype or torch.float32)
+        self._main_cache = self.cache                # the cache self.fused is built on
         if plan.has_gpu:
             for i, c in enumerate(self.cache.layers):
                 plan.held[f"kv_cache.{i}"] = sum(t.numel() * t.element_size() for t in (
@@ -214,20 +218,140 @@ class Transformer:
             or getattr(b.ffn, "counts", None) is not None for b in self.blocks)
 
     def _fused_step(self, ids: torch.Tensor, pos0: int) -> torch.Tensor:
-        for c in self.cache.layers:                 # the checks LayerCache.append makes
-            if pos0 + 1 > c.n_ctx:
-                raise ContextLengthError(f"position {pos0 + 1} exceeds the context length "
-                                         f"{c.n_ctx}")
-            if pos0 > c.length:
-                raise ValueError(f"cache holds {c.length} positions; cannot write at {pos0}")
-        x = self.embed(ids).float().clone()                     # [1, D], written in place
-        logits = self.fused.step(x, pos0)
-        for c in self.cache.layers:
-            c.length = pos0 + 1
-            if c.sparse is not None:            # the rewritten position voids its blocks
-                c.sparse.truncate(pos0)
-        self.cache.pos = pos0 + 1
+        return self._fused_steps([int(ids[0])], [pos0], [self.cache])
+
+    def _fused_steps(self, ids: list[int], positions: list[int], caches: list) -> torch.Tensor:
+        """One token of each of B sequences through the whole-model C++ step -> logits [B, V]."""
+        for cache, pos0 in zip(caches, positions):
+            for c in cache.layers:                  # the checks LayerCache.append makes
+                if pos0 + 1 > c.n_ctx:
+                    raise ContextLengthError(f"position {pos0 + 1} exceeds the context length "
+                                             f"{c.n_ctx}")
+                if pos0 > c.length:
+                    raise ValueError(f"cache holds {c.length} positions; cannot write at {pos0}")
+        x = self.embed(torch.tensor(ids, dtype=torch.long)).float().clone()   # [B, D], in place
+        if len(ids) == 1 and caches[0] is self._main_cache:
+            logits = self.fused.step(x, positions[0])
+        else:
+            logits = self.fused.steps(x, positions, caches)
+        for cache, pos0 in zip(caches, positions):
+            for c in cache.layers:
+                c.length = pos0 + 1
+                if c.sparse is not None:        # the rewritten position voids its blocks
+                    c.sparse.truncate(pos0)
+            cache.pos = pos0 + 1
         return logits
+
+    def new_cache(self):
+        """A KV cache of the same kind, size, device and type as the model's own (for another
+        sequence: forward(..., cache=) and forward_batch use it)."""
+        c0 = self._main_cache
+        if isinstance(c0, LatentKVCache):
+            l0 = c0.layers[0]
+            return LatentKVCache(self.cfg.n_layer, self.n_ctx, l0.latent.shape[1],
+                                 str(l0.latent.device), l0.latent.dtype)
+        l0 = c0.layers[0]
+        return KVCache(self.cfg.n_layer, self.n_ctx, self.cfg.n_head_kv, self.cfg.head_dim,
+                       str(l0.k_store.device), l0.k_store.dtype)
+
+    @contextmanager
+    def using(self, cache):
+        """Run the calls inside on `cache` instead of the model's own (one caller at a time: the
+        model's owner serializes calls)."""
+        if cache is None or cache is self.cache:
+            yield
+            return
+        prev, self.cache = self.cache, cache
+        try:
+            yield
+        finally:
+            self.cache = prev
+
+    def _batch_ok(self, positions: list[int], sp: SparseAttnConfig) -> bool:
+        """Whether forward_batch can run its rows together: the CPU per-op path with dense
+        attention over per-head K/V caches (everything else steps each sequence alone)."""
+        return (self.executor is None and self.cfg.mla is None
+                and not any(sp.sparse_rows(1, p + 1) for p in positions))
+
+    @torch.inference_mode()
+    def forward_batch(self, ids: list[int], positions: list[int], caches: list,
+                      sparse: SparseAttnConfig | None = None) -> torch.Tensor:
+        """One decode step of B sequences: token ids[b] at position positions[b] of caches[b]
+        -> logits [B, V] float32.
+
+        Norms, projections, router, experts and lm_head run over the B rows together (each
+        weight block is read and unpacked once for all rows that use it); attention runs per
+        sequence against its own cache. Where the model has the fused C++ decode step, the whole
+        batch is one C++ call (decode_steps); else the per-op path runs the rows together (dense
+        attention over per-head caches) or, for MLA, a GPU tier or sparse rows, one at a time.
+        Every op is row-wise (activations are quantized per row), but the C++ matmul takes GEMM
+        tiles for several rows and a GEMV for one, which sum in a different order: a row equals
+        that sequence's step alone to float rounding (~1e-6 relative), not bit for bit."""
+        B = len(ids)
+        if not B == len(positions) == len(caches):
+            raise ValueError(f"forward_batch: {len(ids)} ids, {len(positions)} positions and "
+                             f"{len(caches)} caches; expected one of each per sequence")
+        sp = self.sparse if sparse is None else sparse
+        if self.executor is None and not any(sp.sparse_rows(1, p + 1) for p in positions) \
+                and self._fused_ready():
+            if torch.get_num_threads() != 1:
+                torch.set_num_threads(1)
+                _pool_spin(DECODE_SPIN_US)
+            return self._fused_steps([int(t) for t in ids], [int(p) for p in positions], caches)
+        if B == 1 or not self._batch_ok(positions, sp):
+            rows = []
+            for t, p, c in zip(ids, positions, caches):
+                with self.using(c):
+                    rows.append(self.forward(torch.tensor([t]), p, all_logits=False, sparse=sp))
+            return torch.cat(rows)
+        cfg = self.cfg
+        want = 1 if B <= SMALL_BATCH else self.torch_threads
+        if torch.get_num_threads() != want:
+            torch.set_num_threads(want)
+            _pool_spin(DECODE_SPIN_US if want == 1 else BATCH_SPIN_US)
+        x = self.embed(torch.tensor(ids, dtype=torch.long))          # [B, D]
+        for i, b in enumerate(self.blocks):
+            xn = rms_norm(x, b.attn_norm, cfg.rms_eps)
+            x = x + self._attn_rows(b.attn, xn, positions, [c.layers[i] for c in caches])
+            x = x + b.ffn(rms_norm(x, b.ffn_norm, cfg.rms_eps))
+        for c, p in zip(caches, positions):
+            c.pos = p + 1
+        return self.lm_head(rms_norm(x, self.out_norm, cfg.rms_eps)).float()
+
+    def _attn_rows(self, a: Attention, x: torch.Tensor, positions: list[int],
+                   lcs: list) -> torch.Tensor:
+        """Attention of B decode rows x [B, D], row b at positions[b] over its cache lcs[b]:
+        q/k/v and the output projection over all rows, the rest (Attention's T = 1 path) per row."""
+        cfg = self.cfg
+        B, H, Hkv, Dh = x.shape[0], cfg.n_head, cfg.n_head_kv, cfg.head_dim
+        q, k, v = apply_group([a.q, a.k, a.v], x)          # [B, H*Dh], [B, Hkv*Dh] x2
+        q = q.view(B, H, Dh)
+        k = k.view(B, Hkv, Dh)
+        v = v.view(B, Hkv, Dh)
+        out = torch.empty(B, H * Dh, dtype=torch.float32, device=x.device)
+        for r, (pos, lc) in enumerate(zip(positions, lcs)):
+            qr, kr, vr = q[r:r + 1], k[r:r + 1], v[r:r + 1]  # [1, H|Hkv, Dh]
+            if a._prep_in_cpp(qr, lc):
+                lc.reserve(pos, 1)
+                from .. import cpu_backend
+                cpu_backend.attn_prep(qr, kr, vr, lc.k_store, lc.v_store, pos, q_norm=a.q_norm,
+                                      k_norm=a.k_norm, qk_norm=_QK_KIND[cfg.qk_norm],
+                                      cos=a.rope.cos, sin=a.rope.sin, n_rot=a.rope.n_rot,
+                                      neox=a.rope.kind == ROPE_NEOX, eps=cfg.rms_eps)
+                keys, values = lc.commit(pos + 1)
+            else:
+                if cfg.qk_norm == "full":
+                    qr = rms_norm(qr.reshape(1, -1), a.q_norm, cfg.rms_eps).view(qr.shape)
+                    kr = rms_norm(kr.reshape(1, -1), a.k_norm, cfg.rms_eps).view(kr.shape)
+                elif cfg.qk_norm == "head":
+                    qr = rms_norm(qr, a.q_norm, cfg.rms_eps)
+                    kr = rms_norm(kr, a.k_norm, cfg.rms_eps)
+                qr, kr = a.rope(qr, pos), a.rope(kr, pos)
+                keys, values = lc.append(kr, vr, pos)
+            if lc.sparse is not None:
+                lc.sparse.truncate(pos)
+            out[r] = decode_attention(qr[0], keys, values, a.scale).reshape(-1)
+        return a.o(out)
 
     def _nsa_weights(self, ts: _Tensors, p: str, dev):
         """A layer's learned sparse-attention tensors: loaded whenever the file has them (so a
@@ -256,9 +380,13 @@ class Transformer:
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, pos0: int, all_logits: bool = True,
-                sparse: SparseAttnConfig | None = None) -> torch.Tensor:
+                sparse: SparseAttnConfig | None = None, cache=None) -> torch.Tensor:
         """Run tokens ids [T] at positions pos0..pos0+T-1 -> logits [T or 1, V] float32.
-        sparse: this call's sparse-attention settings (default: the model's)."""
+        sparse: this call's sparse-attention settings (default: the model's); cache: another
+        sequence's KV cache (from new_cache()) instead of the model's own."""
+        if cache is not None and cache is not self.cache:
+            with self.using(cache):
+                return self.forward(ids, pos0, all_logits, sparse)
         if self.executor is not None:
             return self.executor.forward(ids, pos0, all_logits, sparse)
         cfg = self.cfg

@@ -126,6 +126,37 @@ class FusedDecode:
         return self.logits.clone()
 
 
+    def _addrs(self, cache) -> np.ndarray:
+        """[n_layer, 4] int64: (k address, k bytes, v address, v bytes) of each layer of a KV cache,
+        kept on the cache object (its buffers never move)."""
+        a = getattr(cache, "_fused_addrs", None)
+        if a is None:
+            rows = []
+            for i, c in enumerate(cache.layers):
+                for t, what in ((c.k_store, "key"), (c.v_store, "value")):
+                    if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or \
+                            t.device.type != "cpu" or not t.is_contiguous():
+                        raise Unsupported(f"blk.{i} {what} cache is not a contiguous float32 CPU "
+                                          f"tensor")
+                rows.append([c.k_store.data_ptr(), c.k_store.numel() * 4,
+                             c.v_store.data_ptr(), c.v_store.numel() * 4])
+            a = cache._fused_addrs = np.asarray(rows, dtype=np.int64)
+        return a
+
+    def steps(self, x: torch.Tensor, positions, caches) -> torch.Tensor:
+        """One token of each of B sequences: x [B, D] float32 (the tokens' embeddings; overwritten),
+        row b at positions[b] of caches[b] (KV caches shaped like the model's) -> logits [B, V].
+        Projections, experts and lm_head run over the B rows together; attention per row. The
+        caller has checked each position against its cache."""
+        B = x.shape[0]
+        x = x.contiguous()
+        pos = np.asarray(positions, dtype=np.int32)
+        addrs = np.ascontiguousarray(np.stack([self._addrs(c) for c in caches]))
+        logits = torch.empty(B, self.logits.shape[1], dtype=torch.float32)
+        self._lib.decode_steps(self.plan, x.numpy(), pos, addrs, logits.numpy())
+        return logits
+
+
 def build(net) -> FusedDecode | None:
     """The fused step for this model, or None (with the reason on net.fused_reason) when a part
     of it is not covered."""
