@@ -26,6 +26,10 @@ from .base import ROPE_NEOX, ModelConfig
 # tensors llama.cpp may carry that never change the output
 _IGNORED = ("rope_freqs.weight",)
 SMALL_BATCH = 4
+# Prompts shorter than this run torch's ops on one thread: torch's idle intra-op threads spin on the
+# cores the C++ kernels' pool is using (measured on 2 cores: 19-token prompts 1.5-1.9x faster on one
+# torch thread, 128 tokens 1.15-1.3x, 512 tokens about even).
+TORCH_THREADS_MIN_T = 256
 # Pool workers poll this long between ops: in decode the gaps between C++ ops are short torch ops
 # on one thread (a sleeping worker would cost a wake-up per op); with larger batches torch runs
 # its own threads in the gaps and the pool must leave the cores to them.
@@ -305,7 +309,7 @@ class Transformer:
                     rows.append(self.forward(torch.tensor([t]), p, all_logits=False, sparse=sp))
             return torch.cat(rows)
         cfg = self.cfg
-        want = 1 if B <= SMALL_BATCH else self.torch_threads
+        want = 1 if B < TORCH_THREADS_MIN_T else self.torch_threads
         if torch.get_num_threads() != want:
             torch.set_num_threads(want)
             _pool_spin(DECODE_SPIN_US if want == 1 else BATCH_SPIN_US)
@@ -394,7 +398,7 @@ class Transformer:
         attn_kw = {"sparse": sp} if sp.enabled else {}
         # decode steps are many tiny torch ops: extra intra-op threads only contend with the
         # CPU kernels' pool on the same cores
-        want = 1 if ids.shape[0] <= SMALL_BATCH else self.torch_threads
+        want = 1 if ids.shape[0] < TORCH_THREADS_MIN_T else self.torch_threads
         if torch.get_num_threads() != want:
             torch.set_num_threads(want)
             _pool_spin(DECODE_SPIN_US if want == 1 else BATCH_SPIN_US)
