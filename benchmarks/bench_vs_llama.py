@@ -7,6 +7,7 @@ size, and decode bytes-per-token over time as a fraction of measured read bandwi
     python benchmarks/bench_vs_llama.py --model qwen3moe-a3b --threads 2 --rounds 3 --json out.json
     python benchmarks/bench_vs_llama.py --model deepseek-v2-lite --layers 4
     python benchmarks/bench_vs_llama.py --model smollm2
+    python benchmarks/bench_vs_llama.py --model gemma3
     python benchmarks/bench_vs_llama.py --model path/to/file.gguf
     python benchmarks/bench_vs_llama.py --model qwen3moe-a3b --quant Q4_K_M,Q3_K_M,Q2_K
 
@@ -36,6 +37,9 @@ def resolve_model(name: str, layers: int, quant: str = "Q4_K_M") -> str:
     if name == "smollm2":
         from hetero_moe.assets import smollm2_path
         return str(smollm2_path())
+    if name == "gemma3":
+        from hetero_moe.assets_gemma import gemma3_path
+        return str(gemma3_path(progress=True))
     if name == "demo":
         from hetero_moe.demo import demo_model_path
         return str(demo_model_path())
@@ -43,7 +47,7 @@ def resolve_model(name: str, layers: int, quant: str = "Q4_K_M") -> str:
     if name in PRESETS:
         arch = {"qwen3moe-a3b": "qwen3moe", "deepseek-v2-lite": "deepseek2"}.get(name, name.split("-")[0])
         return str(cached_test_model(arch, preset=name, quant=quant, layers=layers))
-    raise SystemExit(f"unknown model {name!r}: give a .gguf path, 'smollm2', 'demo' or a preset "
+    raise SystemExit(f"unknown model {name!r}: give a .gguf path, 'smollm2', 'gemma3', 'demo' or a preset "
                      f"({', '.join(PRESETS)})")
 
 

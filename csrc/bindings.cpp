@@ -187,12 +187,12 @@ PyObject* py_attn_decode(PyObject*, PyObject* args) {
     Py_END_ALLOW_THREADS Py_RETURN_NONE;
 }
 
-// attn_prefill(q, k, v, out, T, pos0, H, Hkv, dk, dv, qs, os, ks, khs, vs, vhs, scale): see ops.h
+// attn_prefill(q, k, v, out, T, pos0, H, Hkv, dk, dv, qs, os, ks, khs, vs, vhs, scale[, window]): see ops.h
 PyObject* py_attn_prefill(PyObject*, PyObject* args) {
     PyObject *qo, *ko, *vo, *oo;
     AttnPrefillArgs a{};
-    if (!PyArg_ParseTuple(args, "OOOOiiiiiiLLLLLLf", &qo, &ko, &vo, &oo, &a.T, &a.pos0, &a.H, &a.Hkv, &a.dk, &a.dv,
-                          &a.qs, &a.os, &a.ks, &a.khs, &a.vs, &a.vhs, &a.scale))
+    if (!PyArg_ParseTuple(args, "OOOOiiiiiiLLLLLLf|i", &qo, &ko, &vo, &oo, &a.T, &a.pos0, &a.H, &a.Hkv, &a.dk, &a.dv,
+                          &a.qs, &a.os, &a.ks, &a.khs, &a.vs, &a.vhs, &a.scale, &a.window))
         return nullptr;
     const bool same = qo == oo;
     Buf q, k, v, o;

@@ -8,6 +8,7 @@
 #include <functional>
 
 #include "ops.h"
+#include "quant_blocks.h"
 #include "threadpool.h"
 
 namespace hmoe {
@@ -19,7 +20,9 @@ namespace hmoe {
 //   n_layer D H Hkv Dh n_ctx n_rot V rope_neox E K sigmoid_gating norm_topk
 //   rope_cos rope_sin out_norm (buffers)  lm_head (matrix)
 //   per layer: attn_norm (buffer)  q k v o (matrices)  bq bk bv bo (buffers)
-//              qk_norm_kind  q_norm k_norm k_cache v_cache ffn_norm (buffers)  is_moe
+//              qk_norm_kind  q_norm k_norm k_cache v_cache ffn_norm (buffers)
+//              window  rope_cos rope_sin post_attn_norm post_ffn_norm (buffers, optional)  ffn_act
+//              is_moe
 //              dense: gate up down (matrices)
 //              moe:   router (buffer)  gate_exps up_exps down_exps (matrices, rows/cols of one
 //                     expert, E stacked)  sh_gate sh_up sh_down (matrices, address 0 = none)
@@ -150,7 +153,21 @@ std::string parse_decode_model(const int64_t* ints, size_t n_ints, const double*
             !read_buf(r, p + "v_cache", (long long)m.n_ctx * kvd, false, &L.v_cache))
             return r.err;
         if (!read_buf(r, p + "ffn_norm", D, false, &L.ffn_norm)) return r.err;
+        const int64_t window = r.next("window");
+        if (window < 0 || window > (1LL << 30)) return fmt("%swindow = %lld must be in [0, 2^30]", p, window);
+        L.window = (int)window;
+        if (!read_buf(r, p + "rope_cos", (long long)m.n_ctx * half, true, &L.rope_cos) ||
+            !read_buf(r, p + "rope_sin", (long long)m.n_ctx * half, true, &L.rope_sin))
+            return r.err;
+        if (!L.rope_cos != !L.rope_sin) return fmt("%s: rope_cos and rope_sin must come together", p);
+        if (!read_buf(r, p + "post_attention_norm", D, true, &L.post_attn_norm) ||
+            !read_buf(r, p + "post_ffw_norm", D, true, &L.post_ffn_norm))
+            return r.err;
+        const int64_t act = r.next("ffn_act");
+        if (act < 0 || act > 1) return fmt("%sffn_act %lld must be 0 (SiLU) or 1 (GELU)", p, act);
+        L.act = (int)act;
         L.moe = r.next("is_moe") != 0;
+        if (L.moe && L.act) return fmt("%s: GELU experts are not supported (ffn_act %lld)", p, act);
         if (!L.moe) {
             if (!read_mat(r, p + "ffn_gate", -1, D, 1, false, &L.gate)) return r.err;
             const int F = L.gate.rows;
@@ -237,6 +254,11 @@ void rms_norm(const float* x, const float* w, int n, float eps, float* y) {
     for (int i = 0; i < n; ++i) y[i] = x[i] * scale * w[i];
 }
 
+// ggml's GELU, tanh form: 0.5 x (1 + tanh(sqrt(2/pi) x (1 + 0.044715 x^2)))
+float gelu_tanh(float x) {
+    return 0.5f * x * (1.f + std::tanh(0.7978845608028654f * x * (1.f + 0.044715f * x * x)));
+}
+
 void rope_heads(float* x, int n_head, int Dh, int n_rot, bool neox, const float* c, const float* s) {
     const int half = n_rot / 2;
     for (int h = 0; h < n_head; ++h) {
@@ -297,22 +319,26 @@ void attention(const DecodeModel& m, int l, const Caches& cs, Buffers& b, float*
         AttnPrepArgs pa;
         pa.q = q, pa.k = b.k.data() + (size_t)r * kvd, pa.v = b.v.data() + (size_t)r * kvd, pa.T = 1;
         pa.H = m.H, pa.Hkv = m.Hkv, pa.Dh = m.Dh;
-        pa.n_rot = m.n_rot, pa.pos0 = pos[r], pa.neox = m.rope_neox, pa.cos = m.rope_cos, pa.sin = m.rope_sin;
+        pa.n_rot = m.n_rot, pa.pos0 = pos[r], pa.neox = m.rope_neox;
+        pa.cos = L.rope_cos ? L.rope_cos : m.rope_cos, pa.sin = L.rope_sin ? L.rope_sin : m.rope_sin;
         pa.bq = L.bq, pa.bk = L.bk, pa.bv = L.bv, pa.qk_norm = L.qk_norm, pa.q_norm = L.q_norm, pa.k_norm = L.k_norm;
         pa.eps = m.eps, pa.k_cache = kc, pa.v_cache = vc, pa.cache_ctx = m.n_ctx;
         attn_prep_token(pa, 0);
         tm.next(PART_ATTN);
+        // a sliding-window layer reads only the window's positions [lo, pos]
+        const int lo = L.window > 0 ? std::max(0, pos[r] - L.window + 1) : 0;
+        kc += (size_t)lo * m.Dh, vc += (size_t)lo * m.Dh;
         if (m.Hkv >= ThreadPool::instance().threads()) {
             // one task per KV head keeps every thread busy: the register-tiled prompt kernel
             AttnPrefillArgs ap{};
             ap.q = q, ap.k = kc, ap.v = vc, ap.out = att;
-            ap.T = 1, ap.pos0 = pos[r], ap.H = m.H, ap.Hkv = m.Hkv, ap.dk = m.Dh, ap.dv = m.Dh;
+            ap.T = 1, ap.pos0 = pos[r] - lo, ap.H = m.H, ap.Hkv = m.Hkv, ap.dk = m.Dh, ap.dv = m.Dh;
             ap.qs = qd, ap.os = qd, ap.ks = m.Dh, ap.khs = hs, ap.vs = m.Dh, ap.vhs = hs, ap.scale = m.attn_scale;
             attn_prefill(ap);
         } else {  // few KV heads: split the positions too (flash-decoding)
             AttnArgs at{};
             at.q = q, at.k = kc, at.v = vc, at.out = att;
-            at.H = m.H, at.Hkv = m.Hkv, at.dk = m.Dh, at.dv = m.Dh, at.L = pos[r] + 1;
+            at.H = m.H, at.Hkv = m.Hkv, at.dk = m.Dh, at.dv = m.Dh, at.L = pos[r] + 1 - lo;
             at.ks = m.Dh, at.khs = hs, at.vs = m.Dh, at.vhs = hs, at.scale = m.attn_scale;
             attn_decode(at);
         }
@@ -323,19 +349,41 @@ void attention(const DecodeModel& m, int l, const Caches& cs, Buffers& b, float*
     for (int r = 0; r < B; ++r) {
         float* y = b.y.data() + (size_t)r * D;
         if (L.bo) add(y, L.bo, D);
+        if (L.post_attn_norm) rms_norm(y, L.post_attn_norm, D, m.eps, y);
         add(x + (size_t)r * D, y, D);
     }
 }
 
-// silu(gate(xn)) * up(xn) -> down, for B rows of b.xn into out [B, D]
-void swiglu(const QMat& gate, const QMat& up, const QMat& down, Buffers& b, int B, float* out) {
+// h = gelu(g) * u with ggml's GELU (tanh form) as its CPU backend computes it: the input rounded to
+// f16 and the result read from a table of f16 values; |g| >= 10 is cut to 0 / g
+void gelu_mul(const float* g, const float* u, float* h, int n) {
+    for (int i = 0; i < n; ++i) {
+        const float x = g[i];
+        float y;
+        if (x <= -10.f) {
+            y = 0.f;
+        } else if (x >= 10.f) {
+            y = x;
+        } else {
+            const float xh = fp16_to_fp32(fp32_to_fp16(x));
+            y = fp16_to_fp32(fp32_to_fp16(gelu_tanh(xh)));
+        }
+        h[i] = y * u[i];
+    }
+}
+
+// act(gate(xn)) * up(xn) -> down, for B rows of b.xn into out [B, D]; act: 0 SiLU, 1 GELU
+void swiglu(const QMat& gate, const QMat& up, const QMat& down, Buffers& b, int B, float* out, int act = 0) {
     const int F = gate.rows;
     MultiMatmulArgs a{};
     a.n = 2, a.n_cols = gate.cols, a.T = B, a.x = b.xn.data();
     a.w[0] = gate.w, a.type[0] = gate.type, a.n_rows[0] = F, a.out[0] = b.g.data();
     a.w[1] = up.w, a.type[1] = up.type, a.n_rows[1] = F, a.out[1] = b.u.data();
     matmul_multi(a);
-    active_kernels()->silu_mul(b.g.data(), b.u.data(), b.g.data(), B * F);
+    if (act == 1)
+        gelu_mul(b.g.data(), b.u.data(), b.g.data(), B * F);
+    else
+        active_kernels()->silu_mul(b.g.data(), b.u.data(), b.g.data(), B * F);
     matmul(down.w, down.type, down.rows, down.cols, b.g.data(), B, out);
 }
 
@@ -390,9 +438,13 @@ void ffn(const DecodeModel& m, const DecodeLayer& L, Buffers& b, float* x, int B
     rms_rows(x, L.ffn_norm, B, D, m.eps, b.xn.data());
     if (!L.moe) {
         tm.next(PART_PROJ);
-        swiglu(L.gate, L.up, L.down, b, B, b.y.data());
+        swiglu(L.gate, L.up, L.down, b, B, b.y.data(), L.act);
         tm.next(PART_OTHER);
-        for (int r = 0; r < B; ++r) add(x + (size_t)r * D, b.y.data() + (size_t)r * D, D);
+        for (int r = 0; r < B; ++r) {
+            float* y = b.y.data() + (size_t)r * D;
+            if (L.post_ffn_norm) rms_norm(y, L.post_ffn_norm, D, m.eps, y);
+            add(x + (size_t)r * D, y, D);
+        }
         return;
     }
     tm.next(PART_ROUTE);
@@ -417,7 +469,11 @@ void ffn(const DecodeModel& m, const DecodeLayer& L, Buffers& b, float* x, int B
         }
     }
     tm.next(PART_OTHER);
-    for (int r = 0; r < B; ++r) add(x + (size_t)r * D, b.y.data() + (size_t)r * D, D);
+    for (int r = 0; r < B; ++r) {
+        float* y = b.y.data() + (size_t)r * D;
+        if (L.post_ffn_norm) rms_norm(y, L.post_ffn_norm, D, m.eps, y);
+        add(x + (size_t)r * D, y, D);
+    }
 }
 
 void steps(const DecodeModel& m, int B, float* x, const int* pos, const SeqCache* seq, float* logits) {

@@ -26,6 +26,10 @@ struct DecodeLayer {
     const float *q_norm = nullptr, *k_norm = nullptr;
     float *k_cache = nullptr, *v_cache = nullptr;          // [Hkv, n_ctx, Dh] float32 (head-major)
     const float* ffn_norm = nullptr;                       // [D]
+    int window = 0;                                        // > 0: sliding window (keys pos-window+1..pos)
+    const float *rope_cos = nullptr, *rope_sin = nullptr;  // this layer's RoPE tables (nullptr: the model's)
+    const float *post_attn_norm = nullptr, *post_ffn_norm = nullptr;  // [D], optional (Gemma's post-norms)
+    int act = 0;                                           // dense FFN: 0 SiLU, 1 GELU (tanh)
     bool moe = false;
     QMat gate, up, down;                                   // dense FFN: [F, D], [F, D], [D, F]
     const float* router = nullptr;                         // MoE: [E, D] float32

@@ -36,9 +36,10 @@ using AttnPartFn = void (*)(const float* q, int G, int dk, int dv, const float* 
 // sees keys 0..p0+t): G query heads per token, head g of token t at q + t*qs + g*dk; key l at k + l*ks,
 // value l at v + l*vs; the normalized output of head g of token t goes to o + t*os + g*dv, written
 // after every read of q (o may be q when dv == dk). scratch: attn_prefill_scratch(G * nt, dk, dv) floats.
+// window > 0: a sliding window, token t sees only keys p0+t-window+1 .. p0+t (0: every earlier key).
 using AttnPrefillFn = void (*)(const float* q, size_t qs, int G, int nt, int p0, int dk, int dv, const float* k,
                                size_t ks, const float* v, size_t vs, float scale, float* o, size_t os,
-                               float* scratch);
+                               float* scratch, int window);
 constexpr int ATTN_KEY_BLOCK = 32;
 inline size_t attn_prefill_scratch(int rows, int dk, int dv) {
     return (size_t)rows * ATTN_KEY_BLOCK + (size_t)rows * dv + 2 * (size_t)rows + (size_t)ATTN_KEY_BLOCK * (dk + dv);

@@ -503,16 +503,17 @@ void attn_part(const float* q, int G, int dk, int dv, const float* k, size_t ks,
 }
 
 void attn_prefill(const float* q, size_t qs, int G, int nt, int p0, int dk, int dv, const float* k, size_t ks,
-                  const float* v, size_t vs, float scale, float* o, size_t os, float* scratch) {
+                  const float* v, size_t vs, float scale, float* o, size_t os, float* scratch, int window) {
     const int R = G * nt;
     float* O = scratch;  // [R][dv]: every row before any write, since o may be q
     std::vector<float> sc;
     for (int r = 0; r < R; ++r) {
         const float* qr = q + (size_t)(r / G) * qs + (size_t)(r % G) * dk;
         const int n = p0 + r / G + 1;
+        const int lo = window > 0 ? std::max(0, n - window) : 0;  // first key in the window
         float mx = -INFINITY;
-        sc.resize(n);
-        for (int l = 0; l < n; ++l) {
+        sc.assign(n, -INFINITY);
+        for (int l = lo; l < n; ++l) {
             float acc = 0.f;
             for (int j = 0; j < dk; ++j) acc += qr[j] * k[(size_t)l * ks + j];
             sc[l] = acc * scale;
@@ -521,7 +522,7 @@ void attn_prefill(const float* q, size_t qs, int G, int nt, int p0, int dk, int 
         float z = 0.f;
         float* orow = O + (size_t)r * dv;
         for (int c = 0; c < dv; ++c) orow[c] = 0.f;
-        for (int l = 0; l < n; ++l) {
+        for (int l = lo; l < n; ++l) {
             const float e = std::exp(sc[l] - mx);
             z += e;
             for (int c = 0; c < dv; ++c) orow[c] += e * v[(size_t)l * vs + c];

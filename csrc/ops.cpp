@@ -298,6 +298,7 @@ std::string check_attn_prefill(const AttnPrefillArgs& a, size_t q_len, size_t k_
     if (a.T <= 0 || a.pos0 < 0 || (long long)a.pos0 + a.T > (1LL << 30)) return fmt("T=%lld, pos0=%lld out of range", a.T, a.pos0);
     if (a.qs < (long long)a.H * a.dk || a.os < (long long)a.H * a.dv) return "q/out token strides are smaller than a token's heads";
     if (a.ks < 0 || a.khs < 0 || a.vs < 0 || a.vhs < 0) return "strides must not be negative";
+    if (a.window < 0) return fmt("window=%lld must not be negative (0: none)", a.window);
     if ((long long)q_len < ((a.T - 1LL) * a.qs + (long long)a.H * a.dk) * 4) return fmt("q has %lld bytes: too few for T=%lld", (long long)q_len, a.T);
     if ((long long)out_len < ((a.T - 1LL) * a.os + (long long)a.H * a.dv) * 4) return fmt("out has %lld bytes: too few for T=%lld", (long long)out_len, a.T);
     const long long L = (long long)a.pos0 + a.T;
@@ -331,7 +332,8 @@ public:
         active_kernels()->attn_prefill(a.q + (size_t)t0 * a.qs + (size_t)h * G_ * a.dk, (size_t)a.qs, G_, nt,
                                        a.pos0 + t0, a.dk, a.dv, a.k + (size_t)h * a.khs, (size_t)a.ks,
                                        a.v + (size_t)h * a.vhs, (size_t)a.vs, a.scale,
-                                       a.out + (size_t)t0 * a.os + (size_t)h * G_ * a.dv, (size_t)a.os, sc);
+                                       a.out + (size_t)t0 * a.os + (size_t)h * G_ * a.dv, (size_t)a.os, sc,
+                                       a.window);
     }
 
 private:

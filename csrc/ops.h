@@ -87,6 +87,7 @@ struct AttnPrefillArgs {
     int T, pos0, H, Hkv, dk, dv;
     long long qs, os, ks, khs, vs, vhs;
     float scale;
+    int window = 0;  // > 0: sliding window, token t sees keys pos0+t-window+1 .. pos0+t only
 };
 std::string check_attn_prefill(const AttnPrefillArgs& a, size_t q_len, size_t k_len, size_t v_len, size_t out_len);
 void attn_prefill(const AttnPrefillArgs& a);

@@ -282,12 +282,13 @@ def dequantize_rows(rows: np.ndarray, ggml_type: int, n_cols: int) -> torch.Tens
 
 
 def attn_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos0: int, scale: float,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
+                 out: torch.Tensor | None = None, window: int = 0) -> torch.Tensor:
     """Causal attention of T prompt tokens at positions pos0.. over the cache -> [T, H, dv].
 
     q [T, H, dk] float32 (contiguous); k [L, Hkv, dk] and v [L, Hkv, dv] float32 cache views
     (contiguous in the last dimension), L = pos0 + T. out: [T, H, dv] to write into, which may be
-    q itself (when dv == dk): each query block is read in full before its output is written."""
+    q itself (when dv == dk): each query block is read in full before its output is written.
+    window > 0: a sliding window (the token at position p sees keys p-window+1..p only)."""
     m = _mod if _threads_set else _lib()
     q = _float_tensor("q", q, "[T, H, dk]")
     if q.dim() != 3:
@@ -303,7 +304,7 @@ def attn_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos0: int, s
     dv = v.shape[2]
     y = _out_buffer(out, (T, H, dv))
     m.attn_prefill(q.numpy(), kb, vb, q.numpy() if y is q else y.numpy(), T, int(pos0), H, Hkv,
-                   dk, dv, H * dk, H * dv, ks, khs, vs, vhs, float(scale))
+                   dk, dv, H * dk, H * dv, ks, khs, vs, vhs, float(scale), int(window))
     return y
 
 

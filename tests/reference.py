@@ -59,7 +59,7 @@ def compare_logits(ours: np.ndarray, ref: np.ndarray) -> dict:
     rel = rel_err(ours, ref)
     d = ours - ref
     rms = np.sqrt((d ** 2).mean(axis=1))
-    top2 = np.sort(ref, axis=1)[:, -2:]
+    top2 = np.partition(ref, -2, axis=1)[:, -2:]        # [.., second largest, largest]
     margin = top2[:, 1] - top2[:, 0]
     decided = margin > NEAR_TIE_SIGMAS * np.sqrt(2.0) * rms
     agree = ours.argmax(1) == ref.argmax(1)
@@ -98,12 +98,17 @@ def quantize_with_llama(src: str, dst: str, ftype_name: str) -> str:
     return dst
 
 
+MIN_SAME_BEFORE_TIE = 16   # identical tokens a greedy comparison must see before a near-tie excuses
+
+
 def assert_same_greedy(got: list[int], want: list[int], rows, eog: frozenset, what: str,
-                       n_gen: int, tie_margin: float) -> None:
+                       n_gen: int, tie_margin: float, min_same: int = MIN_SAME_BEFORE_TIE) -> None:
     """`got` follows `want` up to where one run ends, or to a near-tie of the reference.
 
     A run shorter than n_gen stopped at an end-of-generation token; rows[j] are the reference's
-    logits that chose want[j] (and its end-of-generation token after the last one).
+    logits that chose want[j] (and its end-of-generation token after the last one). A parting at a
+    near-tie is excused only after `min_same` identical tokens (else the comparison would have
+    compared almost nothing: pick a prompt whose continuation is decided for longer).
     """
     def picks(seq, j):
         return {seq[j]} if j < len(seq) else set(eog)
@@ -118,4 +123,7 @@ def assert_same_greedy(got: list[int], want: list[int], rows, eog: frozenset, wh
         assert gap <= tie_margin, (
             f"{what}: greedy runs part at token {j} where the reference prefers its pick by "
             f"{gap:.3f} logits (> {tie_margin}):\n ours {got}\n want {want}")
+        assert j >= min(min_same, n_gen), (
+            f"{what}: greedy runs part at token {j}, a near-tie ({gap:.3f} logits), before "
+            f"{min(min_same, n_gen)} identical tokens: too little compared\n ours {got}\n want {want}")
         return

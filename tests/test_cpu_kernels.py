@@ -562,6 +562,29 @@ def test_attn_prefill_vs_reference(T, pos0, H, Hkv, dk, dv, variant_scope):
 
 
 @needs_ext
+@pytest.mark.parametrize("T,pos0,H,Hkv,dk,window", [
+    (100, 0, 4, 1, 64, 8), (40, 70, 4, 1, 64, 33), (65, 3, 8, 2, 72, 64), (1, 90, 4, 1, 32, 5),
+    (20, 10, 2, 2, 16, 1), (30, 0, 4, 4, 32, 100)])
+def test_attn_prefill_sliding_window(T, pos0, H, Hkv, dk, window, variant_scope):
+    """A sliding window (token at position p sees keys p-window+1..p): windows smaller than a key
+    block, not a multiple of it, of one key, and longer than the context; every variant."""
+    g = torch.Generator().manual_seed(T + window)
+    L = pos0 + T
+    k, v = torch.randn(L, Hkv, dk, generator=g), torch.randn(L, Hkv, dk, generator=g)
+    q = torch.randn(T, H, dk, generator=g)
+    G = H // Hkv
+    kk, vv = k.double().repeat_interleave(G, 1), v.double().repeat_interleave(G, 1)
+    s = torch.einsum("thd,lhd->htl", q.double(), kk) * dk ** -0.5
+    j, i = torch.arange(L)[None, :], (pos0 + torch.arange(T))[:, None]
+    s = s.masked_fill(((j > i) | (j <= i - window))[None], float("-inf"))
+    want = torch.einsum("htl,lhd->thd", torch.softmax(s, -1), vv)
+    for var in _variants():
+        variant_scope(var)
+        got = cb.attn_prefill(q, k, v, pos0, dk ** -0.5, window=window)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@needs_ext
 def test_attn_prefill_bad_inputs():
     k = torch.randn(10, 2, 64)
     q = torch.randn(4, 4, 64)
@@ -575,6 +598,8 @@ def test_attn_prefill_bad_inputs():
         cb.attn_prefill(q, k[:8], k[:8], 4, 0.1, out=torch.empty(4, 4, 32))
     with pytest.raises(ValueError, match="float32"):
         cb.attn_prefill(q, k[:8].double(), k[:8], 4, 0.1)
+    with pytest.raises(ValueError, match="window=-1"):
+        cb.attn_prefill(q, k[:8], k[:8], 4, 0.1, window=-1)
 
 
 @needs_ext

@@ -64,7 +64,10 @@ def test_q4_k_m_within_llama_cpp_noise(arch, preset, kernels, llama_cpp):
 def test_greedy_matches_llama_cpp(arch, preset, llama_cpp):
     path = tiny_model(arch, preset=preset)
     m = hetero_moe.load(path, threads=2, n_ctx=512)
-    ids = _ids(16, seed=1)
+    # a prompt whose first 16 tokens are decided (with seed 1 these random-weight models part at a
+    # near-tie at token 1 (tiny-v3) and 9 (kvb tiny-lite))
+    seed = {("deepseek2", "tiny-v3"): 7, ("deepseek2-kvb", "tiny-lite"): 3}.get((arch, preset), 1)
+    ids = _ids(16, seed=seed)
     got = m.generate(ids, max_tokens=N_GEN, temperature=0)
     want, rows = llama_greedy(path, ids, m.tokenizer.eog_ids)
     assert_same_greedy(got.tokens, want, rows, m.tokenizer.eog_ids, f"{arch} {preset}", N_GEN,

@@ -194,7 +194,9 @@ def test_greedy_comparison_rules():
     rows[:, 1], rows[:, 2], rows[:, 3] = 5.0, 4.9, 1.0     # 1 beats 2 narrowly, 3 clearly
     want = [1] * N_GEN
     _assert_same_greedy(want, want, rows, frozenset({7}), "same")
-    _assert_same_greedy([1, 1, 2, 3], want, rows, frozenset({7}), "near-tie")
+    _assert_same_greedy([1] * 16 + [2, 3], want, rows, frozenset({7}), "near-tie after 16")
+    with pytest.raises(AssertionError, match="token 2, a near-tie .* before 16 identical"):
+        _assert_same_greedy([1, 1, 2, 3], want, rows, frozenset({7}), "near-tie too early")
     with pytest.raises(AssertionError, match="token 2 "):
         _assert_same_greedy([1, 1, 3], want, rows, frozenset({7}), "decided")
     with pytest.raises(AssertionError, match="token 1 "):

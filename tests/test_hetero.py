@@ -102,7 +102,9 @@ def test_quantized_within_llama_noise_and_greedy(arch, preset, quant, llama_cpp)
     assert stats["top1_agree_decided"] >= MIN_TOP1, stats
     # greedy: the same tokens as the CPU-only run, parting only where it was at a near-tie
     cpu = hetero_moe.load(path, gpu="none", n_ctx=N_CTX)
-    prompt = _ids(12, seed=1)
+    # a prompt whose first 16 tokens are decided (with seed 1 the Q3_K_M file parts at a near-tie
+    # at token 2)
+    prompt = _ids(12, seed=2 if quant == "Q3_K_M" else 1)
     got = m.generate(prompt, max_tokens=N_GEN, temperature=0).tokens
     ref = cpu.generate(prompt, max_tokens=N_GEN, temperature=0, logprobs=0)
     rows = [cpu.logits(prompt + ref.tokens[:j])[-1].numpy() for j in range(len(ref.tokens) + 1)]

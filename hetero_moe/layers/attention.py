@@ -68,10 +68,14 @@ def _cpu_attention() -> bool:
 class Rope:
     """Rotary embedding tables for positions [0, n_ctx), in llama.cpp's NORM or NEOX pairing."""
 
-    def __init__(self, cfg: ModelConfig, n_ctx: int, device: str):
+    def __init__(self, cfg: ModelConfig, n_ctx: int, device: str, base: float | None = None,
+                 freq_scale: float | None = None):
+        """base, freq_scale: override the model's (a sliding-window layer's own RoPE)."""
         n_rot = cfg.rope_dim
-        inv = cfg.rope_base ** (-torch.arange(0, n_rot, 2, dtype=torch.float64) / n_rot)
-        pos = torch.arange(n_ctx, dtype=torch.float64) * cfg.rope_freq_scale
+        base = cfg.rope_base if base is None else base
+        freq_scale = cfg.rope_freq_scale if freq_scale is None else freq_scale
+        inv = base ** (-torch.arange(0, n_rot, 2, dtype=torch.float64) / n_rot)
+        pos = torch.arange(n_ctx, dtype=torch.float64) * freq_scale
         ang = torch.outer(pos, inv)                           # [n_ctx, n_rot/2]
         self.cos = ang.cos().float().to(device)
         self.sin = ang.sin().float().to(device)
@@ -107,7 +111,8 @@ class Attention:
         self.q, self.k, self.v, self.o = q, k, v, o
         self.q_norm, self.k_norm = q_norm, k_norm
         self.rope = rope
-        self.scale = cfg.head_dim ** -0.5
+        self.scale = cfg.attn_scale or cfg.head_dim ** -0.5
+        self.window = 0            # > 0: a sliding-window layer (sees its last `window` positions)
         self.nsa: sparse_cpu.NSAWeights | None = None    # learned sparse-attention weights
         self._cpp_prep: bool | None = None
 
@@ -164,22 +169,27 @@ class Attention:
         qh = q.transpose(0, 1)                                  # [H, T, Dh]
         kh, vh = keys.transpose(0, 1), values.transpose(0, 1)   # [Hkv, L, Dh]
         if T == 1:
-            out = decode_attention(q[0], keys, values, self.scale)  # [H, Dh]
+            lo = max(0, L - self.window) if self.window else 0   # the window's positions only
+            out = decode_attention(q[0], keys[lo:], values[lo:], self.scale)  # [H, Dh]
             return self.o(out.reshape(1, cfg.n_head * cfg.head_dim))
         if self._prep_in_cpp(x, cache):
             # the C++ causal attention, written over q (each query block is read before it is
             # overwritten): 2x torch's SDPA here, and no output buffer
             from .. import cpu_backend
             if n_sparse:
-                out = cpu_backend.attn_prefill(q, keys, values, pos0, self.scale).view(T, -1)
+                out = cpu_backend.attn_prefill(q, keys, values, pos0, self.scale,
+                                               window=self.window).view(T, -1)
             else:
-                out = cpu_backend.attn_prefill(q, keys, values, pos0, self.scale, out=q)
+                out = cpu_backend.attn_prefill(q, keys, values, pos0, self.scale, out=q,
+                                               window=self.window)
                 return self.o(out.view(T, -1), out=x if ws is not None and x.is_contiguous()
                               else None)      # x (the layer's normed input) is spent by now
         else:
             j = torch.arange(L, device=x.device)
             i = torch.arange(pos0, pos0 + T, device=x.device)
             mask = j[None, :] <= i[:, None]                     # [T, L] causal
+            if self.window:                                     # and inside the sliding window
+                mask &= j[None, :] > i[:, None] - self.window
             # a batch dimension lets torch pick its fused CPU kernel (2-3x faster than 3-D)
             qh, kh, vh = same_dtype(qh, kh, vh)
             out = F.scaled_dot_product_attention(qh[None], kh[None], vh[None], attn_mask=mask,

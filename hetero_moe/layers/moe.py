@@ -19,20 +19,31 @@ from ..quant.act import fake_quant
 from .linear import KernelOptions, QuantLinear, apply_group, cpu_kernels_usable
 
 
-class DenseFFN:
-    """down(silu(gate(x)) * up(x)); also used for shared experts."""
+def gelu_ggml(g: torch.Tensor) -> torch.Tensor:
+    """GELU (tanh form) as ggml's CPU backend computes it, which llama.cpp's GeGLU uses: the input
+    rounded to f16, the result read from a table of f16 values, 0 below -10 and x above 10."""
+    y = F.gelu(g.half().float(), approximate="tanh").half().float()
+    return torch.where(g <= -10.0, torch.zeros_like(g), torch.where(g >= 10.0, g, y))
 
-    def __init__(self, gate: QuantLinear, up: QuantLinear, down: QuantLinear):
+
+class DenseFFN:
+    """down(act(gate(x)) * up(x)), act SiLU (SwiGLU) or GELU (GeGLU); also used for shared
+    experts."""
+
+    def __init__(self, gate: QuantLinear, up: QuantLinear, down: QuantLinear, act: str = "silu"):
+        if act not in ("silu", "gelu"):
+            raise ValueError(f"FFN activation {act!r} is not supported (silu, gelu)")
         self.gate, self.up, self.down = gate, up, down
+        self.act = act
 
     def __call__(self, x: torch.Tensor, ws=None) -> torch.Tensor:   # [T, D] -> [T, D]
         """ws: scratch for the large intermediates (the result may be in ws "q" then)."""
         if ws is None:
             g, u = apply_group([self.gate, self.up], x)
-            return self.down(F.silu(g) * u)
+            return self.down((F.silu(g) if self.act == "silu" else gelu_ggml(g)) * u)
         T, Fd = x.shape[0], self.gate.n_out
         g, u = apply_group([self.gate, self.up], x, (ws.get("g", T, Fd), ws.get("u", T, Fd)))
-        h = F.silu(g, inplace=True).mul_(u)
+        h = (F.silu(g, inplace=True) if self.act == "silu" else gelu_ggml(g)).mul_(u)
         return self.down(h, out=ws.get("q", T, self.down.n_out))   # q: spent by now
 
 

@@ -47,12 +47,25 @@ class ModelConfig:
     n_group_used: int = 0
     expert_weights_scale: float = 0.0  # routing weights multiplied by this (0 or 1: unscaled)
     mla: Any = None                   # deepseek2.MLAConfig: Multi-head Latent Attention
+    ffn_act: str = "silu"             # dense FFN gate activation: "silu" (SwiGLU) or "gelu" (GeGLU, tanh)
+    post_norms: bool = False          # RMSNorm on the attention and FFN outputs before each residual add
+    embd_scale: float = 0.0           # token embeddings multiplied by this (0: unscaled)
+    attn_scale: float = 0.0           # softmax scale of q.k (0: 1/sqrt(head_dim))
+    swa_window: int = 0               # positions a sliding-window layer sees, itself included (0: none)
+    swa_layers: tuple = ()            # per layer: True where it is a sliding-window (local) layer
+    rope_base_swa: float = 10000.0    # RoPE base of the sliding-window layers (unscaled)
+    final_softcap: float = 0.0        # logits -> c * tanh(logits / c) (0: none)
+    chat_template: str | None = None  # the architecture's template when the file has none
     name: str = ""
     extra: dict = field(default_factory=dict)
 
     @property
     def is_moe(self) -> bool:
         return self.n_expert > 0
+
+    def window_of(self, layer: int) -> int:
+        """Sliding window of a layer (0: it attends to every earlier position)."""
+        return self.swa_window if self.swa_layers and self.swa_layers[layer] else 0
 
 
 class MetaReader:
@@ -175,7 +188,7 @@ def register(spec: ArchSpec) -> ArchSpec:
 
 
 def _load_all() -> None:
-    from . import deepseek2, llama, olmoe, qwen2moe, qwen3moe  # noqa: F401  (they register themselves)
+    from . import deepseek2, gemma3, llama, olmoe, qwen2moe, qwen3moe  # noqa: F401  (they register themselves)
 
 
 def get_arch(name: str, path: str = "?") -> ArchSpec:

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 
 import torch
 
-from ..errors import ContextLengthError, GGUFFormatError, MissingTensorError
+from ..errors import ContextLengthError, GGUFFormatError, MissingTensorError, UnsupportedError
 from ..gguf import GGUFFile, TensorInfo
 from ..layers.attention import Attention, Rope, decode_attention, rms_norm
 from ..layers.linear import Embedding, KernelOptions, QuantLinear, apply_group, float_tensor
@@ -85,8 +85,14 @@ class _Tensors:
 
 
 class Block:
-    def __init__(self, attn_norm, attn, ffn_norm, ffn):
+    def __init__(self, attn_norm, attn, ffn_norm, ffn, post_attn_norm=None, post_ffn_norm=None):
         self.attn_norm, self.attn, self.ffn_norm, self.ffn = attn_norm, attn, ffn_norm, ffn
+        # Gemma's norms of the attention and FFN outputs, before each residual add (or None)
+        self.post_attn_norm, self.post_ffn_norm = post_attn_norm, post_ffn_norm
+
+
+def _post(y: torch.Tensor, w, eps: float) -> torch.Tensor:
+    return y if w is None else rms_norm(y, w, eps)
 
 
 class Transformer:
@@ -127,6 +133,15 @@ class Transformer:
         self.rope = Rope(cfg, n_ctx, "cpu")           # MLA blocks bring their own (YaRN)
         if cfg.mla is None:
             place_rope(plan, self.rope)
+        self.rope_swa = None                          # sliding-window layers' RoPE (own base)
+        if any(cfg.swa_layers):
+            self.rope_swa = Rope(cfg, n_ctx, "cpu", base=cfg.rope_base_swa, freq_scale=1.0)
+            if plan.has_gpu:
+                self.rope_swa.cos = plan.put("rope_swa.cos", self.rope_swa.cos)
+                self.rope_swa.sin = plan.put("rope_swa.sin", self.rope_swa.sin)
+            if self.sparse.enabled:
+                raise UnsupportedError(f"{g.path}: sparse attention ({self.sparse.mode!r}) is not "
+                                       f"supported with sliding-window layers ({cfg.arch!r})")
         self.blocks: list[Block] = []
         if cfg.mla is not None:          # deepseek2: MLA attention, leading dense blocks
             from .deepseek2 import build_blocks
@@ -144,6 +159,8 @@ class Transformer:
                              lin(p + "attn_k.weight", (kv_out, D), cfg.attn_bias),
                              lin(p + "attn_v.weight", (kv_out, D), cfg.attn_bias),
                              lin(p + "attn_output.weight", (D, q_out)), self.rope, qn, kn)
+            if cfg.window_of(i):
+                attn.window, attn.rope = cfg.window_of(i), self.rope_swa
             if cfg.is_moe:
                 E, Fe = cfg.n_expert, cfg.n_ff_exp
                 router = vec_2d(p + "ffn_gate_inp.weight", (E, D))
@@ -167,10 +184,12 @@ class Transformer:
                 Fd = cfg.n_ff
                 ffn = DenseFFN(lin(p + "ffn_gate.weight", (Fd, D)),
                                lin(p + "ffn_up.weight", (Fd, D)),
-                               lin(p + "ffn_down.weight", (D, Fd)))
+                               lin(p + "ffn_down.weight", (D, Fd)), cfg.ffn_act)
             attn.nsa = self._nsa_weights(ts, p, dev)
+            post = (vec(p + "post_attention_norm.weight", D), vec(p + "post_ffw_norm.weight", D)) \
+                if cfg.post_norms else (None, None)
             self.blocks.append(Block(vec(p + "attn_norm.weight", D), attn,
-                                     vec(p + "ffn_norm.weight", D), ffn))
+                                     vec(p + "ffn_norm.weight", D), ffn, *post))
             if progress is not None:
                 progress(i + 1, cfg.n_layer)
         self.out_norm = vec("output_norm.weight", D)
@@ -209,6 +228,24 @@ class Transformer:
                                     for b in self.blocks))
         return self._cpu_ok
 
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [T, D], scaled where the architecture scales them (Gemma)."""
+        x = self.embed(ids)
+        return x * self.cfg.embd_scale if self.cfg.embd_scale else x
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm and lm_head of hidden states x [T, D] -> logits [T, V] float32."""
+        return self._softcap(self.lm_head(rms_norm(x, self.out_norm, self.cfg.rms_eps)).float())
+
+    def _softcap(self, logits: torch.Tensor) -> torch.Tensor:
+        c = self.cfg.final_softcap
+        return logits if not c else torch.tanh(logits / c) * c
+
+    def _check_sparse(self, sp: SparseAttnConfig) -> None:
+        if sp.enabled and self.rope_swa is not None:
+            raise UnsupportedError(f"sparse attention ({sp.mode!r}) is not supported with "
+                                   f"sliding-window layers ({self.cfg.arch!r})")
+
     def _fused_ready(self) -> bool:
         """Whether this decode step can take the whole-model C++ step (built on first use)."""
         if self.fused is None:
@@ -233,11 +270,12 @@ class Transformer:
                                              f"{c.n_ctx}")
                 if pos0 > c.length:
                     raise ValueError(f"cache holds {c.length} positions; cannot write at {pos0}")
-        x = self.embed(torch.tensor(ids, dtype=torch.long)).float().clone()   # [B, D], in place
+        x = self._embed(torch.tensor(ids, dtype=torch.long)).float().clone()  # [B, D], in place
         if len(ids) == 1 and caches[0] is self._main_cache:
             logits = self.fused.step(x, positions[0])
         else:
             logits = self.fused.steps(x, positions, caches)
+        logits = self._softcap(logits)
         for cache, pos0 in zip(caches, positions):
             for c in cache.layers:
                 c.length = pos0 + 1
@@ -296,6 +334,7 @@ class Transformer:
             raise ValueError(f"forward_batch: {len(ids)} ids, {len(positions)} positions and "
                              f"{len(caches)} caches; expected one of each per sequence")
         sp = self.sparse if sparse is None else sparse
+        self._check_sparse(sp)
         if self.executor is None and not any(sp.sparse_rows(1, p + 1) for p in positions) \
                 and self._fused_ready():
             if torch.get_num_threads() != 1:
@@ -313,14 +352,15 @@ class Transformer:
         if torch.get_num_threads() != want:
             torch.set_num_threads(want)
             _pool_spin(DECODE_SPIN_US if want == 1 else BATCH_SPIN_US)
-        x = self.embed(torch.tensor(ids, dtype=torch.long))          # [B, D]
+        x = self._embed(torch.tensor(ids, dtype=torch.long))         # [B, D]
         for i, b in enumerate(self.blocks):
             xn = rms_norm(x, b.attn_norm, cfg.rms_eps)
-            x = x + self._attn_rows(b.attn, xn, positions, [c.layers[i] for c in caches])
-            x = x + b.ffn(rms_norm(x, b.ffn_norm, cfg.rms_eps))
+            x = x + _post(self._attn_rows(b.attn, xn, positions, [c.layers[i] for c in caches]),
+                          b.post_attn_norm, cfg.rms_eps)
+            x = x + _post(b.ffn(rms_norm(x, b.ffn_norm, cfg.rms_eps)), b.post_ffn_norm, cfg.rms_eps)
         for c, p in zip(caches, positions):
             c.pos = p + 1
-        return self.lm_head(rms_norm(x, self.out_norm, cfg.rms_eps)).float()
+        return self._logits(x)
 
     def _attn_rows(self, a: Attention, x: torch.Tensor, positions: list[int],
                    lcs: list) -> torch.Tensor:
@@ -354,7 +394,8 @@ class Transformer:
                 keys, values = lc.append(kr, vr, pos)
             if lc.sparse is not None:
                 lc.sparse.truncate(pos)
-            out[r] = decode_attention(qr[0], keys, values, a.scale).reshape(-1)
+            lo = max(0, keys.shape[0] - a.window) if a.window else 0   # the sliding window
+            out[r] = decode_attention(qr[0], keys[lo:], values[lo:], a.scale).reshape(-1)
         return a.o(out)
 
     def _nsa_weights(self, ts: _Tensors, p: str, dev):
@@ -395,6 +436,7 @@ class Transformer:
             return self.executor.forward(ids, pos0, all_logits, sparse)
         cfg = self.cfg
         sp = self.sparse if sparse is None else sparse
+        self._check_sparse(sp)
         attn_kw = {"sparse": sp} if sp.enabled else {}
         # decode steps are many tiny torch ops: extra intra-op threads only contend with the
         # CPU kernels' pool on the same cores
@@ -404,23 +446,25 @@ class Transformer:
             _pool_spin(DECODE_SPIN_US if want == 1 else BATCH_SPIN_US)
         if ids.shape[0] == 1 and not sp.sparse_rows(1, pos0 + 1) and self._fused_ready():
             return self._fused_step(ids, pos0)
-        x = self.embed(ids)                                     # [T, D]
+        x = self._embed(ids)                                    # [T, D]
         ws = self.ws if ids.shape[0] > SMALL_BATCH and self._cpu_norm() else None
+        eps = cfg.rms_eps
         if ws is None:
             for i, b in enumerate(self.blocks):
-                x = x + b.attn(rms_norm(x, b.attn_norm, cfg.rms_eps), pos0, self.cache.layers[i],
-                               **attn_kw)
-                x = x + b.ffn(rms_norm(x, b.ffn_norm, cfg.rms_eps))
+                x = x + _post(b.attn(rms_norm(x, b.attn_norm, eps), pos0, self.cache.layers[i],
+                                     **attn_kw), b.post_attn_norm, eps)
+                x = x + _post(b.ffn(rms_norm(x, b.ffn_norm, eps)), b.post_ffn_norm, eps)
         else:      # prompts: large intermediates in reused buffers, residual sums in place
             from .. import cpu_backend
             T, D = x.shape
             x = x.float().contiguous()
             for i, b in enumerate(self.blocks):
                 xn = cpu_backend.rms_norm(x, b.attn_norm, cfg.rms_eps, out=ws.get("xn", T, D))
-                x.add_(b.attn(xn, pos0, self.cache.layers[i], ws=ws, **attn_kw))
+                x.add_(_post(b.attn(xn, pos0, self.cache.layers[i], ws=ws, **attn_kw),
+                             b.post_attn_norm, eps))
                 xn = cpu_backend.rms_norm(x, b.ffn_norm, cfg.rms_eps, out=ws.get("xn", T, D))
-                x.add_(b.ffn(xn, ws=ws))
+                x.add_(_post(b.ffn(xn, ws=ws), b.post_ffn_norm, eps))
         if not all_logits:
             x = x[-1:]
         self.cache.pos = pos0 + ids.shape[0]
-        return self.lm_head(rms_norm(x, self.out_norm, cfg.rms_eps)).float()
+        return self._logits(x)

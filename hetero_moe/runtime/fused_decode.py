@@ -72,7 +72,23 @@ class FusedDecode:
             ints += self._buf(c.k_store, f"blk.{i} key cache")         # [Hkv, n_ctx, Dh]
             ints += self._buf(c.v_store, f"blk.{i} value cache")
             ints += self._buf(b.ffn_norm, f"blk.{i}.ffn_norm")
+            ints += [a.window]                                         # sliding window (0: none)
+            if a.rope is rope:
+                ints += [0, 0, 0, 0]                                   # the model's RoPE tables
+            else:
+                if a.rope.n_rot != n_rot or a.rope.kind != rope.kind:
+                    raise Unsupported(f"blk.{i}: RoPE dimensions or pairing of its own")
+                ints += self._buf(a.rope.cos, f"blk.{i} rope cos")
+                ints += self._buf(a.rope.sin, f"blk.{i} rope sin")
+            ints += self._buf(getattr(b, "post_attn_norm", None), f"blk.{i}.post_attention_norm",
+                              optional=True)
+            ints += self._buf(getattr(b, "post_ffn_norm", None), f"blk.{i}.post_ffw_norm",
+                              optional=True)
             ffn = b.ffn
+            act = getattr(ffn, "act", "silu")
+            if act not in ("silu", "gelu"):
+                raise Unsupported(f"blk.{i}: FFN activation {act!r}")
+            ints += [int(act == "gelu")]
             if hasattr(ffn, "router"):
                 if not ffn.use_kernel:
                     raise Unsupported("experts outside the CPU kernels")

@@ -238,15 +238,17 @@ class HeteroExecutor:
             from ..errors import UnsupportedError
             raise UnsupportedError("sparse attention runs on the CPU-only path; load with "
                                    "gpu='none' to use it")
+        from ..models.transformer import _post
         dev = net.plan.gpu_device
-        x = net.embed(ids).to(dev)                              # [T, D]
+        x = net._embed(ids).to(dev)                             # [T, D]
         for i, b in enumerate(net.blocks):
-            x = x + b.attn(rms_norm(x, b.attn_norm, cfg.rms_eps), pos0, net.cache.layers[i])
-            x = x + b.ffn(rms_norm(x, b.ffn_norm, cfg.rms_eps))
+            x = x + _post(b.attn(rms_norm(x, b.attn_norm, cfg.rms_eps), pos0, net.cache.layers[i]),
+                          b.post_attn_norm, cfg.rms_eps)
+            x = x + _post(b.ffn(rms_norm(x, b.ffn_norm, cfg.rms_eps)), b.post_ffn_norm, cfg.rms_eps)
         if not all_logits:
             x = x[-1:]
         net.cache.pos = pos0 + ids.shape[0]
-        return net.lm_head(rms_norm(x, net.out_norm, cfg.rms_eps)).float().cpu()
+        return net._logits(x).cpu()
 
     def memory(self) -> dict:
         """Bytes the GPU tier holds, by the planner's groups, next to what the plan said."""
