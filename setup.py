@@ -1,7 +1,8 @@
 """Build and install hetero-moe.
 
 Install with ``pip install -e .`` (CPU), ``pip install -e ".[server]"`` for `hetero-moe serve`, or
-``pip install -e ".[test]"`` for the test suite (it includes the server's packages).
+``pip install -e ".[test]"`` for the test suite (it includes the server's packages and Ray),
+``pip install -e ".[ray]"`` for pipeline stages and replicas over Ray.
 Users with a GPU install their CUDA build of torch first; the range below accepts it.
 """
 import os
@@ -84,8 +85,12 @@ setup(
         "test": ["pytest>=7", "llama-cpp-python>=0.3.0", "triton",
                  # the server's tests drive it with the official client
                  "fastapi>=0.110", "uvicorn>=0.30", "sse-starlette>=2.0", "pydantic>=2.5",
-                 "prometheus-client>=0.20", "httpx>=0.27", "openai>=1.30"],
+                 "prometheus-client>=0.20", "httpx>=0.27", "openai>=1.30",
+                 # pipeline stages and replicas (tests/test_stages*.py): wheels only, ~1 min
+                 "ray[serve]>=2.30"],
         "triton": ["triton"],
+        # pipeline stages over Ray (load(stages=N), --stages) and --replicas on Ray Serve
+        "ray": ["ray[serve]>=2.30", "httpx>=0.27"],
         "server": ["fastapi>=0.110", "uvicorn>=0.30", "sse-starlette>=2.0", "pydantic>=2.5",
                    "prometheus-client>=0.20"],
     },

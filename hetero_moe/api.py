@@ -163,6 +163,8 @@ class Model:
             if self._tokenizer is None and self.gguf.get("tokenizer.ggml.tokens") is not None:
                 _ = self.tokenizer          # built from metadata, so it outlives the maps
             net, self.net = self.net, None
+            if hasattr(net, "close"):       # a pipeline's stage actors (distributed/)
+                net.close()
             emb = getattr(net, "embed", None)
             fd = getattr(emb, "_fd", None)
             if fd is not None and fd >= 0:
@@ -446,11 +448,16 @@ class Model:
         ids = self._prompt_ids(prompt)
         self.last_completion = yield from self._events(ids, p, sparse_attn, cache_prompt)
 
+    @property
+    def chat_template(self) -> str | None:
+        """The GGUF's chat template, else the architecture's own (Gemma's turns), else None
+        (chat then falls back to ChatML)."""
+        return self.gguf.get("tokenizer.chat_template") or self.config.chat_template
+
     def chat_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of `messages` rendered with the model's chat template."""
         from .chat import chat_prompt_ids
-        tmpl = self.gguf.get("tokenizer.chat_template")
-        return chat_prompt_ids(self.tokenizer, tmpl, messages,
+        return chat_prompt_ids(self.tokenizer, self.chat_template, messages,
                                add_generation_prompt=add_generation_prompt)
 
     def chat(self, messages: list[dict], params=None, stream: bool = False, sparse_attn=None,
@@ -541,11 +548,12 @@ def load(path: str | os.PathLike, threads: int | None = None, *, n_ctx: int | No
          gpu: str | bool = "auto", cpu_kernels: str = "auto", progress: bool = False,
          sparse_attn: str | SparseAttnConfig | None = None, plan=None,
          vram: str | int | None = None, stream_min_tokens: int | None = None,
-         **options) -> Model:
-    """Open a GGUF model (single file, or the first part of a split model).
+         stages: int | None = None, cluster: str | None = None, **options) -> Model:
+    """Open a GGUF model (single file, or the first part of a split model), or a Hugging Face
+    folder (config.json, safetensors shards, tokenizer.json; float or GPTQ/AWQ int4 weights).
 
     Args:
-        path: the .gguf file.
+        path: the .gguf file, or the folder.
         threads: CPU threads (default: usable cores, or HETERO_MOE_THREADS).
         n_ctx: context window (default: the model's training context, capped at 4096).
         gpu: "auto" (CUDA when present, else CPU only), "cuda", "none"/False (CPU only), or
@@ -562,6 +570,11 @@ def load(path: str | os.PathLike, threads: int | None = None, *, n_ctx: int | No
         sparse_attn: default attention for every call: "off" (dense, the default), "approx"
             (training-free block selection over mean-pooled keys), "nsa" (learned NSA weights
             from the file: blk.N.nsa_*), or a SparseAttnConfig for block sizes and thresholds.
+        stages, cluster: run the layers as `stages` pipeline stages, each a Ray actor that maps
+            only its own tensors, on `cluster` ("local": a Ray instance on this machine,
+            "auto", "ray://HOST:PORT"); CPU only. More options (stage_cpus, micro_batches,
+            timeout_s, max_restarts, sequences, ram_per_host, layers): hetero_moe.distributed.
+            load_staged.
     Returns:
         Model.
     Raises:
@@ -570,6 +583,15 @@ def load(path: str | os.PathLike, threads: int | None = None, *, n_ctx: int | No
         MissingTensorError / MissingKeyError: the file lacks what its architecture needs.
         UnsupportedError: unknown architecture or tensor type.
     """
+    if stages is not None or cluster is not None:
+        from .distributed import load_staged
+        if gpu not in ("auto", "none", False, None) or plan is not None or sparse_attn not in (
+                None, "off"):
+            raise UnsupportedError("pipeline stages run on the CPU with dense attention: "
+                                   "drop gpu=, plan= and sparse_attn= (or stages=)")
+        return load_staged(path, stages=1 if stages is None else stages, cluster=cluster,
+                           threads=threads,
+                           n_ctx=n_ctx, cpu_kernels=cpu_kernels, progress=progress, **options)
     if options:
         raise TypeError(f"unknown option(s) for load(): {', '.join(sorted(options))}")
     if cpu_kernels not in ("auto", "torch"):
@@ -588,7 +610,8 @@ def load(path: str | os.PathLike, threads: int | None = None, *, n_ctx: int | No
     except ImportError:
         pass
     sparse = resolve_sparse(sparse_attn)
-    g = GGUFFile(path)
+    from .hf import open_model          # a .gguf file, or a Hugging Face folder (GPTQ/AWQ int4)
+    g = open_model(path)
     cfg = config_from_gguf(g)
     if sparse.mode == "nsa" and getattr(cfg, "mla", None) is not None:
         raise UnsupportedError(f"{path}: sparse_attn mode 'nsa' has no learned weights for "

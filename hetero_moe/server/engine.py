@@ -370,7 +370,10 @@ class Engine:
             fn(*args)
         except Exception as e:
             log.exception("step failed")
-            for s in slots:
+            lost = getattr(e, "caches_lost", False)  # a pipeline stage restarted: every
+            for s in self.slots if lost else slots:  # slot's cache is gone (distributed/)
+                if lost:
+                    s.tokens = []
                 if s.job is not None:
                     self._fail(s.job, APIError(500, f"generation failed: {type(e).__name__}: "
                                                     f"{e}", "server_error"))

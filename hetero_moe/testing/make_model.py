@@ -699,6 +699,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="llama.cpp file type (default Q4_K_M; F32 skips quantization)")
     ap.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--format", choices=("gguf", "gptq", "awq", "hf"), default="gguf",
+                    help="gguf (default); gptq/awq: a Hugging Face int4 checkpoint folder at --out "
+                         "plus its F32 GGUF twin at OUT.f32.gguf; hf: the same folder in fp16")
+    ap.add_argument("--group-size", type=int, default=128, help="gptq/awq group size (default 128)")
+    ap.add_argument("--asym", action="store_true", help="gptq: asymmetric zero points")
+    ap.add_argument("--desc-act", action="store_true", help="gptq: act-order (g_idx scatter)")
     ap.add_argument("--shape-only", action="store_true",
                     help="a real model's metadata and Q4_K_M tensor table with a sparse, empty data "
                          "region (presets " + ", ".join(SHAPE_PRESETS) + ")")
@@ -722,6 +728,20 @@ def main(argv: list[str] | None = None) -> int:
         return shape_only.main_shape_only(args.preset, args.out, args.cache)
     if args.arch is None:
         ap.error("--arch is required")
+    if args.format != "gguf":
+        from .make_hf_model import QuantOptions, make_hf_test_model
+        if args.out is None:
+            ap.error(f"--format {args.format} writes a folder: give --out")
+        q = None if args.format == "hf" else QuantOptions(
+            args.format, args.group_size, sym=not args.asym, desc_act=args.desc_act)
+        try:
+            folder, twin = make_hf_test_model(args.arch, args.out, q, preset=args.preset,
+                                              layers=args.layers, seed=args.seed)
+        except HeteroMoEError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"{folder}\n{twin}")
+        return 0
     t0 = time.perf_counter()
     try:
         if args.cache:

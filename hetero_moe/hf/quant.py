@@ -1,0 +1,226 @@
+"""GPTQ and AWQ int4 checkpoints: their packing, exact dequantization, and a lossless repack into
+the GGUF blocks the CPU/GPU kernels already run.
+
+Both formats store, per linear layer W [out, in] (torch order) in groups of `group_size` input
+columns, 4-bit codes q in 0..15, an fp16 scale s and a 4-bit zero point z per (group, output):
+    W[o, i] = s[g(i), o] * (q[o, i] - z[g(i), o])
+GPTQ (AutoGPTQ / GPTQModel):
+    qweight int32 [in/8, out]: input column i in bits 4*(i%8).. of row i//8 (sequential nibbles)
+    qzeros  int32 [groups, out/8]: output o in bits 4*(o%8).. of column o//8
+    scales  fp16  [groups, out];  g_idx int32 [in]: group of each input column (i // group_size
+            without act-order; a scatter with desc_act)
+    "gptq" (v1) checkpoints store z - 1 (the code adds 1 back after unpacking); "gptq_v2" store z.
+AWQ (AutoAWQ, GEMM version):
+    qweight int32 [in, out/8]: nibble k of column c holds output c*8 + ORDER[k], ORDER =
+            [0, 2, 4, 6, 1, 3, 5, 7]; qzeros int32 [groups, out/8] packed the same way; scales fp16
+            [groups, out]; groups are contiguous (g = i // group_size), z stored as is.
+
+Repack: with s exactly representable in fp16 and every aligned 32-column block inside one group,
+    z == 8 everywhere -> Q4_0 (d = s, code q):       d * (q - 8)       == s * (q - z)   exactly
+    otherwise         -> Q5_0 (d = s, code q-z+16):  d * (q - z + 16 - 16), q - z in [-16, 15]
+Both are exact (the product of an fp16 and an integer of at most 5 bits fits float32), so our
+kernels multiply the checkpoint's own weights; only the activations are quantized (q8_0), as for
+every GGUF type. Act-order checkpoints whose groups scatter inside a 32-column block cannot be
+blocked without permuting the activations: they load as F32 (see `repack`).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import GGUFFormatError, UnsupportedError
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)          # nibble k of a packed int32 holds column ORDER[k]
+AWQ_UNORDER = tuple(int(i) for i in np.argsort(AWQ_ORDER))   # column j sits in nibble UNORDER[j]
+GGML_F32, GGML_Q4_0, GGML_Q5_0 = 0, 2, 6
+QK = 32                                        # GGUF block width of Q4_0 / Q5_0
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """A checkpoint's int4 format, from `quantization_config` / quantize_config.json."""
+    method: str            # "gptq" | "awq"
+    group_size: int        # input columns per group; -1: one group over the whole row
+    desc_act: bool = False
+    sym: bool = True
+    zero_plus_one: bool = True    # GPTQ v1 stores z - 1
+    source: str = "?"
+
+    def groups(self, n_in: int) -> int:
+        return 1 if self.group_size == -1 else -(-n_in // self.group_size)
+
+    def group_cols(self, n_in: int) -> int:
+        return n_in if self.group_size == -1 else self.group_size
+
+
+def quant_spec(folder: Path, config: dict) -> QuantSpec | None:
+    """The folder's int4 format, or None for an unquantized checkpoint. Errors name the file and
+    key of anything this loader cannot run."""
+    qc, src = config.get("quantization_config"), f"{folder / 'config.json'}: quantization_config"
+    if qc is None:
+        for name in ("quantize_config.json", "quant_config.json"):
+            p = folder / name
+            if p.exists():
+                try:
+                    qc, src = json.loads(p.read_text("utf-8")), str(p)
+                except json.JSONDecodeError as e:
+                    raise GGUFFormatError(f"{p}: not valid JSON ({e})") from None
+                break
+    if qc is None:
+        return None
+    if not isinstance(qc, dict):
+        raise GGUFFormatError(f"{src}: expected a JSON object, got {type(qc).__name__}")
+    method = str(qc.get("quant_method", "gptq" if "desc_act" in qc else "awq"
+                        if "zero_point" in qc else "")).lower()
+    if method not in ("gptq", "awq"):
+        raise UnsupportedError(f"{src}: quant_method {method!r} is not supported (supported: "
+                               f"gptq, awq int4)")
+    bits = qc.get("bits", qc.get("w_bit"))
+    if bits != 4:
+        raise UnsupportedError(f"{src}: bits = {bits!r}; only 4-bit {method.upper()} is supported")
+    gs = qc.get("group_size", qc.get("q_group_size"))
+    if not isinstance(gs, int) or not (gs == -1 or (gs > 0 and gs % QK == 0)):
+        raise UnsupportedError(f"{src}: group_size = {gs!r}; supported: -1 or a positive "
+                               f"multiple of {QK}")
+    if method == "awq":
+        version = str(qc.get("version", "gemm")).lower()
+        if version != "gemm":
+            raise UnsupportedError(f"{src}: AWQ version {version!r} is not supported "
+                                   f"(supported: gemm)")
+        if not qc.get("zero_point", True):
+            raise UnsupportedError(f"{src}: AWQ zero_point = false is not supported")
+        return QuantSpec("awq", gs, sym=False, zero_plus_one=False, source=src)
+    fmt = str(qc.get("checkpoint_format", "gptq")).lower()
+    if fmt not in ("gptq", "gptq_v2"):
+        raise UnsupportedError(f"{src}: checkpoint_format {fmt!r} is not supported "
+                               f"(supported: gptq, gptq_v2)")
+    if qc.get("is_marlin_format"):
+        raise UnsupportedError(f"{src}: is_marlin_format = true (Marlin-repacked) is not supported")
+    return QuantSpec("gptq", gs, desc_act=bool(qc.get("desc_act", False)),
+                     sym=bool(qc.get("sym", True)), zero_plus_one=fmt == "gptq", source=src)
+
+
+# ---------------------------------------------------------------------------------------- unpack
+
+def _nibbles(a: np.ndarray) -> np.ndarray:
+    """int32 [..., n] -> uint8 [..., n, 8]: nibble k of each word (bits 4k..4k+3)."""
+    w = np.ascontiguousarray(a).view(np.uint32)
+    sh = np.arange(0, 32, 4, dtype=np.uint32)
+    return ((w[..., None] >> sh) & 0xF).astype(np.uint8)
+
+
+@dataclass
+class Unpacked:
+    """One int4 linear layer in torch order: codes, per-(output, group) zero and scale, groups."""
+    q: np.ndarray          # uint8 [out, in], 0..15
+    zeros: np.ndarray      # int16 [out, groups], 0..16
+    scales: np.ndarray     # float16 [out, groups] (or float32 when the file's scales are not fp16)
+    g_idx: np.ndarray      # int64 [in]
+
+
+def _check(name: str, what: str, arr: np.ndarray, shape: tuple, dtypes: tuple) -> None:
+    if tuple(arr.shape) != tuple(shape):
+        raise GGUFFormatError(f"tensor {name!r}: {what} has shape {list(arr.shape)}, expected "
+                              f"{list(shape)} from the config")
+    if arr.dtype not in dtypes:
+        raise GGUFFormatError(f"tensor {name!r}: {what} has dtype {arr.dtype}, expected "
+                              f"{' or '.join(str(np.dtype(d)) for d in dtypes)}")
+
+
+def unpack(spec: QuantSpec, name: str, n_out: int, n_in: int, qweight: np.ndarray,
+           qzeros: np.ndarray, scales: np.ndarray, g_idx: np.ndarray | None) -> Unpacked:
+    """A layer's qweight/qzeros/scales(/g_idx) -> Unpacked; shapes and dtypes checked against
+    (n_out, n_in) from the model config (errors name the tensor)."""
+    G = spec.groups(n_in)
+    if n_in % 8 or n_out % 8:
+        raise GGUFFormatError(f"tensor {name!r}: [{n_out}, {n_in}] is not packable in int32 "
+                              f"words of 8 codes")
+    int32 = (np.int32, np.uint32)
+    fl = (np.float16, np.float32)
+    _check(name, "scales", scales, (G, n_out), fl + (np.uint16,))
+    if scales.dtype == np.uint16:       # BF16 bits
+        scales = (scales.astype(np.uint32) << 16).view(np.float32)
+    if spec.method == "gptq":
+        _check(name, "qweight", qweight, (n_in // 8, n_out), int32)
+        _check(name, "qzeros", qzeros, (G, n_out // 8), int32)
+        q = _nibbles(qweight).transpose(0, 2, 1).reshape(n_in, n_out).T     # [out, in]
+        z = _nibbles(qzeros).reshape(G, n_out).astype(np.int16)
+        if spec.zero_plus_one:
+            z = z + 1
+        if g_idx is None:
+            gi = np.arange(n_in, dtype=np.int64) // spec.group_cols(n_in)
+        else:
+            _check(name, "g_idx", g_idx, (n_in,), int32 + (np.int64,))
+            gi = g_idx.astype(np.int64)
+            if gi.size and (gi.min() < 0 or gi.max() >= G):
+                raise GGUFFormatError(f"tensor {name!r}: g_idx holds group {int(gi.max())} or "
+                                      f"{int(gi.min())}, outside 0..{G - 1}")
+    else:
+        _check(name, "qweight", qweight, (n_in, n_out // 8), int32)
+        _check(name, "qzeros", qzeros, (G, n_out // 8), int32)
+        q = _nibbles(qweight)[..., list(AWQ_UNORDER)].reshape(n_in, n_out).T
+        z = _nibbles(qzeros)[..., list(AWQ_UNORDER)].reshape(G, n_out).astype(np.int16)
+        gi = np.arange(n_in, dtype=np.int64) // spec.group_cols(n_in)
+    return Unpacked(np.ascontiguousarray(q), np.ascontiguousarray(z.T),
+                    np.ascontiguousarray(scales.T), gi)
+
+
+def dequantize(u: Unpacked) -> torch.Tensor:
+    """float32 [out, in]: s * (q - z), exact in float32."""
+    s = torch.from_numpy(u.scales.astype(np.float32))[:, u.g_idx]          # [out, in]
+    z = torch.from_numpy(u.zeros.astype(np.float32))[:, u.g_idx]
+    return s * (torch.from_numpy(u.q).float() - z)
+
+
+# ---------------------------------------------------------------------------------------- repack
+
+def blockable(u: Unpacked) -> bool:
+    """Whether every aligned 32-column block lies in one group and the scales are fp16 values."""
+    n_in = u.q.shape[1]
+    if n_in % QK:
+        return False
+    gb = u.g_idx.reshape(-1, QK)
+    if not (gb == gb[:, :1]).all():
+        return False
+    s = u.scales
+    return s.dtype == np.float16 or bool(
+        (s.astype(np.float16).astype(np.float32) == s.astype(np.float32)).all()
+        and np.isfinite(s).all())
+
+
+def block_type(us: list[Unpacked]) -> int:
+    """Q4_0 when every zero point is 8, else Q5_0; F32 when some layer is not blockable."""
+    if not all(blockable(u) for u in us):
+        return GGML_F32
+    return GGML_Q4_0 if all((u.zeros == 8).all() for u in us) else GGML_Q5_0
+
+
+def to_blocks(u: Unpacked, ggml_type: int) -> np.ndarray:
+    """uint8 [out, row bytes] of `ggml_type` (Q4_0, Q5_0 or F32) holding exactly W."""
+    n_out, n_in = u.q.shape
+    if ggml_type == GGML_F32:
+        return dequantize(u).numpy().view(np.uint8).reshape(n_out, n_in * 4)
+    nb = n_in // QK
+    gb = u.g_idx[::QK]                                           # group of each block [nb]
+    d = np.ascontiguousarray(u.scales[:, gb].astype(np.float16))  # [out, nb]
+    q = u.q.reshape(n_out, nb, QK)
+    if ggml_type == GGML_Q4_0:
+        out = np.empty((n_out, nb, 18), dtype=np.uint8)
+        out[..., 0:2] = d.view(np.uint8).reshape(n_out, nb, 2)
+        out[..., 2:] = q[..., :16] | (q[..., 16:] << 4)
+        return out.reshape(n_out, nb * 18)
+    if ggml_type != GGML_Q5_0:
+        raise UnsupportedError(f"internal: no int4 repack into ggml type {ggml_type}")
+    x = (q.astype(np.int16) - u.zeros[:, gb][..., None] + 16).astype(np.uint8)   # 0..31
+    lo = x & 0xF
+    hi = ((x >> 4) & 1).astype(np.uint32)
+    qh = (hi << np.arange(QK, dtype=np.uint32)).sum(-1, dtype=np.uint32)          # [out, nb]
+    out = np.empty((n_out, nb, 22), dtype=np.uint8)
+    out[..., 0:2] = d.view(np.uint8).reshape(n_out, nb, 2)
+    out[..., 2:6] = qh.astype("<u4").view(np.uint8).reshape(n_out, nb, 4)
+    out[..., 6:] = lo[..., :16] | (lo[..., 16:] << 4)
+    return out.reshape(n_out, nb * 22)

@@ -1,0 +1,187 @@
+"""Hugging Face folders: config.json -> ModelConfig, safetensors shards (index, zero copy),
+tokenizer.json -> the same tokenizer as llama.cpp's on the twin GGUF, and clear errors."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from hetero_moe.errors import GGUFFormatError, MissingKeyError, UnsupportedError
+from hetero_moe.gguf import GGUFFile
+from hetero_moe.hf import HFCheckpoint, is_hf_folder, open_model
+from hetero_moe.models.base import config_from_gguf
+from hetero_moe.testing.make_hf_model import QuantOptions, cached_hf_test_model
+
+from .reference import LlamaRef
+
+GPTQ = QuantOptions("gptq", 128, sym=True)
+
+
+@pytest.fixture(scope="module")
+def q3_gptq():
+    return cached_hf_test_model("qwen3moe", GPTQ)
+
+
+@pytest.fixture()
+def copy_of(tmp_path, q3_gptq):
+    def make():
+        dst = tmp_path / "m"
+        shutil.copytree(q3_gptq[0], dst)
+        return dst
+    return make
+
+
+@pytest.mark.parametrize("arch", ["qwen3moe", "qwen2moe", "llama-moe", "llama"])
+def test_config_matches_the_gguf_twin(arch):
+    folder, twin = cached_hf_test_model(arch, GPTQ)
+    assert is_hf_folder(folder) and not is_hf_folder(twin)
+    ours, want = config_from_gguf(open_model(folder)), config_from_gguf(GGUFFile(twin))
+    for f in ("arch", "n_layer", "n_embd", "n_head", "n_head_kv", "head_dim", "n_vocab",
+              "n_ctx_train", "rms_eps", "rope_base", "rope_type", "rope_dim", "n_ff", "n_expert",
+              "n_expert_used", "n_ff_exp", "n_ff_shexp", "norm_topk", "shexp_gate", "qk_norm",
+              "attn_bias", "tied_embeddings"):
+        assert getattr(ours, f) == getattr(want, f), f
+
+
+def test_tensors_match_the_twin_names_and_shapes(q3_gptq):
+    g, t = HFCheckpoint(q3_gptq[0]), GGUFFile(q3_gptq[1])
+    assert set(g.tensors) == set(t.tensors)
+    for name, ti in t.tensors.items():
+        assert g.tensors[name].shape == ti.shape, name
+    # float tensors are views of the mapped shard (zero copy), quantized ones were repacked
+    emb = g.tensors["token_embd.weight"]
+    part = next(p for p in g._parts if p.path == emb.path)
+    base = np.frombuffer(part.mm, dtype=np.uint8)
+    assert np.shares_memory(emb.data, base)
+    assert g.tensors["blk.0.ffn_gate_exps.weight"].type_name == "Q4_0"
+    assert g.tensors["blk.0.attn_q.weight"].type_name == "Q4_0"
+
+
+@pytest.mark.llama
+def test_tokenizer_matches_llama_cpp(q3_gptq, llama_cpp):
+    import hetero_moe
+    from hetero_moe.tokenizer import Tokenizer
+    g = HFCheckpoint(q3_gptq[0])
+    tok = Tokenizer.from_gguf_metadata(g.metadata, source=g.path)
+    ref = LlamaRef(str(q3_gptq[1]), n_ctx=64)
+    texts = ["Hello world", "  leading spaces and 12345 digits", "<|im_start|>user\nHi<|im_end|>",
+             "Grüße aus Zürich! 3.14159", "def f(x):\n\treturn x**2\n"]
+    for s in texts:
+        assert tok.encode(s) == ref.tokenize(s), s
+        assert tok.decode(tok.encode(s)) == s
+    assert g.metadata["tokenizer.ggml.pre"] == "smollm"
+    assert g.metadata["tokenizer.chat_template"] == GGUFFile(q3_gptq[1]).metadata[
+        "tokenizer.chat_template"]
+    del hetero_moe
+
+
+def _edit_json(path, **changes):
+    d = json.loads(path.read_text())
+    for k, v in changes.items():
+        if v is None:
+            d.pop(k, None)
+        else:
+            d[k] = v
+    path.write_text(json.dumps(d))
+
+
+def test_unsupported_architecture_is_named(copy_of):
+    d = copy_of()
+    _edit_json(d / "config.json", architectures=["FalconForCausalLM"])
+    with pytest.raises(UnsupportedError, match="FalconForCausalLM"):
+        HFCheckpoint(d)
+
+
+def test_missing_config_key_is_named(copy_of):
+    d = copy_of()
+    _edit_json(d / "config.json", num_experts=None)
+    with pytest.raises(MissingKeyError, match="config.json.*'num_experts'"):
+        HFCheckpoint(d)
+
+
+def test_unsupported_quant_method_is_named(copy_of):
+    d = copy_of()
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"]["quant_method"] = "bitsandbytes"
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedError, match="quant_method 'bitsandbytes'"):
+        HFCheckpoint(d)
+    cfg["quantization_config"].update(quant_method="gptq", bits=8)
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedError, match="bits = 8"):
+        HFCheckpoint(d)
+
+
+def test_missing_shard_is_named(copy_of):
+    d = copy_of()
+    (d / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model-00002-of-00002.safetensors"):
+        HFCheckpoint(d)
+
+
+def test_shape_disagreeing_with_config_is_named(copy_of):
+    import hetero_moe
+    d = copy_of()
+    _edit_json(d / "config.json", moe_intermediate_size=128)
+    with pytest.raises(GGUFFormatError, match="ffn_gate_exps"):
+        hetero_moe.load(str(d), threads=1, gpu="none")
+
+
+def test_truncated_shard_is_named(copy_of):
+    d = copy_of()
+    p = d / "model-00001-of-00002.safetensors"
+    data = p.read_bytes()
+    p.write_bytes(data[:len(data) // 2])
+    with pytest.raises(GGUFFormatError, match="model-00001-of-00002.safetensors.*truncated"):
+        HFCheckpoint(d)
+
+
+def test_bad_tensor_dtype_is_named(tmp_path):
+    from safetensors.numpy import save_file
+    folder, _ = cached_hf_test_model("llama", None)
+    d = tmp_path / "m"
+    shutil.copytree(folder, d)
+    for p in d.glob("*.safetensors"):
+        p.unlink()
+    (d / "model.safetensors.index.json").unlink()
+    save_file({"model.norm.weight": np.zeros(256, np.int32)}, str(d / "model.safetensors"))
+    with pytest.raises(GGUFFormatError, match="'model.norm.weight' has dtype I32"):
+        HFCheckpoint(d)
+
+
+def test_unknown_tensor_is_named(copy_of):
+    from safetensors.numpy import save_file
+    d = copy_of()
+    save_file({"model.layers.0.mystery.weight": np.zeros(4, np.float16)},
+              str(d / "extra.safetensors"))
+    idx = json.loads((d / "model.safetensors.index.json").read_text())
+    idx["weight_map"]["model.layers.0.mystery.weight"] = "extra.safetensors"
+    (d / "model.safetensors.index.json").write_text(json.dumps(idx))
+    with pytest.raises(GGUFFormatError, match="mystery"):
+        HFCheckpoint(d)
+
+
+def test_gpu_tier_interpret_runs_the_repacked_blocks(q3_gptq):
+    """The GPU tier (Triton kernels through the interpreter) on a GPTQ folder: the repacked
+    Q4_0 blocks are GGUF blocks, so the planner and the Triton table take them as they are."""
+    pytest.importorskip("triton")
+    import torch
+
+    import hetero_moe
+    from hetero_moe.runtime import planner as P
+    path = str(q3_gptq[0])
+    kw = dict(gpu="interpret", n_ctx=64, cpu_bandwidth_gbps=20,
+              overrides=[r"^output\.weight$=cpu"])
+    full = P.plan(path, **kw)
+    fixed = full.gpu_total - full.gpu_groups["hot_experts"]
+    hot = sum(full.n_expert // 3 * full.expert_gpu_bytes[l] for l in full.moe_layers)
+    p = P.plan(path, vram=fixed + hot, **kw)
+    assert p.fits, p.reason
+    ids = list(range(200, 208))
+    gpu = hetero_moe.load(path, gpu="interpret", plan=p).logits(ids)
+    cpu = hetero_moe.load(path, gpu="none", n_ctx=64).logits(ids)
+    rel = (torch.linalg.norm(gpu - cpu, dim=1) / torch.linalg.norm(cpu, dim=1)).max().item()
+    assert rel < 0.03, rel          # float activations on the GPU tier vs q8_0 on the CPU
+    assert (gpu.argmax(1) == cpu.argmax(1)).float().mean() >= 0.875
