@@ -330,6 +330,19 @@ PyObject* py_attn_prep(PyObject*, PyObject* args) {
     Py_END_ALLOW_THREADS Py_RETURN_NONE;
 }
 
+// gelu_mul(g, u, out): out = gelu(g) * u elementwise (ggml's f16-table GELU); float32 buffers of one size
+PyObject* py_gelu_mul(PyObject*, PyObject* args) {
+    PyObject *go, *uo, *oo;
+    if (!PyArg_ParseTuple(args, "OOO", &go, &uo, &oo)) return nullptr;
+    Buf g, u, o;
+    if (!g.get(go, "g", false) || !u.get(uo, "u", false) || !o.get(oo, "out", true)) return nullptr;
+    if (g.len() % 4 || u.len() != g.len() || o.len() != g.len())
+        return PyErr_Format(PyExc_ValueError, "gelu_mul: g has %zu bytes, u %zu, out %zu; expected one size in float32",
+                            g.len(), u.len(), o.len());
+    Py_BEGIN_ALLOW_THREADS gelu_mul(g.ptr<float>(), u.ptr<float>(), o.ptr<float>(), (long long)(g.len() / 4));
+    Py_END_ALLOW_THREADS Py_RETURN_NONE;
+}
+
 // rms_norm(x, w, rows, n, eps, out): out [rows, n] = RMSNorm of x's rows times w
 PyObject* py_rms_norm(PyObject*, PyObject* args) {
     PyObject *xo, *wo, *oo;
@@ -491,6 +504,7 @@ PyMethodDef methods[] = {
     {"attn_prefill", py_attn_prefill, METH_VARARGS, "Causal prompt attention over a float32 KV cache."},
     {"moe_submit", py_moe_submit, METH_VARARGS, "Start the fused MoE FFN; returns a handle."},
     {"dequantize_rows", py_dequantize_rows, METH_VARARGS, "Rows of a quantized type to float32."},
+    {"gelu_mul", py_gelu_mul, METH_VARARGS, "gelu(g) * u with ggml's f16-table GELU, on the pool."},
     {"rms_norm", py_rms_norm, METH_VARARGS, "RMSNorm of rows times a weight vector, on the pool."},
     {"attn_prep", py_attn_prep, METH_VARARGS, "Biases, q/k norms, RoPE and the KV-cache write for T tokens."},
     {"decode_plan", py_decode_plan, METH_VARARGS, "A whole-model decode plan from a flat description."},

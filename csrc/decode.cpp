@@ -354,22 +354,14 @@ void attention(const DecodeModel& m, int l, const Caches& cs, Buffers& b, float*
     }
 }
 
-// h = gelu(g) * u with ggml's GELU (tanh form) as its CPU backend computes it: the input rounded to
-// f16 and the result read from a table of f16 values; |g| >= 10 is cut to 0 / g
-void gelu_mul(const float* g, const float* u, float* h, int n) {
-    for (int i = 0; i < n; ++i) {
-        const float x = g[i];
-        float y;
-        if (x <= -10.f) {
-            y = 0.f;
-        } else if (x >= 10.f) {
-            y = x;
-        } else {
-            const float xh = fp16_to_fp32(fp32_to_fp16(x));
-            y = fp16_to_fp32(fp32_to_fp16(gelu_tanh(xh)));
-        }
-        h[i] = y * u[i];
-    }
+// GELU (tanh form) of every f16 value, as an f16 table: ggml's CPU backend reads GELU this way.
+const uint16_t* gelu_table() {
+    static const std::vector<uint16_t> t = [] {
+        std::vector<uint16_t> v(1 << 16);
+        for (uint32_t i = 0; i < (1u << 16); ++i) v[i] = fp32_to_fp16(gelu_tanh(fp16_to_fp32((uint16_t)i)));
+        return v;
+    }();
+    return t.data();
 }
 
 // act(gate(xn)) * up(xn) -> down, for B rows of b.xn into out [B, D]; act: 0 SiLU, 1 GELU
@@ -498,6 +490,24 @@ void steps(const DecodeModel& m, int B, float* x, const int* pos, const SeqCache
 }
 
 }  // namespace
+
+void gelu_mul(const float* g, const float* u, float* h, long long n) {
+    const uint16_t* tab = gelu_table();
+    auto run = [&](long long i0, long long i1) {
+        for (long long i = i0; i < i1; ++i) {
+            const float x = g[i];
+            // ggml: the input rounded to f16 and the result read from the f16 table; |x| >= 10 cut
+            const float y = x <= -10.f ? 0.f : x >= 10.f ? x : fp16_to_fp32(tab[fp32_to_fp16(x)]);
+            h[i] = y * u[i];
+        }
+    };
+    const long long per = 1 << 14;
+    if (n <= per) {
+        run(0, n);
+        return;
+    }
+    parallel_for((int)((n + per - 1) / per), [&](int c) { run((long long)c * per, std::min(n, (long long)(c + 1) * per)); });
+}
 
 void attn_prep_token(const AttnPrepArgs& a, int t) {
     const int qd = a.H * a.Dh, kvd = a.Hkv * a.Dh;

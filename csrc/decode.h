@@ -88,6 +88,10 @@ struct AttnPrepArgs {
 void attn_prep_token(const AttnPrepArgs& a, int t);       // one token, on this thread
 void attn_prep(const AttnPrepArgs& a);                     // all T tokens on the pool
 
+// h[i] = gelu(g[i]) * u[i] for i < n with ggml's GELU (tanh form, input rounded to f16, result from
+// an f16 table, 0 below -10 and x above 10); h may be g. Large n is split over the pool.
+void gelu_mul(const float* g, const float* u, float* h, long long n);
+
 // y[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w for rows r < n_rows of n floats, rows split over the pool
 // (y may be x).
 void rms_norm_rows(const float* x, const float* w, int n_rows, int n, float eps, float* y);

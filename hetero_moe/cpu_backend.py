@@ -191,6 +191,19 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, out: torch.Tensor | N
     return y
 
 
+def gelu_mul(g: torch.Tensor, u: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """gelu(g) * u elementwise with ggml's GELU (tanh form; input rounded to f16, result from an
+    f16 table, 0 below -10, x above 10), on the pool. out may be g."""
+    m = _mod if _threads_set else _lib()
+    g = _float_tensor("g", g, "[...]")
+    u = _float_tensor("u", u, "[...]")
+    if u.shape != g.shape:
+        raise ValueError(f"gelu_mul: g has shape {tuple(g.shape)}, u {tuple(u.shape)}")
+    y = _out_buffer(out, tuple(g.shape))
+    m.gelu_mul(g.numpy().reshape(-1), u.numpy().reshape(-1), y.numpy().reshape(-1))
+    return y
+
+
 def matmul(w, ggml_type: int, n_rows: int, n_cols: int, x: torch.Tensor,
            out: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., n_cols] float32 @ W.T -> [..., n_rows] float32; W is n_rows rows of ggml_type blocks.

@@ -26,6 +26,16 @@ def gelu_ggml(g: torch.Tensor) -> torch.Tensor:
     return torch.where(g <= -10.0, torch.zeros_like(g), torch.where(g >= 10.0, g, y))
 
 
+def _gelu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """gelu_ggml(g) * u: in C++ (a table, on the pool) for contiguous float32 CPU tensors, in
+    place in g; else in torch."""
+    from .. import cpu_backend
+    if g.is_cpu and g.dtype == torch.float32 and u.dtype == torch.float32 and g.is_contiguous() \
+            and u.is_contiguous() and cpu_backend.available():
+        return cpu_backend.gelu_mul(g, u, out=g)
+    return gelu_ggml(g) * u
+
+
 class DenseFFN:
     """down(act(gate(x)) * up(x)), act SiLU (SwiGLU) or GELU (GeGLU); also used for shared
     experts."""
@@ -40,10 +50,12 @@ class DenseFFN:
         """ws: scratch for the large intermediates (the result may be in ws "q" then)."""
         if ws is None:
             g, u = apply_group([self.gate, self.up], x)
-            return self.down((F.silu(g) if self.act == "silu" else gelu_ggml(g)) * u)
+            if self.act == "gelu":
+                return self.down(_gelu_mul(g, u))
+            return self.down(F.silu(g) * u)
         T, Fd = x.shape[0], self.gate.n_out
         g, u = apply_group([self.gate, self.up], x, (ws.get("g", T, Fd), ws.get("u", T, Fd)))
-        h = (F.silu(g, inplace=True) if self.act == "silu" else gelu_ggml(g)).mul_(u)
+        h = F.silu(g, inplace=True).mul_(u) if self.act == "silu" else _gelu_mul(g, u)
         return self.down(h, out=ws.get("q", T, self.down.n_out))   # q: spent by now
 
 
