@@ -7,7 +7,7 @@ import os
 import sys
 import time
 
-from .errors import HeteroMoEError
+from .errors import ContextLengthError, HeteroMoEError
 
 EXIT_USAGE = 2
 EXIT_ERROR = 1
@@ -217,7 +217,22 @@ def cmd_run(args) -> int:
             continue
         msgs.append({"role": "user", "content": line})
         # earlier turns stay in the cache: only the new turn is evaluated
-        msgs.append({"role": "assistant", "content": _chat_turn(model, msgs, samp)})
+        first = 1 if args.system else 0
+        while True:
+            try:
+                reply = _chat_turn(model, msgs, samp)
+                break
+            except ContextLengthError as e:
+                if len(msgs) - first > 1:   # the oldest exchange goes, the session goes on
+                    del msgs[first:first + 2]
+                    print("[context full: the oldest turn was dropped]", file=sys.stderr)
+                    continue
+                msgs.pop()
+                reply = None
+                print(f"hetero-moe: {e}; the message was not sent", file=sys.stderr)
+                break
+        if reply is not None:
+            msgs.append({"role": "assistant", "content": reply})
     return 0
 
 

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 
@@ -128,14 +127,15 @@ def test_cache_prompt_reuses_the_previous_turn(model):
 def test_cli_chat_reuses_turns_and_ctrl_c_cancels_the_reply(path):
     """Two turns over stdin: the second prefills only the new turn; SIGINT during a long reply
     ends that reply and the session goes on."""
+    # a context (4096) the first reply cannot fill before the signal arrives (the tiny model
+    # decodes ~1300 tok/s: 3 s), so the signal always meets a reply in progress
     p = subprocess.Popen([sys.executable, "-m", "hetero_moe.cli", "run", path, "-n", "100000",
-                          "--temp", "0.8", "-c", "1024"], stdin=subprocess.PIPE,
+                          "--temp", "0.8", "-c", "4096"], stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         p.stdin.write("Tell me a very long story.\n")
         p.stdin.flush()
         p.stdout.read(20)                           # the reply is streaming
-        time.sleep(0.2)
         p.send_signal(signal.SIGINT)
         out, err = p.communicate("And another one?\n/exit\n", timeout=120)
     finally:
@@ -145,6 +145,20 @@ def test_cli_chat_reuses_turns_and_ctrl_c_cancels_the_reply(path):
     assert "[reply interrupted]" in err
     # the second reply ran to the end of the context or a stop, and reused the first turn
     assert "cached)" in err, err
+
+
+def test_cli_chat_drops_old_turns_when_the_context_is_full(path):
+    """A chat turn that no longer fits the context drops the oldest exchange and goes on; a
+    message that cannot fit alone is refused with the reason, and the session goes on."""
+    r = subprocess.run([sys.executable, "-m", "hetero_moe.cli", "run", path, "-n", "200",
+                        "--temp", "0", "-c", "160"],
+                       input="Hello there.\nAnd again?\nOnce more?\n" + "word " * 400 +
+                             "\nLast one?\n/exit\n",
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "[context full: the oldest turn was dropped]" in r.stderr
+    assert "the message was not sent" in r.stderr
+    assert r.stderr.count("[prefill:") == 4          # every other turn got its reply
 
 
 def test_cli_serve_help():
