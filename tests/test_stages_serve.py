@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -40,17 +41,17 @@ def test_two_replicas_share_requests():
                              "2", "-np", "2", "--ctx", "256", "-t", "1", "--port", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     base = f"http://127.0.0.1:{port}"
+    # the proxy answers as soon as one replica runs; the CLI says "ready" once serve.run has
+    # returned, i.e. every replica is up (polling /health raced the second replica's start)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
     try:
         deadline = time.monotonic() + 150
-        while True:
-            assert proc.poll() is None, proc.stderr.read()[-3000:]
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "replicas not ready in 150 s"
+        while not any("ready in" in ln for ln in lines):
+            assert proc.poll() is None, "".join(lines)[-3000:]
+            assert time.monotonic() < deadline, "replicas not ready in 150 s: " + "".join(lines)
             time.sleep(0.5)
+        assert httpx.get(base + "/health", timeout=10).status_code == 200
         body = {"prompt": "Once upon a time", "max_tokens": 12, "temperature": 0,
                 "cache_prompt": False}
 
