@@ -454,7 +454,9 @@ PyObject* py_decode_steps(PyObject*, PyObject* args) {
         if (pos[b] < 0 || pos[b] >= m->n_ctx)
             return PyErr_Format(PyExc_ValueError, "row %lld: position %d is outside the context [0, %d)", b, pos[b],
                                 m->n_ctx);
-    const long long want = (long long)m->n_ctx * m->Hkv * m->Dh * 4;
+    // MLA: both entries name the latent cache ([n_ctx, C+R] in the plan's element type)
+    const long long want = m->mla ? (long long)m->n_ctx * (m->C + m->R) * (m->latent_f16 ? 2 : 4)
+                                  : (long long)m->n_ctx * m->Hkv * m->Dh * 4;
     const int64_t* ci = c.ptr<int64_t>();
     std::vector<SeqCache> seq((size_t)(B * L));
     for (long long i = 0; i < B * L; ++i) {

@@ -18,15 +18,21 @@ namespace hmoe {
 // ints, in order (a "buffer" is two ints: address, byte length; address 0 = absent; a "matrix" is
 // a buffer followed by ggml type, rows, cols):
 //   n_layer D H Hkv Dh n_ctx n_rot V rope_neox E K sigmoid_gating norm_topk
+//   mla C N R Dv Cq latent_f16 n_group n_group_used
 //   rope_cos rope_sin out_norm (buffers)  lm_head (matrix)
-//   per layer: attn_norm (buffer)  q k v o (matrices)  bq bk bv bo (buffers)
-//              qk_norm_kind  q_norm k_norm k_cache v_cache ffn_norm (buffers)
+//   per layer: attn_norm (buffer)
+//              standard: q k v o (matrices)  bq bk bv bo (buffers)
+//                        qk_norm_kind  q_norm k_norm k_cache v_cache (buffers)
+//              MLA:      Cq > 0: q_a (matrix) q_a_norm (buffer) q_b (matrix); else q (matrix)
+//                        kv_a (matrix) kv_a_norm (buffer) k_b v_b (matrices, rows/cols of one head, H
+//                        stacked; type 0: float32) o (matrix) latent (buffer of n_ctx * (C+R) elements)
+//              ffn_norm (buffer)
 //              window  rope_cos rope_sin post_attn_norm post_ffn_norm (buffers, optional)  ffn_act
 //              is_moe
 //              dense: gate up down (matrices)
-//              moe:   router (buffer)  gate_exps up_exps down_exps (matrices, rows/cols of one
-//                     expert, E stacked)  sh_gate sh_up sh_down (matrices, address 0 = none)
-//                     sh_scale (buffer)
+//              moe:   router probs_bias (buffers; the bias optional)  gate_exps up_exps down_exps
+//                     (matrices, rows/cols of one expert, E stacked)  sh_gate sh_up sh_down (matrices,
+//                     address 0 = none)  sh_scale (buffer)
 // floats: eps attn_scale expert_scale
 
 namespace {
@@ -69,7 +75,7 @@ bool read_buf(Reader& r, const std::string& name, long long n_floats, bool optio
 }
 
 bool read_mat(Reader& r, const std::string& name, long long rows, long long cols, long long n_stack, bool optional,
-              QMat* m) {
+              QMat* m, bool allow_f32 = false) {
     const int64_t addr = r.next(name.c_str()), len = r.next(name.c_str());
     const int64_t type = r.next(name.c_str()), nr = r.next(name.c_str()), nc = r.next(name.c_str());
     if (!r.err.empty()) return false;
@@ -86,16 +92,17 @@ bool read_mat(Reader& r, const std::string& name, long long rows, long long cols
         r.err = fmt("%s has shape [%lld, %lld]: wrong column count", name, nr, nc);
         return false;
     }
-    const TypeInfo* ti = type >= 0 && type < MAX_TYPE_ID ? type_info((int)type) : nullptr;
-    if (!ti || !active_kernels()->gemm[type]) {
+    const bool f32 = allow_f32 && type == T_F32;
+    const TypeInfo* ti = type >= 0 && type < MAX_TYPE_ID && !f32 ? type_info((int)type) : nullptr;
+    if (!f32 && (!ti || !active_kernels()->gemm[type])) {
         r.err = fmt("%s: ggml_type %lld is not supported by the CPU kernels", name, type);
         return false;
     }
-    if (nc % ti->block) {
+    if (!f32 && nc % ti->block) {
         r.err = fmt("%s: %lld columns are not a multiple of the block size %lld", name, nc, ti->block);
         return false;
     }
-    const long long want = n_stack * nr * (nc / ti->block) * ti->bytes;
+    const long long want = f32 ? n_stack * nr * nc * 4 : n_stack * nr * (nc / ti->block) * ti->bytes;
     if (len != want) {
         r.err = fmt("%s has %lld bytes, expected %lld", name, len, want);
         return false;
@@ -111,10 +118,11 @@ std::string parse_decode_model(const int64_t* ints, size_t n_ints, const double*
                                DecodeModel* out) {
     Reader r{ints, n_ints};
     DecodeModel m;
-    int64_t h[13];
-    static const char* hn[13] = {"n_layer", "D", "H", "Hkv", "Dh", "n_ctx", "n_rot", "V", "rope_neox", "E", "K",
-                                 "sigmoid_gating", "norm_topk"};
-    for (int i = 0; i < 13; ++i) h[i] = r.next(hn[i]);
+    int64_t h[22];
+    static const char* hn[22] = {"n_layer", "D", "H", "Hkv", "Dh", "n_ctx", "n_rot", "V", "rope_neox", "E", "K",
+                                 "sigmoid_gating", "norm_topk", "mla", "C", "N", "R", "Dv", "Cq", "latent_f16",
+                                 "n_group", "n_group_used"};
+    for (int i = 0; i < 22; ++i) h[i] = r.next(hn[i]);
     if (!r.err.empty()) return r.err;
     for (int i = 0; i < 8; ++i)
         if (h[i] <= 0 || h[i] > (1LL << 30)) return fmt("%s = %lld must be in [1, 2^30]", hn[i], h[i]);
@@ -124,6 +132,22 @@ std::string parse_decode_model(const int64_t* ints, size_t n_ints, const double*
     if (m.H % m.Hkv) return fmt("%s: H = %lld is not a multiple of Hkv = %lld", "heads", m.H, m.Hkv);
     if (m.n_rot > m.Dh || m.n_rot % 2) return fmt("%s = %lld must be even and <= Dh = %lld", "n_rot", m.n_rot, m.Dh);
     if (m.E < 0 || m.K < 0 || m.K > m.E || m.K > 64) return fmt("%s: K = %lld must be in [0, min(E, 64)], E = %lld", "experts", m.K, m.E);
+    m.mla = h[13] != 0, m.latent_f16 = h[19] != 0;
+    for (int i = 14; i < 22; ++i)
+        if (h[i] < 0 || h[i] > (1LL << 20)) return fmt("%s = %lld must be in [0, 2^20]", hn[i], h[i]);
+    m.C = (int)h[14], m.N = (int)h[15], m.R = (int)h[16], m.Dv = (int)h[17], m.Cq = (int)h[18];
+    m.n_group = (int)h[20], m.n_group_used = (int)h[21];
+    if (m.n_group > 256) return fmt("%s = %lld must be <= 256", "n_group", m.n_group);
+    if (m.n_group > 1 && (m.E % m.n_group || m.n_group_used < 1 || m.n_group_used > m.n_group ||
+                          (long long)m.n_group_used * (m.E / m.n_group) < m.K))
+        return fmt("%s: %lld groups (E = %lld) cannot hold the top-K within the best n_group_used", "routing",
+                   m.n_group, m.E);
+    if (m.mla) {
+        if (m.C <= 0 || m.N <= 0 || m.R <= 0 || m.Dv <= 0)
+            return fmt("%s: C = %lld, N = %lld (and R, Dv) must be positive", "mla", m.C, m.N);
+        if (m.Dh != m.N + m.R || m.n_rot != m.R || m.Hkv != m.H)
+            return fmt("%s: Dh must be N + R = %lld and n_rot R = %lld, Hkv H", "mla", m.N + m.R, m.R);
+    }
     if (n_floats != 3) return fmt("%s: expected 3 floats, got %lld", "floats", (long long)n_floats);
     m.eps = (float)floats[0], m.attn_scale = (float)floats[1], m.expert_scale = (float)floats[2];
     const long long D = m.D, qd = (long long)m.H * m.Dh, kvd = (long long)m.Hkv * m.Dh;
@@ -137,25 +161,50 @@ std::string parse_decode_model(const int64_t* ints, size_t n_ints, const double*
         DecodeLayer& L = m.layers[l];
         const std::string p = "blk." + std::to_string(l) + ".";
         if (!read_buf(r, p + "attn_norm", D, false, &L.attn_norm)) return r.err;
-        if (!read_mat(r, p + "attn_q", qd, D, 1, false, &L.q) || !read_mat(r, p + "attn_k", kvd, D, 1, false, &L.k) ||
-            !read_mat(r, p + "attn_v", kvd, D, 1, false, &L.v) || !read_mat(r, p + "attn_output", D, qd, 1, false, &L.o))
-            return r.err;
-        if (!read_buf(r, p + "attn_q.bias", qd, true, &L.bq) || !read_buf(r, p + "attn_k.bias", kvd, true, &L.bk) ||
-            !read_buf(r, p + "attn_v.bias", kvd, true, &L.bv) || !read_buf(r, p + "attn_output.bias", D, true, &L.bo))
-            return r.err;
-        L.qk_norm = (int)r.next("qk_norm");
-        if (L.qk_norm < 0 || L.qk_norm > 2) return fmt("%sqk_norm kind %lld must be 0, 1 or 2", p, L.qk_norm);
-        const long long nq = L.qk_norm == 1 ? m.Dh : qd, nk = L.qk_norm == 1 ? m.Dh : kvd;
-        if (!read_buf(r, p + "attn_q_norm", nq, L.qk_norm == 0, &L.q_norm) ||
-            !read_buf(r, p + "attn_k_norm", nk, L.qk_norm == 0, &L.k_norm))
-            return r.err;
-        if (!read_buf(r, p + "k_cache", (long long)m.n_ctx * kvd, false, &L.k_cache) ||
-            !read_buf(r, p + "v_cache", (long long)m.n_ctx * kvd, false, &L.v_cache))
-            return r.err;
+        if (m.mla) {
+            const long long qk = (long long)m.H * m.Dh, CR = m.C + m.R;
+            if (m.Cq) {
+                if (!read_mat(r, p + "attn_q_a", m.Cq, D, 1, false, &L.q_a) ||
+                    !read_buf(r, p + "attn_q_a_norm", m.Cq, false, &L.q_a_norm) ||
+                    !read_mat(r, p + "attn_q_b", qk, m.Cq, 1, false, &L.q_b))
+                    return r.err;
+            } else if (!read_mat(r, p + "attn_q", qk, D, 1, false, &L.q)) {
+                return r.err;
+            }
+            if (!read_mat(r, p + "attn_kv_a_mqa", CR, D, 1, false, &L.kv_a) ||
+                !read_buf(r, p + "attn_kv_a_norm", m.C, false, &L.kv_a_norm) ||
+                !read_mat(r, p + "attn_k_b", m.C, m.N, m.H, false, &L.k_b, true) ||
+                !read_mat(r, p + "attn_v_b", m.Dv, m.C, m.H, false, &L.v_b, true) ||
+                !read_mat(r, p + "attn_output", D, (long long)m.H * m.Dv, 1, false, &L.o))
+                return r.err;
+            const int64_t addr = r.next("latent"), len = r.next("latent");
+            const long long want = (long long)m.n_ctx * CR * (m.latent_f16 ? 2 : 4);
+            if (!r.err.empty()) return r.err;
+            if (addr == 0 || len != want)
+                return fmt("%slatent cache has %lld bytes, expected %lld", p, addr ? len : 0, want);
+            L.latent = reinterpret_cast<void*>(addr);
+        } else {
+            if (!read_mat(r, p + "attn_q", qd, D, 1, false, &L.q) || !read_mat(r, p + "attn_k", kvd, D, 1, false, &L.k) ||
+                !read_mat(r, p + "attn_v", kvd, D, 1, false, &L.v) || !read_mat(r, p + "attn_output", D, qd, 1, false, &L.o))
+                return r.err;
+            if (!read_buf(r, p + "attn_q.bias", qd, true, &L.bq) || !read_buf(r, p + "attn_k.bias", kvd, true, &L.bk) ||
+                !read_buf(r, p + "attn_v.bias", kvd, true, &L.bv) || !read_buf(r, p + "attn_output.bias", D, true, &L.bo))
+                return r.err;
+            L.qk_norm = (int)r.next("qk_norm");
+            if (L.qk_norm < 0 || L.qk_norm > 2) return fmt("%sqk_norm kind %lld must be 0, 1 or 2", p, L.qk_norm);
+            const long long nq = L.qk_norm == 1 ? m.Dh : qd, nk = L.qk_norm == 1 ? m.Dh : kvd;
+            if (!read_buf(r, p + "attn_q_norm", nq, L.qk_norm == 0, &L.q_norm) ||
+                !read_buf(r, p + "attn_k_norm", nk, L.qk_norm == 0, &L.k_norm))
+                return r.err;
+            if (!read_buf(r, p + "k_cache", (long long)m.n_ctx * kvd, false, &L.k_cache) ||
+                !read_buf(r, p + "v_cache", (long long)m.n_ctx * kvd, false, &L.v_cache))
+                return r.err;
+        }
         if (!read_buf(r, p + "ffn_norm", D, false, &L.ffn_norm)) return r.err;
         const int64_t window = r.next("window");
         if (window < 0 || window > (1LL << 30)) return fmt("%swindow = %lld must be in [0, 2^30]", p, window);
         L.window = (int)window;
+        if (m.mla && window) return fmt("%s: a sliding window (%lld) with latent attention", p, window);
         if (!read_buf(r, p + "rope_cos", (long long)m.n_ctx * half, true, &L.rope_cos) ||
             !read_buf(r, p + "rope_sin", (long long)m.n_ctx * half, true, &L.rope_sin))
             return r.err;
@@ -176,7 +225,9 @@ std::string parse_decode_model(const int64_t* ints, size_t n_ints, const double*
             continue;
         }
         if (m.E <= 0 || m.K <= 0) return fmt("%s: an MoE layer needs E, K > 0 (E = %lld, K = %lld)", p, m.E, m.K);
-        if (!read_buf(r, p + "ffn_gate_inp", (long long)m.E * D, false, &L.router)) return r.err;
+        if (!read_buf(r, p + "ffn_gate_inp", (long long)m.E * D, false, &L.router) ||
+            !read_buf(r, p + "exp_probs_b", m.E, true, &L.probs_bias))
+            return r.err;
         if (!read_mat(r, p + "ffn_gate_exps", -1, D, m.E, false, &L.gate_exps)) return r.err;
         const int F = L.gate_exps.rows;
         if (!read_mat(r, p + "ffn_up_exps", F, D, m.E, false, &L.up_exps) ||
@@ -277,7 +328,8 @@ void add(float* y, const float* b, int n) {
 }
 
 struct Buffers {
-    std::vector<float> xn, q, k, v, att, y, ys, g, u, logit, w;  // B rows each; k, v: this step's
+    std::vector<float> xn, q, k, v, att, y, ys, g, u, logit, w, sel;  // B rows each; k, v: this step's
+    std::vector<float> qa, kv, qabs, olat, split;                     // MLA
     std::vector<int32_t> ids;
     std::vector<char> taken;
 };
@@ -354,6 +406,142 @@ void attention(const DecodeModel& m, int l, const Caches& cs, Buffers& b, float*
     }
 }
 
+// ---------------------------------------------------------------- Multi-head Latent Attention
+
+// y [rows] = head h's [rows, cols] matrix of a stack (its blocks, or float32) times x [cols], on this thread.
+void head_gemv(const QMat& M, int h, const float* x, float* y) {
+    if (M.type == T_F32) {
+        const float* W = reinterpret_cast<const float*>(M.w) + (size_t)h * M.rows * M.cols;
+        for (int r = 0; r < M.rows; ++r) y[r] = dot(W + (size_t)r * M.cols, x, M.cols);
+        return;
+    }
+    const KernelSet* ks = active_kernels();
+    const TypeInfo* ti = type_info(M.type);
+    const size_t rb = (size_t)(M.cols / ti->block) * ti->bytes;
+    thread_local std::vector<uint8_t> act;
+    act.resize(act_row_bytes(ti->act, M.cols));
+    ks->quant[ti->act](x, act.data(), M.cols, act_bytes(ti->act));
+    ks->gemm[M.type](M.w + (size_t)h * M.rows * rb, rb, M.rows, M.cols, act.data(), 1, y, (size_t)M.rows);
+}
+
+// Absorbed queries q [H, C+R] over the latent cache's positions [0, n) -> out [H, C] (softmax-weighted sums
+// of the latents' first C dims): flash-decoding over position splits on the pool, 64 positions at a time
+// (an f16 cache is widened one such block at a time).
+void latent_attend(const DecodeModel& m, const float* q, const void* latent, int n, float* out, std::vector<float>& state) {
+    const KernelSet* ks = active_kernels();
+    const int H = m.H, C = m.C, CR = m.C + m.R, blk = 64;
+    const int n_blk = (n + blk - 1) / blk;
+    const int n_split = std::max(1, std::min(n_blk, 4 * ThreadPool::instance().threads()));
+    const size_t per = (size_t)H * (C + 2);  // a split's state: max [H], sum [H], weighted sum [H, C]
+    state.resize(per * n_split);
+    parallel_for(n_split, [&](int sp) {
+        const int b0 = (int)((long long)n_blk * sp / n_split), b1 = (int)((long long)n_blk * (sp + 1) / n_split);
+        float* M = state.data() + per * sp;
+        float *S = M + H, *O = S + H;
+        thread_local std::vector<float> kbuf, p, bm, bs, bo;
+        kbuf.resize((size_t)blk * CR), p.resize((size_t)H * blk), bm.resize(H), bs.resize(H), bo.resize((size_t)H * C);
+        for (int h = 0; h < H; ++h) M[h] = -INFINITY, S[h] = 0.f;
+        std::fill(O, O + (size_t)H * C, 0.f);
+        for (int bi = b0; bi < b1; ++bi) {
+            const int j0 = bi * blk, nj = std::min(blk, n - j0);
+            const float* kb;
+            if (m.latent_f16) {
+                ks->f16_to_f32(static_cast<const uint16_t*>(latent) + (size_t)j0 * CR, kbuf.data(), (size_t)nj * CR);
+                kb = kbuf.data();
+            } else {
+                kb = static_cast<const float*>(latent) + (size_t)j0 * CR;
+            }
+            ks->attn_part(q, H, CR, C, kb, CR, kb, CR, nj, m.attn_scale, p.data(), bm.data(), bs.data(), bo.data());
+            for (int h = 0; h < H; ++h) {  // merge this block into the split's running state
+                const float mx = std::max(M[h], bm[h]);
+                const float a = std::exp(M[h] - mx), c = std::exp(bm[h] - mx);
+                S[h] = S[h] * a + bs[h] * c, M[h] = mx;
+                float* o = O + (size_t)h * C;
+                const float* ob = bo.data() + (size_t)h * C;
+                for (int j = 0; j < C; ++j) o[j] = o[j] * a + ob[j] * c;
+            }
+        }
+    });
+    for (int h = 0; h < H; ++h) {  // merge the splits, normalise
+        float mx = -INFINITY;
+        for (int sp = 0; sp < n_split; ++sp) mx = std::max(mx, state[per * sp + h]);
+        float sum = 0.f;
+        float* o = out + (size_t)h * C;
+        std::fill(o, o + C, 0.f);
+        for (int sp = 0; sp < n_split; ++sp) {
+            const float* M = state.data() + per * sp;
+            const float c = std::exp(M[h] - mx);
+            sum += M[H + h] * c;
+            const float* O = M + 2 * H + (size_t)h * C;
+            for (int j = 0; j < C; ++j) o[j] += O[j] * c;
+        }
+        const float inv = 1.f / sum;
+        for (int j = 0; j < C; ++j) o[j] *= inv;
+    }
+}
+
+void mla_attention(const DecodeModel& m, int l, const Caches& cs, Buffers& b, float* x, int B, const int* pos) {
+    const DecodeLayer& L = m.layers[l];
+    const int D = m.D, H = m.H, C = m.C, N = m.N, R = m.R, Dq = m.Dh, CR = m.C + m.R;
+    Timer tm(PART_OTHER);
+    rms_rows(x, L.attn_norm, B, D, m.eps, b.xn.data());
+    tm.next(PART_PROJ);
+    MultiMatmulArgs a{};
+    a.n = 2, a.n_cols = D, a.T = B, a.x = b.xn.data();
+    const QMat& q0 = m.Cq ? L.q_a : L.q;
+    a.w[0] = q0.w, a.type[0] = q0.type, a.n_rows[0] = q0.rows, a.out[0] = m.Cq ? b.qa.data() : b.q.data();
+    a.w[1] = L.kv_a.w, a.type[1] = L.kv_a.type, a.n_rows[1] = CR, a.out[1] = b.kv.data();
+    matmul_multi(a);
+    if (m.Cq) {
+        tm.next(PART_OTHER);
+        rms_rows(b.qa.data(), L.q_a_norm, B, m.Cq, m.eps, b.qa.data());
+        tm.next(PART_PROJ);
+        matmul_rows(L.q_b, b.qa.data(), B, b.q.data());
+    }
+    tm.next(PART_OTHER);
+    const int half = R / 2;
+    for (int r = 0; r < B; ++r) {
+        const float* cos = (L.rope_cos ? L.rope_cos : m.rope_cos) + (size_t)pos[r] * half;
+        const float* sin = (L.rope_sin ? L.rope_sin : m.rope_sin) + (size_t)pos[r] * half;
+        float* kv = b.kv.data() + (size_t)r * CR;
+        rms_norm(kv, L.kv_a_norm, C, m.eps, kv);
+        rope_heads(kv + C, 1, R, R, false, cos, sin);
+        rope_heads(b.q.data() + (size_t)r * H * Dq + N, H, Dq, R, false, cos, sin);
+        void* lat = cs.seq ? static_cast<void*>(cs.k(r, l)) : L.latent;
+        if (m.latent_f16) {
+            uint16_t* row = static_cast<uint16_t*>(lat) + (size_t)pos[r] * CR;
+            for (int i = 0; i < CR; ++i) row[i] = fp32_to_fp16(kv[i]);
+        } else {
+            std::copy(kv, kv + CR, static_cast<float*>(lat) + (size_t)pos[r] * CR);
+        }
+    }
+    tm.next(PART_PROJ);
+    // absorbed queries: q_nope through k_b into the latent space, the rotated part appended
+    parallel_for(B * H, [&](int t) {
+        const int r = t / H, h = t % H;
+        const float* qh = b.q.data() + ((size_t)r * H + h) * Dq;
+        float* qa = b.qabs.data() + ((size_t)r * H + h) * CR;
+        head_gemv(L.k_b, h, qh, qa);
+        std::copy(qh + N, qh + Dq, qa + C);
+        if (m.latent_f16)  // the query meets an f16 cache in f16, as llama.cpp's matmul does
+            for (int i = 0; i < CR; ++i) qa[i] = fp16_to_fp32(fp32_to_fp16(qa[i]));
+    });
+    tm.next(PART_ATTN);
+    for (int r = 0; r < B; ++r) {
+        const void* lat = cs.seq ? static_cast<const void*>(cs.k(r, l)) : L.latent;
+        latent_attend(m, b.qabs.data() + (size_t)r * H * CR, lat, pos[r] + 1, b.olat.data() + (size_t)r * H * C,
+                      b.split);
+    }
+    tm.next(PART_PROJ);
+    parallel_for(B * H, [&](int t) {  // per head back out of the latent space through v_b
+        const int r = t / H, h = t % H;
+        head_gemv(L.v_b, h, b.olat.data() + ((size_t)r * H + h) * C, b.att.data() + ((size_t)r * H + h) * m.Dv);
+    });
+    matmul_rows(L.o, b.att.data(), B, b.y.data());
+    tm.next(PART_OTHER);
+    for (int r = 0; r < B; ++r) add(x + (size_t)r * D, b.y.data() + (size_t)r * D, D);
+}
+
 // GELU (tanh form) of every f16 value, as an f16 table: ggml's CPU backend reads GELU this way.
 const uint16_t* gelu_table() {
     static const std::vector<uint16_t> t = [] {
@@ -403,13 +591,42 @@ void route(const DecodeModel& m, const DecodeLayer& L, Buffers& b, int B) {
             const float inv = 1.f / sum;
             for (int e = 0; e < E; ++e) lg[e] *= inv;
         }
-        // top-K, ties to the lower id, in descending order
+        // choose on the probabilities plus the bias (when there is one), within the best groups
+        const float* sel = lg;
+        if (L.probs_bias || m.n_group > 1) {
+            float* sc = b.sel.data() + (size_t)r * E;
+            for (int e = 0; e < E; ++e) sc[e] = lg[e] + (L.probs_bias ? L.probs_bias[e] : 0.f);
+            if (m.n_group > 1) {  // a group scores the sum of its two best; all but the best n_group_used drop out
+                const int G = m.n_group, per_g = E / G;
+                float gs[256];
+                bool keep[256];
+                for (int g = 0; g < G; ++g) {
+                    float a = -INFINITY, c = -INFINITY;
+                    for (int e = g * per_g; e < (g + 1) * per_g; ++e) {
+                        if (sc[e] > a) c = a, a = sc[e];
+                        else if (sc[e] > c) c = sc[e];
+                    }
+                    gs[g] = per_g > 1 ? a + c : a, keep[g] = false;
+                }
+                for (int j = 0; j < m.n_group_used; ++j) {
+                    int best = -1;
+                    for (int g = 0; g < G; ++g)
+                        if (!keep[g] && (best < 0 || gs[g] > gs[best])) best = g;
+                    keep[best] = true;
+                }
+                for (int g = 0; g < G; ++g)
+                    if (!keep[g])
+                        for (int e = g * per_g; e < (g + 1) * per_g; ++e) sc[e] = -INFINITY;
+            }
+            sel = sc;
+        }
+        // top-K, ties to the lower id, in descending order; the weights are the unbiased probabilities
         b.taken.assign(E, 0);
         float sum = 0.f;
         for (int j = 0; j < K; ++j) {
             int best = -1;
             for (int e = 0; e < E; ++e)
-                if (!b.taken[e] && (best < 0 || lg[e] > lg[best])) best = e;
+                if (!b.taken[e] && (best < 0 || sel[e] > sel[best])) best = e;
             b.taken[best] = 1;
             ids[j] = best;
             w[j] = lg[best];
@@ -478,9 +695,18 @@ void steps(const DecodeModel& m, int B, float* x, const int* pos, const SeqCache
     b.ys.resize(B * (size_t)m.D), b.k.resize(B * kvd), b.v.resize(B * kvd);
     b.g.resize(B * F), b.u.resize(B * F), b.logit.resize(B * (size_t)std::max(m.E, 1));
     b.w.resize(B * (size_t)std::max(m.K, 1)), b.ids.resize(B * (size_t)std::max(m.K, 1));
+    b.sel.resize(B * (size_t)std::max(m.E, 1));
+    if (m.mla) {
+        const size_t CR = (size_t)m.C + m.R;
+        b.qa.resize(B * (size_t)std::max(m.Cq, 1)), b.kv.resize(B * CR), b.qabs.resize(B * (size_t)m.H * CR);
+        b.olat.resize(B * (size_t)m.H * m.C), b.att.resize(B * (size_t)m.H * std::max(m.Dv, m.Dh));
+    }
     const Caches cs{m, seq};
     for (int l = 0; l < m.n_layer; ++l) {
-        attention(m, l, cs, b, x, B, pos);
+        if (m.mla)
+            mla_attention(m, l, cs, b, x, B, pos);
+        else
+            attention(m, l, cs, b, x, B, pos);
         ffn(m, m.layers[l], b, x, B);
     }
     Timer tm(PART_OTHER);

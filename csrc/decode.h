@@ -5,6 +5,13 @@
 //
 // Dimension key: D model width, H query heads, Hkv KV heads, Dh head dim, E experts, K experts per
 // token, F expert (or dense) FFN width, Fs shared-expert width, V vocabulary.
+//
+// Multi-head Latent Attention (DeepSeek-V2/V3) takes the place of q/k/v when the model says so: C latent
+// dims, N no-RoPE and R RoPE dims of a key head (Dh = N + R, n_rot = R), Dv value dims, Cq q-LoRA rank.
+// The cache holds per position the normed latent and the rotated key part ([n_ctx, C + R], f16 or f32),
+// one KV head for all H heads; decode runs absorbed: q_nope through k_b into the latent space, attention
+// over the latent itself, the result through v_b. k_b / v_b stay in their GGUF blocks (per head a [C, N]
+// and a [Dv, C] matrix); float32 copies (type 0) serve files whose kv_b holds both.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -36,6 +43,12 @@ struct DecodeLayer {
     QMat gate_exps, up_exps, down_exps;                    // MoE: rows/cols of one expert; E stacked
     QMat sh_gate, sh_up, sh_down;                          // shared expert, optional (w == nullptr)
     const float* sh_scale = nullptr;                       // [D]: output * sigmoid(x . sh_scale), optional
+    const float* probs_bias = nullptr;                     // [E]: added to the probabilities to choose only
+    // MLA (DecodeModel::mla): q (Cq == 0) or q_a -> q_a_norm -> q_b; kv_a; kv_a_norm; k_b, v_b; o
+    QMat q_a, q_b, kv_a;                                   // [Cq, D], [H*Dh, Cq], [C+R, D]
+    const float *q_a_norm = nullptr, *kv_a_norm = nullptr; // [Cq], [C]
+    QMat k_b, v_b;                                         // H stacked: [C, N] and [Dv, C] per head
+    void* latent = nullptr;                                // [n_ctx, C+R], f16 (latent_f16) or f32
 };
 
 struct DecodeModel {
@@ -46,6 +59,9 @@ struct DecodeModel {
     int E = 0, K = 0;
     bool sigmoid_gating = false, norm_topk = false;
     float expert_scale = 1.f;                               // 1: unscaled
+    int n_group = 0, n_group_used = 0;                      // > 1 groups: top-K within the best groups
+    bool mla = false, latent_f16 = true;
+    int C = 0, N = 0, R = 0, Dv = 0, Cq = 0;
     std::vector<DecodeLayer> layers;
     const float* out_norm = nullptr;                        // [D]
     QMat lm_head;                                           // [V, D]
@@ -66,7 +82,7 @@ void decode_step(const DecodeModel& m, float* x, int pos, float* logits);
 // plan's; nullptr: the plan's own, B must then be 1), logits [B, V]. Projections, experts and lm_head run
 // over the B rows together (one weight read for all of them), attention per row against its own cache.
 struct SeqCache {
-    float *k = nullptr, *v = nullptr;
+    float *k = nullptr, *v = nullptr;  // MLA: k is the latent cache ([n_ctx, C+R], the plan's element type)
 };
 void decode_steps(const DecodeModel& m, int B, float* x, const int* pos, const SeqCache* caches, float* logits);
 

@@ -45,6 +45,9 @@ inline size_t attn_prefill_scratch(int rows, int dk, int dv) {
     return (size_t)rows * ATTN_KEY_BLOCK + (size_t)rows * dv + 2 * (size_t)rows + (size_t)ATTN_KEY_BLOCK * (dk + dv);
 }
 
+// y[i] = the f16 value h[i] as a float, i < n (an f16 cache read in blocks).
+using F16RowFn = void (*)(const uint16_t* h, float* y, size_t n);
+
 constexpr int MAX_TYPE_ID = 31;  // BF16 is 30
 
 struct KernelSet {
@@ -53,6 +56,7 @@ struct KernelSet {
     SiluMulFn silu_mul;
     AttnPartFn attn_part;
     AttnPrefillFn attn_prefill;
+    F16RowFn f16_to_f32;
     GemmFn gemm[MAX_TYPE_ID];  // indexed by ggml type id; nullptr when unsupported
 };
 

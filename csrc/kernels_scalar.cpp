@@ -468,6 +468,10 @@ void gemm(const uint8_t* w, size_t rb, int nr, int n_cols, const uint8_t* act, i
             out[t * ldo + r] = DOT(w + r * rb, act + t * sizeof(ABlock), nb, nt * sizeof(ABlock));
 }
 
+void f16_row(const uint16_t* h, float* y, size_t n) {
+    for (size_t i = 0; i < n; ++i) y[i] = fp16_to_fp32(h[i]);
+}
+
 template <float (*CVT)(uint16_t)>
 void gemm_float(const uint8_t* w, size_t rb, int nr, int n_cols, const uint8_t* act, int nt, float* out, size_t ldo) {
     for (int t = 0; t < nt; ++t)
@@ -543,6 +547,7 @@ KernelSet make_scalar() {
     k.silu_mul = silu_mul;
     k.attn_part = attn_part;
     k.attn_prefill = attn_prefill;
+    k.f16_to_f32 = f16_row;
     k.gemm[T_Q4_0] = gemm<dot_q4_0, QK32, BlockQ8_0>;
     k.gemm[T_Q4_1] = gemm<dot_q4_1, QK32, BlockQ8_1>;
     k.gemm[T_Q5_0] = gemm<dot_q5_0, QK32, BlockQ8_0>;

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UnsupportedError
+from ..gguf import TensorInfo
 from ..models.base import ModelConfig
 from ..quant.act import fake_quant
 from ..runtime.kv_cache import LatentLayerCache
@@ -82,19 +83,24 @@ class MLAttention:
                  q_a_norm: torch.Tensor | None, q_b: QuantLinear | None, kv_a: QuantLinear,
                  kv_a_norm: torch.Tensor, k_b: torch.Tensor, v_b: torch.Tensor, o: QuantLinear,
                  rope: YarnRope, k_b_type: int | None = None, v_b_type: int | None = None,
-                 act_quant: bool = False, transposed_copies: bool = True):
+                 act_quant: bool = False, transposed_copies: bool = True,
+                 k_b_blocks: TensorInfo | None = None, v_b_blocks: TensorInfo | None = None):
         """transposed_copies: keep contiguous transposes of k_b / v_b (the CPU path's layout);
-        the GPU tier keeps one copy each and multiplies through transposed views."""
+        the GPU tier keeps one copy each and multiplies through transposed views.
+        k_b_blocks / v_b_blocks (with k_b / v_b None): the GGUF tensors themselves, multiplied per
+        head by the CPU kernels (activations quantized along their rows, as llama.cpp does), with
+        no float copy; one is made only if the expanded form is ever asked for."""
         m = cfg.mla
         self.cfg, self.m = cfg, m
         self.q, self.q_a, self.q_a_norm, self.q_b = q, q_a, q_a_norm, q_b
         self.kv_a, self.kv_a_norm, self.o, self.rope = kv_a, kv_a_norm, o, rope
-        self.k_b = k_b                                      # [H, C, N]
-        self.k_b_t = k_b.transpose(1, 2)                    # [H, N, C]
-        self.v_b = v_b                                      # [H, Dv, C]
-        self.v_b_t = v_b.transpose(1, 2)                    # [H, C, Dv]
-        if transposed_copies:
-            self.k_b_t, self.v_b_t = self.k_b_t.contiguous(), self.v_b_t.contiguous()
+        self.k_b_raw, self.v_b_raw = k_b_blocks, v_b_blocks
+        self._transposed_copies = transposed_copies
+        self.k_b = self.k_b_t = self.v_b = self.v_b_t = None
+        if k_b is not None:
+            self._set_k_b(k_b)
+        if v_b is not None:
+            self._set_v_b(v_b)
         # llama.cpp quantizes the activation along the weight's rows: q_nope / the attention
         # output for split k_b / v_b (rows N / C long, its absorbed form), the latent c for a
         # legacy kv_b (rows C long, its expanded form). The other form keeps f32 activations.
@@ -102,6 +108,39 @@ class MLAttention:
         self.v_b_type = v_b_type if act_quant else None
         self.quant_form = "absorbed" if m.split else "expanded"
         self.prefill_form = "absorbed" if m.split else "auto"   # "absorbed", "expanded", "auto"
+
+    def _set_k_b(self, k_b: torch.Tensor) -> None:
+        self.k_b = k_b                                      # [H, C, N]
+        self.k_b_t = k_b.transpose(1, 2)                    # [H, N, C]
+        if self._transposed_copies:
+            self.k_b_t = self.k_b_t.contiguous()
+
+    def _set_v_b(self, v_b: torch.Tensor) -> None:
+        self.v_b = v_b                                      # [H, Dv, C]
+        self.v_b_t = v_b.transpose(1, 2)                    # [H, C, Dv]
+        if self._transposed_copies:
+            self.v_b_t = self.v_b_t.contiguous()
+
+    def _float_heads(self) -> None:
+        """Float copies of k_b / v_b made from the blocks (the expanded form needs them)."""
+        from .linear import float_tensor
+        if self.k_b is None:
+            self._set_k_b(float_tensor(self.k_b_raw))
+        if self.v_b is None:
+            self._set_v_b(float_tensor(self.v_b_raw))
+
+    @staticmethod
+    def _per_head(t: TensorInfo, x: torch.Tensor) -> torch.Tensor:
+        """x [T, H, cols] -> [T, H, rows]: head h through the h-th [rows, cols] matrix of the
+        stack t ([H, rows, cols] in GGUF blocks) with the CPU kernels."""
+        from .. import cpu_backend
+        H, rows, cols = t.shape
+        per = t.data.nbytes // H
+        out = torch.empty(x.shape[0], H, rows, dtype=torch.float32)
+        for h in range(H):
+            out[:, h] = cpu_backend.matmul(t.data[h * per:(h + 1) * per], t.ggml_type, rows, cols,
+                                           x[:, h].float().contiguous())
+        return out
 
     def _aq(self, x: torch.Tensor, ggml_type: int | None, form: str) -> torch.Tensor:
         if ggml_type is None or form != self.quant_form:
@@ -137,8 +176,11 @@ class MLAttention:
         f16 cache does in llama.cpp. inner(q [T, H, C+R], latent, pos0) -> [T, H, C] replaces the
         dense latent attention (sparse attention does)."""
         m = self.m
-        qn = self._aq(q_nope, self.k_b_type, "absorbed").transpose(0, 1)           # [H, T, N]
-        q_abs = _mm(qn, self.k_b_t).transpose(0, 1)                   # [T, H, C]
+        if self.k_b_raw is not None:
+            q_abs = self._per_head(self.k_b_raw, q_nope)               # [T, H, C]
+        else:
+            qn = self._aq(q_nope, self.k_b_type, "absorbed").transpose(0, 1)       # [H, T, N]
+            q_abs = _mm(qn, self.k_b_t).transpose(0, 1)               # [T, H, C]
         q = torch.cat((q_abs, q_pe), dim=-1)                           # [T, H, C+R]
         if q_dtype != torch.float32:
             q = q.to(q_dtype).float()
@@ -146,12 +188,16 @@ class MLAttention:
             o_lat = inner(q, latent, pos0)
         else:
             o_lat = latent_attention(q, latent, m.kv_lora, m.kq_scale, pos0)   # [T, H, C]
+        if self.v_b_raw is not None:
+            return self._per_head(self.v_b_raw, o_lat)                 # [T, H, Dv]
         o_lat = self._aq(o_lat, self.v_b_type, "absorbed").transpose(0, 1)         # [H, T, C]
         return _mm(o_lat, self.v_b_t).transpose(0, 1)                 # [T, H, Dv]
 
     def attend_expanded(self, q_nope, q_pe, latent, pos0, q_dtype=None) -> torch.Tensor:
         """-> [T, H, Dv]"""
         m = self.m
+        if self.k_b is None or self.v_b is None:
+            self._float_heads()
         T, H, L = q_nope.shape[0], self.cfg.n_head, latent.shape[0]
         c, k_pe = latent[:, :m.kv_lora], latent[:, m.kv_lora:]         # [L, C], [L, R]
         k_nope = _mm(self._aq(c, self.k_b_type, "expanded"), self.k_b)           # [H, L, N]

@@ -192,7 +192,7 @@ def build_blocks(cfg: ModelConfig, ts, lin, vec, plan, options, n_ctx: int, prog
 
     ts/lin/vec are the Transformer's strict tensor getters; every tensor named here must exist
     with the shape the metadata implies."""
-    from ..layers.linear import float_tensor
+    from ..layers.linear import cpu_kernels_usable, float_tensor
     from ..layers.mla import MLAttention
     from ..layers.moe import DenseFFN, ExpertStack, MoE
     from ..layers.rope_yarn import YarnRope
@@ -227,7 +227,15 @@ def build_blocks(cfg: ModelConfig, ts, lin, vec, plan, options, n_ctx: int, prog
             q_b = lin(p + "attn_q_b.weight", (H * m.k_head, m.q_lora))
         else:
             q = lin(p + "attn_q.weight", (H * m.k_head, D))
+        kb_t = vb_t = None
         if m.split:
+            kb_t, vb_t = ts.get(p + "attn_k_b.weight", (H, C, N)), ts.get(p + "attn_v_b.weight", (H, Dv, C))
+        if m.split and not plan.has_gpu and cpu_kernels_usable(kb_t.ggml_type, options) \
+                and cpu_kernels_usable(vb_t.ggml_type, options):
+            # per head through the CPU kernels from the blocks themselves: no float copies
+            k_b = v_b = None
+            k_type, v_type = kb_t.ggml_type, vb_t.ggml_type
+        elif m.split:
             k_b, k_type = per_head(p + "attn_k_b.weight", (H, C, N))      # [H, C, N]
             v_b, v_type = per_head(p + "attn_v_b.weight", (H, Dv, C))     # [H, Dv, C]
         else:
@@ -239,7 +247,9 @@ def build_blocks(cfg: ModelConfig, ts, lin, vec, plan, options, n_ctx: int, prog
         attn = MLAttention(cfg, q, q_a, q_a_norm, q_b, lin(p + "attn_kv_a_mqa.weight", (C + R, D)),
                            vec(p + "attn_kv_a_norm.weight", C), k_b, v_b,
                            lin(p + "attn_output.weight", (D, H * Dv)), rope, k_type, v_type,
-                           act_quant, transposed_copies=not plan.has_gpu)
+                           act_quant, transposed_copies=not plan.has_gpu,
+                           k_b_blocks=kb_t if k_b is None else None,
+                           v_b_blocks=vb_t if v_b is None else None)
         if i < cfg.n_layer_dense_lead:
             block_ffn = ffn(p, cfg.n_ff)
         else:

@@ -2,7 +2,7 @@
 (norms, q/k/v, q/k norms, RoPE, the KV-cache write, attention, output projection, router, experts,
 shared expert, final norm, lm_head) on the kernels' thread pool, without returning to Python
 between ops. The per-op path in transformer.py stays the reference and serves everything the fused
-step does not cover (prompts, MLA, GPU tiers, sparse attention, the torch kernels); both compute
+step does not cover (prompts, GPU tiers, sparse attention, the torch kernels); both compute
 the same math with the same kernels, so they agree to float rounding.
 
 The plan holds raw addresses of the model's buffers (mmap'd weights, norm vectors, the KV cache,
@@ -36,43 +36,46 @@ class FusedDecode:
         self._keep: list = []
         ints: list[int] = []
         cfg = net.cfg
-        if cfg.mla is not None:
-            raise Unsupported("Multi-head Latent Attention")
-        if cfg.n_expert_groups > 1:
-            raise Unsupported("group-limited routing")
         if net.embed.device != "cpu" or net.rope.cos.device.type != "cpu":
             raise Unsupported("a GPU tier")
-        rope = net.rope
+        mla = cfg.mla
+        rope = net.blocks[0].attn.rope if mla is not None else net.rope
+        if mla is not None:
+            lat = net.cache.layers[0].latent
+            if lat.dtype not in (torch.float16, torch.float32) or lat.device.type != "cpu":
+                raise Unsupported(f"a {lat.dtype} latent cache on {lat.device}")
+            if any(b.attn.rope is not rope for b in net.blocks):
+                raise Unsupported("per-layer RoPE tables with latent attention")
         n_rot = rope.n_rot
-        ints += [cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_head_kv, cfg.head_dim, net.n_ctx, n_rot,
+        head_dim = mla.k_head if mla is not None else cfg.head_dim
+        ints += [cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_head_kv, head_dim, net.n_ctx, n_rot,
                  cfg.n_vocab, int(rope.kind == ROPE_NEOX), cfg.n_expert, cfg.n_expert_used,
                  int(cfg.gating == "sigmoid"), int(cfg.norm_topk)]
+        if mla is not None:
+            ints += [1, mla.kv_lora, mla.qk_nope, mla.qk_rope, mla.v_head, mla.q_lora,
+                     int(net.cache.layers[0].latent.dtype == torch.float16)]
+        else:
+            ints += [0] * 7
+        ints += [cfg.n_expert_groups if cfg.n_expert_groups > 1 else 0,
+                 cfg.n_group_used if cfg.n_expert_groups > 1 else 0]
         ints += self._buf(rope.cos, "rope cos") + self._buf(rope.sin, "rope sin")
         ints += self._buf(net.out_norm, "output_norm")
         ints += self._mat(net.lm_head)
         scale = None
         for i, b in enumerate(net.blocks):
             a = b.attn
+            a_scale = mla.kq_scale if mla is not None else a.scale
             if scale is None:
-                scale = a.scale
-            elif a.scale != scale:
+                scale = a_scale
+            elif a_scale != scale:
                 raise Unsupported("per-layer attention scales")
             ints += self._buf(b.attn_norm, f"blk.{i}.attn_norm")
-            for lin in (a.q, a.k, a.v, a.o):
-                ints += self._mat(lin)
-            for lin in (a.q, a.k, a.v, a.o):
-                ints += self._buf(lin.bias, lin.name + " bias", optional=True)
-            kind = {None: 0, "head": 1, "full": 2}.get(cfg.qk_norm)
-            if kind is None:
-                raise Unsupported(f"qk_norm {cfg.qk_norm!r}")
-            ints += [kind]
-            ints += self._buf(a.q_norm, f"blk.{i}.attn_q_norm", optional=kind == 0)
-            ints += self._buf(a.k_norm, f"blk.{i}.attn_k_norm", optional=kind == 0)
-            c = net.cache.layers[i]
-            ints += self._buf(c.k_store, f"blk.{i} key cache")         # [Hkv, n_ctx, Dh]
-            ints += self._buf(c.v_store, f"blk.{i} value cache")
+            if mla is not None:
+                ints += self._mla(i, a, net.cache.layers[i])
+            else:
+                ints += self._attn(i, a, net.cache.layers[i], cfg)
             ints += self._buf(b.ffn_norm, f"blk.{i}.ffn_norm")
-            ints += [a.window]                                         # sliding window (0: none)
+            ints += [getattr(a, "window", 0)]                          # sliding window (0: none)
             if a.rope is rope:
                 ints += [0, 0, 0, 0]                                   # the model's RoPE tables
             else:
@@ -92,9 +95,8 @@ class FusedDecode:
             if hasattr(ffn, "router"):
                 if not ffn.use_kernel:
                     raise Unsupported("experts outside the CPU kernels")
-                if ffn.probs_bias is not None:
-                    raise Unsupported("a routing bias")
                 ints += [1] + self._buf(ffn.router, f"blk.{i}.ffn_gate_inp")
+                ints += self._buf(ffn.probs_bias, f"blk.{i}.exp_probs_b", optional=True)
                 for s in (ffn.gate, ffn.up, ffn.down):
                     ints += [s.raw.ctypes.data, s.raw.nbytes, s.ggml_type, s.rows, s.cols]
                     self._keep.append(s.raw)
@@ -113,6 +115,58 @@ class FusedDecode:
         self._floats = np.asarray(floats, dtype=np.float64)
         self.plan = self._lib.decode_plan(self._ints, self._floats)
         self.logits = torch.empty(1, cfg.n_vocab, dtype=torch.float32)
+
+    def _attn(self, i: int, a, c, cfg) -> list[int]:
+        """A standard attention layer's part of the description."""
+        ints: list[int] = []
+        for lin in (a.q, a.k, a.v, a.o):
+            ints += self._mat(lin)
+        for lin in (a.q, a.k, a.v, a.o):
+            ints += self._buf(lin.bias, lin.name + " bias", optional=True)
+        kind = {None: 0, "head": 1, "full": 2}.get(cfg.qk_norm)
+        if kind is None:
+            raise Unsupported(f"qk_norm {cfg.qk_norm!r}")
+        ints += [kind]
+        ints += self._buf(a.q_norm, f"blk.{i}.attn_q_norm", optional=kind == 0)
+        ints += self._buf(a.k_norm, f"blk.{i}.attn_k_norm", optional=kind == 0)
+        ints += self._buf(c.k_store, f"blk.{i} key cache")         # [Hkv, n_ctx, Dh]
+        ints += self._buf(c.v_store, f"blk.{i} value cache")
+        return ints
+
+    def _mla(self, i: int, a, c) -> list[int]:
+        """A latent attention layer's part: q (or q_a, its norm, q_b), kv_a, its norm, k_b and v_b
+        (their GGUF blocks; the float32 copies for a legacy kv_b), o, the latent cache."""
+        m = a.m
+        ints: list[int] = []
+        if m.q_lora:
+            ints += self._mat(a.q_a) + self._buf(a.q_a_norm, f"blk.{i}.attn_q_a_norm") \
+                + self._mat(a.q_b)
+        else:
+            ints += self._mat(a.q)
+        ints += self._mat(a.kv_a) + self._buf(a.kv_a_norm, f"blk.{i}.attn_kv_a_norm")
+        H = self.net.cfg.n_head
+        for raw, f32, rows, cols, what in ((getattr(a, "k_b_raw", None), a.k_b, m.kv_lora,
+                                            m.qk_nope, "attn_k_b"),
+                                           (getattr(a, "v_b_raw", None), a.v_b, m.v_head,
+                                            m.kv_lora, "attn_v_b")):
+            if raw is not None:
+                data = raw.data
+                if not (isinstance(data, np.ndarray) and data.dtype == np.uint8
+                        and data.flags.c_contiguous):
+                    raise Unsupported(f"blk.{i}.{what} is not a contiguous byte buffer")
+                self._keep.append(data)
+                ints += [data.ctypes.data, data.nbytes, raw.ggml_type, rows, cols]
+            else:        # float32 [H, rows, cols] copies (a legacy kv_b)
+                if tuple(f32.shape) != (H, rows, cols):
+                    raise Unsupported(f"blk.{i}.{what}: float copy of shape {list(f32.shape)}")
+                ints += self._buf(f32, f"blk.{i}.{what}")[:2] + [0, rows, cols]
+        ints += self._mat(a.o)
+        lat = c.latent
+        if not lat.is_contiguous():
+            raise Unsupported(f"blk.{i} latent cache is not contiguous")
+        self._keep.append(lat)
+        ints += [lat.data_ptr(), lat.numel() * lat.element_size()]
+        return ints
 
     def _buf(self, t, what: str, optional: bool = False) -> list[int]:
         if t is None:
@@ -149,6 +203,13 @@ class FusedDecode:
         if a is None:
             rows = []
             for i, c in enumerate(cache.layers):
+                lat = getattr(c, "latent", None)
+                if lat is not None:      # latent attention: one cache, named twice
+                    if lat.device.type != "cpu" or not lat.is_contiguous():
+                        raise Unsupported(f"blk.{i} latent cache is not a contiguous CPU tensor")
+                    n = lat.numel() * lat.element_size()
+                    rows.append([lat.data_ptr(), n, lat.data_ptr(), n])
+                    continue
                 for t, what in ((c.k_store, "key"), (c.v_store, "value")):
                     if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or \
                             t.device.type != "cpu" or not t.is_contiguous():
