@@ -104,6 +104,39 @@ float dot_q4_0(const uint8_t* w, const uint8_t* a, int nb, size_t as) {
     return acc;
 }
 
+float dot_iq4_nl(const uint8_t* w, const uint8_t* a, int nb, size_t as) {
+    auto* x = reinterpret_cast<const BlockIQ4_NL*>(w);
+    CStrided<BlockQ8_0> y{a, as};
+    float acc = 0.f;
+    for (int i = 0; i < nb; ++i) {
+        int s = 0;
+        for (int j = 0; j < 16; ++j) {
+            s += IQ4_VALUES[x[i].qs[j] & 0xf] * y[i].qs[j];
+            s += IQ4_VALUES[x[i].qs[j] >> 4] * y[i].qs[j + 16];
+        }
+        acc += half(x[i].d) * half(y[i].d) * (float)s;
+    }
+    return acc;
+}
+
+float dot_iq4_xs(const uint8_t* w, const uint8_t* a, int nb, size_t as) {
+    auto* x = reinterpret_cast<const BlockIQ4_XS*>(w);
+    CStrided<BlockQ8_K> y{a, as};
+    float acc = 0.f;
+    for (int i = 0; i < nb; ++i) {
+        int sumi = 0;
+        for (int j = 0; j < 8; ++j) {
+            const uint8_t* q = x[i].qs + 16 * j;
+            const int8_t* yq = y[i].qs + 32 * j;
+            int s = 0;
+            for (int l = 0; l < 16; ++l) s += IQ4_VALUES[q[l] & 0xf] * yq[l] + IQ4_VALUES[q[l] >> 4] * yq[l + 16];
+            sumi += iq4xs_scale(x[i], j) * s;
+        }
+        acc += half(x[i].d) * y[i].d * (float)sumi;
+    }
+    return acc;
+}
+
 float dot_q4_1(const uint8_t* w, const uint8_t* a, int nb, size_t as) {
     auto* x = reinterpret_cast<const BlockQ4_1*>(w);
     CStrided<BlockQ8_1> y{a, as};
@@ -369,6 +402,24 @@ void dequant_q4_0(const uint8_t* w, int nb, float* o) {
     }
 }
 
+void dequant_iq4_nl(const uint8_t* w, int nb, float* o) {
+    auto* x = reinterpret_cast<const BlockIQ4_NL*>(w);
+    for (int i = 0; i < nb; ++i, o += QK32) {
+        const float d = half(x[i].d);
+        for (int j = 0; j < 16; ++j) o[j] = d * IQ4_VALUES[x[i].qs[j] & 0xf], o[j + 16] = d * IQ4_VALUES[x[i].qs[j] >> 4];
+    }
+}
+
+void dequant_iq4_xs(const uint8_t* w, int nb, float* o) {
+    auto* x = reinterpret_cast<const BlockIQ4_XS*>(w);
+    for (int i = 0; i < nb; ++i)
+        for (int j = 0; j < 8; ++j, o += 32) {
+            const float dl = half(x[i].d) * (float)iq4xs_scale(x[i], j);
+            const uint8_t* q = x[i].qs + 16 * j;
+            for (int l = 0; l < 16; ++l) o[l] = dl * IQ4_VALUES[q[l] & 0xf], o[l + 16] = dl * IQ4_VALUES[q[l] >> 4];
+        }
+}
+
 void dequant_q4_1(const uint8_t* w, int nb, float* o) {
     auto* x = reinterpret_cast<const BlockQ4_1*>(w);
     for (int i = 0; i < nb; ++i, o += QK32) {
@@ -558,6 +609,8 @@ KernelSet make_scalar() {
     k.gemm[T_Q4_K] = gemm<dot_q4_K, QK_K, BlockQ8_K>;
     k.gemm[T_Q5_K] = gemm<dot_q5_K, QK_K, BlockQ8_K>;
     k.gemm[T_Q6_K] = gemm<dot_q6_K, QK_K, BlockQ8_K>;
+    k.gemm[T_IQ4_NL] = gemm<dot_iq4_nl, QK32, BlockQ8_0>;
+    k.gemm[T_IQ4_XS] = gemm<dot_iq4_xs, QK_K, BlockQ8_K>;
     k.gemm[T_F16] = gemm_float<fp16_to_fp32>;
     k.gemm[T_BF16] = gemm_float<bf16_to_fp32>;
     return k;
@@ -578,6 +631,8 @@ bool dequantize_row(int type, const uint8_t* w, int n_cols, float* out) {
         case T_Q4_K: dequant_k4<false>(w, nbk, out); return true;
         case T_Q5_K: dequant_k4<true>(w, nbk, out); return true;
         case T_Q6_K: dequant_q6_K(w, nbk, out); return true;
+        case T_IQ4_NL: dequant_iq4_nl(w, nb32, out); return true;
+        case T_IQ4_XS: dequant_iq4_xs(w, nbk, out); return true;
         case T_F16: dequant_float<fp16_to_fp32>(w, n_cols, out); return true;
         case T_BF16: dequant_float<bf16_to_fp32>(w, n_cols, out); return true;
         default: return false;
@@ -602,6 +657,8 @@ static const TypeInfo kTypes[] = {
     {T_Q4_K, "Q4_K", QK_K, (int)sizeof(BlockQ4_K), ACT_Q8_K},
     {T_Q5_K, "Q5_K", QK_K, (int)sizeof(BlockQ5_K), ACT_Q8_K},
     {T_Q6_K, "Q6_K", QK_K, (int)sizeof(BlockQ6_K), ACT_Q8_K},
+    {T_IQ4_NL, "IQ4_NL", QK32, (int)sizeof(BlockIQ4_NL), ACT_Q8_0},
+    {T_IQ4_XS, "IQ4_XS", QK_K, (int)sizeof(BlockIQ4_XS), ACT_Q8_K},
 };
 
 const TypeInfo* type_info(int ggml_type) {

@@ -13,7 +13,8 @@ constexpr int QK32 = 32;   // elements per legacy block
 // ggml type ids (the numbers stored in GGUF tensor infos).
 enum GgmlType : int {
     T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8,
-    T_Q8_1 = 9, T_Q2_K = 10, T_Q3_K = 11, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14, T_Q8_K = 15, T_BF16 = 30,
+    T_Q8_1 = 9, T_Q2_K = 10, T_Q3_K = 11, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14, T_Q8_K = 15,
+    T_IQ4_NL = 20, T_IQ4_XS = 23, T_BF16 = 30,
 };
 
 // ---- weight blocks ----
@@ -22,6 +23,16 @@ struct BlockQ4_1 { uint16_t d, m; uint8_t qs[16]; };                // x = d*nib
 struct BlockQ5_0 { uint16_t d; uint8_t qh[4]; uint8_t qs[16]; };    // q = (nibble | bit<<4) - 16
 struct BlockQ5_1 { uint16_t d, m; uint8_t qh[4]; uint8_t qs[16]; };
 struct BlockQ8_0 { uint16_t d; int8_t qs[32]; };
+// IQ4_NL: x = d * IQ4_VALUES[index], indices as Q4_0's nibbles (low: elements 0..15, high: 16..31).
+struct BlockIQ4_NL { uint16_t d; uint8_t qs[16]; };
+// IQ4_XS: 8 sub-blocks of 32 laid out like IQ4_NL's indices; sub-block j's 6-bit scale is the nibble
+// (scales_l[j/2] >> 4(j%2)) & 15 with bits 2j..2j+1 of scales_h on top; x = d * (scale - 32) * value.
+struct BlockIQ4_XS { uint16_t d; uint16_t scales_h; uint8_t scales_l[4]; uint8_t qs[128]; };
+// ggml's kvalues_iq4nl
+constexpr int8_t IQ4_VALUES[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+inline int iq4xs_scale(const BlockIQ4_XS& b, int j) {
+    return (((b.scales_l[j / 2] >> (4 * (j % 2))) & 15) | (((b.scales_h >> (2 * j)) & 3) << 4)) - 32;
+}
 // Q2_K: 16 groups of 16; scales[g] = scale (low nibble) | min (high nibble); value 128h+32s+l is
 // bits 2s..2s+1 of qs[32h+l]; x = d*scale*q - dmin*min.
 struct BlockQ2_K { uint8_t scales[16]; uint8_t qs[64]; uint16_t d, dmin; };
@@ -46,6 +57,8 @@ static_assert(sizeof(BlockQ4_1) == 20, "Q4_1 layout");
 static_assert(sizeof(BlockQ5_0) == 22, "Q5_0 layout");
 static_assert(sizeof(BlockQ5_1) == 24, "Q5_1 layout");
 static_assert(sizeof(BlockQ8_0) == 34, "Q8_0 layout");
+static_assert(sizeof(BlockIQ4_NL) == 18, "IQ4_NL layout");
+static_assert(sizeof(BlockIQ4_XS) == 136, "IQ4_XS layout");
 static_assert(sizeof(BlockQ2_K) == 84, "Q2_K layout");
 static_assert(sizeof(BlockQ3_K) == 110, "Q3_K layout");
 static_assert(sizeof(BlockQ4_K) == 144, "Q4_K layout");

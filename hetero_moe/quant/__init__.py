@@ -52,14 +52,16 @@ _ROWS = [
     ("Q5_K", 13, 256, 176, _dq.dequant_q5_k, "q8_K"),
     ("Q6_K", 14, 256, 210, _dq.dequant_q6_k, "q8_K"),
     ("Q8_K", 15, 256, 292, _dq.dequant_q8_k, None),  # an activation format itself
+    ("IQ4_NL", 20, 32, 18, _dq.dequant_iq4_nl, "q8_0"),
+    ("IQ4_XS", 23, 256, 136, _dq.dequant_iq4_xs, "q8_K"),
 ]
 
 QUANT_TYPES: dict[int, QuantType] = {r[1]: QuantType(*r) for r in _ROWS}
 
 # Names of ggml types we do not support, so errors can say what the file holds.
 _OTHER_NAMES = {
-    9: "Q8_1", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S",
-    22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M",
+    9: "Q8_1", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 21: "IQ3_S",
+    22: "IQ2_S", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M",
     34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4", 40: "NVFP4", 41: "Q1_0",
 }
 

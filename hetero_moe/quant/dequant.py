@@ -196,3 +196,37 @@ def dequant_q6_k(blocks: torch.Tensor) -> torch.Tensor:
 def dequant_q8_k(blocks: torch.Tensor) -> torch.Tensor:
     d = _copy(blocks, 0, 4).view(torch.float32)  # [n, 1]
     return blocks[:, 4:260].view(torch.int8).float().mul_(d)
+
+
+# --- non-linear 4-bit (IQ4_NL, IQ4_XS): 4-bit indices into one fixed table of 16 int8 values ---
+
+# ggml's kvalues_iq4nl
+IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+
+
+@functools.cache
+def _iq4_table(device) -> torch.Tensor:
+    return torch.tensor(IQ4_VALUES, dtype=torch.float32, device=device)
+
+
+def dequant_iq4_nl(blocks: torch.Tensor) -> torch.Tensor:
+    """Blocks of 32: d (f16), 16 bytes of indices (low nibbles: elements 0..15, high: 16..31)."""
+    d = _f16(_copy(blocks, 0, 2))
+    return _iq4_table(blocks.device)[_nibbles32(blocks, 2).long()].mul_(d)
+
+
+def dequant_iq4_xs(blocks: torch.Tensor) -> torch.Tensor:
+    """Super-blocks of 256: d (f16), scales_h (u16: 2 high bits per sub-block), scales_l (4 bytes:
+    a low nibble per sub-block), then 8 sub-blocks of 16 index bytes laid out like IQ4_NL's;
+    sub-block j's scale is d * (6-bit scale_j - 32)."""
+    n = blocks.shape[0]
+    d = _f16(_copy(blocks, 0, 2))                                        # [n, 1]
+    sh = _copy(blocks, 2, 4).long()
+    sh = sh[:, 0] | (sh[:, 1] << 8)                                      # [n]
+    sl = _copy(blocks, 4, 8).long()                                      # [n, 4]
+    j = torch.arange(8, device=blocks.device)
+    low = (sl[:, j // 2] >> (4 * (j % 2))) & 0x0F                        # [n, 8]
+    high = (sh[:, None] >> (2 * j)) & 0x03
+    dl = d * ((low | (high << 4)) - 32).float()                          # [n, 8]
+    q = _unpack(blocks, 8, 136, 8, (0, 4), 0x0F).view(n, 8, 32)          # [n, 8, 32]
+    return _iq4_table(blocks.device)[q.long()].mul_(dl[:, :, None]).view(n, QK_K)

@@ -312,12 +312,13 @@ ARCHES: dict[str, ArchSpec] = {
 }
 
 # Name -> llama_ftype (include/llama.h; the same numbers are general.file_type). None: keep F32.
-# IQ types are left out: llama.cpp wants an importance matrix for them.
+# The IQ1/IQ2/IQ3 types are left out: llama.cpp wants an importance matrix for them (IQ4 does not).
 QUANT_FTYPES: dict[str, int | None] = {
     "F32": None, "F16": 1, "BF16": 32, "Q8_0": 7,
     "Q4_0": 2, "Q4_1": 3, "Q5_0": 8, "Q5_1": 9,
     "Q2_K": 10, "Q3_K_S": 11, "Q3_K_M": 12, "Q3_K_L": 13,
     "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18,
+    "IQ4_NL": 25, "IQ4_XS": 30,
 }
 
 PROGRESS_MIN_BYTES = 256 << 20   # show a bar only when the F32 file is at least this big
