@@ -11,6 +11,15 @@ size, and decode bytes-per-token over time as a fraction of measured read bandwi
     python benchmarks/bench_vs_llama.py --model path/to/file.gguf
     python benchmarks/bench_vs_llama.py --model qwen3moe-a3b --quant Q4_K_M,Q3_K_M,Q2_K
 
+    python benchmarks/bench_vs_llama.py --model qwen3moe-a3b --depth 8192,32768 --rounds 2
+
+--depth also measures decode after that many cached positions (long context), for each engine.
+
+--ik-bench PATH adds ik_llama.cpp as a third engine, twice: as is and with run-time repacking
+(`-rtr 1`), through its own `llama-bench` (PATH; built from ik_llama.cpp's source, see README), on
+the same file and threads; absent, those columns are left out. The CPU's SIMD flags and the kernel
+variant hetero-moe ran are printed and written to the JSON.
+
 --quant picks the llama.cpp file type of a preset model; several (comma-separated) are measured in
 the same run, interleaved round by round, and each one's ratios are also given relative to the
 first one's (the baseline), which is what to compare on a noisy machine.
@@ -52,14 +61,20 @@ def resolve_model(name: str, layers: int, quant: str = "Q4_K_M") -> str:
 
 
 # -- one engine run, in a child process -----------------------------------------------------------
-def _child(engine: str, path: str, threads: int, n_prompt: int, n_gen: int) -> dict:
+DEPTH_CHUNK = 2048   # long-context fill: prompt chunks of this many tokens
+
+
+def _child(engine: str, path: str, threads: int, n_prompt: int, n_gen: int,
+           depths: list[int]) -> dict:
     import resource
 
     import numpy as np
     rng = np.random.default_rng(0)
+    n_ctx = max([n_prompt] + depths) + n_gen + 8
+    at = {}
     if engine == "hetero-moe":
         import hetero_moe
-        m = hetero_moe.load(path, threads=threads, n_ctx=n_prompt + n_gen + 8)
+        m = hetero_moe.load(path, threads=threads, n_ctx=n_ctx)
         ids = rng.integers(10, m.config.n_vocab, size=n_prompt).tolist()
         m.eval(ids[:8], 0)                                   # warm-up
         t0 = time.perf_counter()
@@ -70,9 +85,18 @@ def _child(engine: str, path: str, threads: int, n_prompt: int, n_gen: int) -> d
         for i in range(n_gen):
             tok = int(m.eval([tok], n_prompt + i)[-1].argmax())
         dec = time.perf_counter() - t0
+        for d in depths:
+            fill = rng.integers(10, m.config.n_vocab, size=d).tolist()
+            for s0 in range(0, d, DEPTH_CHUNK):
+                logits = m.eval(fill[s0:s0 + DEPTH_CHUNK], s0)
+            tok = int(logits[-1].argmax())
+            t0 = time.perf_counter()
+            for i in range(n_gen):
+                tok = int(m.eval([tok], d + i)[-1].argmax())
+            at[d] = n_gen / (time.perf_counter() - t0)
     else:
         import llama_cpp
-        llm = llama_cpp.Llama(model_path=path, n_ctx=n_prompt + n_gen + 64, n_batch=n_prompt,
+        llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx + 64, n_batch=n_prompt,
                               n_ubatch=n_prompt, n_threads=threads, n_threads_batch=threads,
                               verbose=False, n_gpu_layers=0)
         n_vocab = llm.n_vocab()
@@ -92,13 +116,52 @@ def _child(engine: str, path: str, threads: int, n_prompt: int, n_gen: int) -> d
             llm.eval([tok])
             tok = int(np.argmax(last_logits()))
         dec = time.perf_counter() - t0
+        for d in depths:
+            llm.reset()
+            llm.eval(rng.integers(10, n_vocab, size=d).tolist())    # in n_batch chunks
+            tok = int(np.argmax(last_logits()))
+            t0 = time.perf_counter()
+            for _ in range(n_gen):
+                llm.eval([tok])
+                tok = int(np.argmax(last_logits()))
+            at[d] = n_gen / (time.perf_counter() - t0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"prefill_tps": n_prompt / pre, "decode_tps": n_gen / dec, "peak_rss": peak}
+    out = {"prefill_tps": n_prompt / pre, "decode_tps": n_gen / dec, "peak_rss": peak}
+    for d, v in at.items():
+        out[f"decode_tps@{d}"] = v
+    return out
 
 
-def run_engine(engine, path, threads, n_prompt, n_gen) -> dict:
+IK_ENGINES = {"ik_llama.cpp": 0, "ik_llama.cpp -rtr": 1}    # engine name -> llama-bench -rtr
+
+
+def run_ik(bench: str, rtr: int, path, threads, n_prompt, n_gen, depths=()) -> dict:
+    """One llama-bench run of ik_llama.cpp (pp, tg and tg after each depth), from a child process
+    of its own, so the peak RSS of its only child is llama-bench's -> the same fields as _child."""
+    import resource
+    cmd = [bench, "-m", path, "-t", str(threads), "-p", str(n_prompt), "-n", str(n_gen), "-r", "1",
+           "-o", "json", "-rtr", str(rtr)]
+    for d in depths:
+        cmd += ["-gp", f"{d},{n_gen}"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stderr[-3000:]}")
+    rows = json.loads(r.stdout[r.stdout.index("["):])
+    res = {"peak_rss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}
+    for row in rows:
+        if row["n_gen"] == 0:
+            res["prefill_tps"] = row["avg_ts"]
+        elif row["n_prompt"] == 0:
+            res["decode_tps"] = row["avg_ts"]
+        else:
+            res[f"decode_tps@{row['n_prompt']}"] = row["avg_ts"]
+    return res
+
+
+def run_engine(engine, path, threads, n_prompt, n_gen, depths=(), ik_bench=None) -> dict:
     cmd = [sys.executable, __file__, "--child", engine, "--model", path, "--threads", str(threads),
-           "--n-prompt", str(n_prompt), "--n-gen", str(n_gen)]
+           "--n-prompt", str(n_prompt), "--n-gen", str(n_gen),
+           "--depth", ",".join(str(d) for d in depths), "--ik-bench", ik_bench or ""]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:
@@ -134,19 +197,39 @@ def main() -> None:
     ap.add_argument("--quant", default="Q4_K_M",
                     help="file type(s) of a preset model, comma-separated; the first is the baseline "
                          "(Q4_K_M)")
+    ap.add_argument("--depth", default="",
+                    help="comma-separated cached-position counts: also measure decode after each "
+                         "(e.g. 8192,32768)")
+    ap.add_argument("--ik-bench", metavar="PATH", default="",
+                    help="ik_llama.cpp's llama-bench: adds it as an engine, as is and with -rtr 1")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    a.depths = [int(d) for d in a.depth.split(",") if d.strip()]
+    if any(d <= 0 for d in a.depths):
+        raise SystemExit(f"--depth: positive position counts, got {a.depth!r}")
     if a.child:
-        print(json.dumps(_child(a.child, a.model, a.threads, a.n_prompt, a.n_gen)))
+        if a.child in IK_ENGINES:
+            res = run_ik(a.ik_bench, IK_ENGINES[a.child], a.model, a.threads, a.n_prompt, a.n_gen,
+                         a.depths)
+        else:
+            res = _child(a.child, a.model, a.threads, a.n_prompt, a.n_gen, a.depths)
+        print(json.dumps(res))
         return
+    if a.ik_bench and not os.access(a.ik_bench, os.X_OK):
+        raise SystemExit(f"--ik-bench {a.ik_bench!r} is not an executable llama-bench")
     quants = [q.strip() for q in a.quant.split(",") if q.strip()]
     paths = {q: resolve_model(a.model, a.layers, q) for q in quants}
-    runs = {q: {"hetero-moe": [], "llama.cpp": []} for q in quants}
+    engines = ["hetero-moe", "llama.cpp"] + (list(IK_ENGINES) if a.ik_bench else [])
+    runs = {q: {e: [] for e in engines} for q in quants}
+    cpu = cpu_facts()
+    print(f"CPU: {cpu['flags']}; hetero-moe kernels: {cpu['variant']}", file=sys.stderr)
     for r in range(a.rounds):
         for q in quants:
-            for engine in (("hetero-moe", "llama.cpp") if r % 2 == 0 else ("llama.cpp", "hetero-moe")):
-                res = run_engine(engine, paths[q], a.threads, a.n_prompt, a.n_gen)
+            order = engines if r % 2 == 0 else engines[::-1]       # A/B, then B/A
+            for engine in order:
+                res = run_engine(engine, paths[q], a.threads, a.n_prompt, a.n_gen, a.depths,
+                                 a.ik_bench)
                 runs[q][engine].append(res)
                 print(f"round {r + 1} {q:7s} {engine:10s} prefill {res['prefill_tps']:8.1f} tok/s  "
                       f"decode {res['decode_tps']:7.1f} tok/s  peak RSS {res['peak_rss'] / 2**20:7.0f} "
@@ -159,6 +242,8 @@ def main() -> None:
     except Exception as e:  # the probe is optional
         print(f"(bandwidth probe unavailable: {e})", file=sys.stderr)
     results = {q: summarize(paths[q], runs[q], a, bw) for q in quants}
+    for res in results.values():
+        res["cpu"] = cpu
     base = results[quants[0]]
     for q in quants:
         res = results[q]
@@ -177,6 +262,33 @@ def main() -> None:
             json.dump(results[quants[0]] if len(quants) == 1 else results, f, indent=2)
 
 
+def cpu_facts() -> dict:
+    """The CPU's SIMD flags (from /proc/cpuinfo where readable) and the kernel variant in use."""
+    flags = []
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    flags = [x for x in ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl",
+                                         "avx512_vnni", "avx512_bf16", "avx_vnni") if x in have]
+                    break
+    except OSError:
+        pass
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    except OSError:
+        pass
+    try:
+        from hetero_moe import cpu_backend
+        variant = cpu_backend.features().get("variant", "?") if cpu_backend.available() else "none"
+    except Exception as e:  # reported, not fatal
+        variant = f"unavailable ({e})"
+    return {"model": model, "flags": " ".join(flags), "variant": variant}
+
+
 def summarize(path: str, runs: dict, a, bw) -> dict:
     med = {e: {k: statistics.median(x[k] for x in v) for k in v[0]} for e, v in runs.items()}
     size = os.path.getsize(path)
@@ -187,8 +299,17 @@ def summarize(path: str, runs: dict, a, bw) -> dict:
         "prefill_ratio": med["hetero-moe"]["prefill_tps"] / med["llama.cpp"]["prefill_tps"],
         "decode_ratio": med["hetero-moe"]["decode_tps"] / med["llama.cpp"]["decode_tps"],
         "rss_over_file": med["hetero-moe"]["peak_rss"] / size,
+        "decode_ratio_at_depth": {d: med["hetero-moe"][f"decode_tps@{d}"]
+                                  / med["llama.cpp"][f"decode_tps@{d}"] for d in a.depths},
         "decode_bytes_per_token": bpt, "read_bandwidth_gbs": bw,
     }
+    for e in runs:              # every peer's ratios (ours / theirs)
+        if e != "hetero-moe":
+            out.setdefault("ratios", {})[e] = {
+                "prefill": med["hetero-moe"]["prefill_tps"] / med[e]["prefill_tps"],
+                "decode": med["hetero-moe"]["decode_tps"] / med[e]["decode_tps"],
+                **{f"decode@{d}": med["hetero-moe"][f"decode_tps@{d}"] / med[e][f"decode_tps@{d}"]
+                   for d in a.depths}}
     if bw:
         for e in runs:
             out[f"{e}_roofline_fraction"] = bpt * med[e]["decode_tps"] / (bw * 1e9)
@@ -199,16 +320,22 @@ def report(out: dict, a) -> None:
     med, size, bw, bpt = out["median"], out["file_size"], out["read_bandwidth_gbs"], out["decode_bytes_per_token"]
     print(f"\nmodel {os.path.basename(out['model'])} ({size / 2**20:.0f} MiB), {a.threads} threads, "
           f"{a.rounds} rounds, medians")
-    print(f"{'':12s}{'prefill tok/s':>15s}{'decode tok/s':>15s}{'peak RSS/file':>15s}")
+    print(f"{'':26s}{'prefill tok/s':>15s}{'decode tok/s':>15s}{'peak RSS/file':>15s}")
     for e in med:
-        print(f"{e:12s}{med[e]['prefill_tps']:15.1f}{med[e]['decode_tps']:15.1f}"
+        print(f"{e:26s}{med[e]['prefill_tps']:15.1f}{med[e]['decode_tps']:15.1f}"
               f"{med[e]['peak_rss'] / size:15.2f}")
-    print(f"ratio       {out['prefill_ratio']:15.2f}{out['decode_ratio']:15.2f}")
+    for e, r in out["ratios"].items():
+        print(f"{'ratio vs ' + e:26s}{r['prefill']:15.2f}{r['decode']:15.2f}")
+    print(f"CPU: {out['cpu']['model']} ({out['cpu']['flags']}); hetero-moe kernels: "
+          f"{out['cpu']['variant']}")
+    for d in a.depths:
+        print(f"decode after {d} cached positions: " + ", ".join(
+            f"{e} {med[e][f'decode_tps@{d}']:.1f} tok/s" for e in med) + "; ours / theirs: " +
+            ", ".join(f"{e} {r[f'decode@{d}']:.2f}x" for e, r in out["ratios"].items()))
     if bw:
         print(f"decode reads {bpt / 2**20:.1f} MiB/token; bandwidth {bw:.1f} GB/s; roofline "
-              f"{bw * 1e9 / bpt:.0f} tok/s; fraction reached: hetero-moe "
-              f"{out['hetero-moe_roofline_fraction']:.2f}, llama.cpp "
-              f"{out['llama.cpp_roofline_fraction']:.2f}")
+              f"{bw * 1e9 / bpt:.0f} tok/s; fraction reached: " + ", ".join(
+                  f"{e} {out[f'{e}_roofline_fraction']:.2f}" for e in med))
 
 
 if __name__ == "__main__":

@@ -53,6 +53,11 @@ def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.matmul(a, b.float())
 
 
+def _cpu_kernels() -> bool:
+    from .. import cpu_backend
+    return cpu_backend.available()
+
+
 def latent_attention(q: torch.Tensor, latent: torch.Tensor, n_value: int, scale: float,
                      pos0: int) -> torch.Tensor:
     """Attention of absorbed queries over the latent cache, as a single shared KV head.
@@ -62,6 +67,15 @@ def latent_attention(q: torch.Tensor, latent: torch.Tensor, n_value: int, scale:
     """
     T, H, K = q.shape
     L = latent.shape[0]
+    if latent.device.type == "cpu" and L == pos0 + T and _cpu_kernels():
+        # the C++ attention kernels, the latent as one KV head (key: all dims, value: a prefix of
+        # each row); a prompt skips the masked half of the scores
+        from .. import cpu_backend
+        lat = latent.contiguous()
+        k, v = lat[:, None, :], lat[:, None, :n_value]
+        if T == 1:
+            return cpu_backend.attn_decode(q[0].contiguous(), k, v, scale).view(1, H, n_value)
+        return cpu_backend.attn_prefill(q.contiguous(), k, v, pos0, scale)
     if latent.is_cuda and T > QUERY_BLOCK:     # bound the score matrix (the planner's scratch)
         return torch.cat([latent_attention(q[s:s + QUERY_BLOCK], latent, n_value, scale, pos0 + s)
                           for s in range(0, T, QUERY_BLOCK)])
