@@ -216,3 +216,18 @@ def test_decode_steps_rejects_bad_arguments(llama_cpp):
     small = hetero_moe.load(tiny_model("qwen3moe"), threads=2, n_ctx=16).net.new_cache()
     with pytest.raises(ValueError, match="expected"):                 # another context size
         lib.decode_steps(f.plan, x, pos, np.stack([f._addrs(c), f._addrs(small)]), lg)
+
+
+@pytest.mark.parametrize("arch", ["qwen3moe", "llama"])
+def test_fused_step_with_yarn_rope(llama_cpp, arch):
+    """YaRN RoPE tables (blended angles, scaled cos/sin) go through the fused step unchanged."""
+    m = hetero_moe.load(tiny_model(arch, preset="tiny-yarn"), threads=2, n_ctx=128)
+    assert m.config.rope_yarn is not None
+    ids = _ids(41, m.config.n_vocab, 7)
+    got, got_rows = _step(m, ids[:-1], ids[-1], fused=True)
+    assert isinstance(m.net.fused, fused_decode.FusedDecode), m.net.fused_reason
+    want, want_rows = _step(m, ids[:-1], ids[-1], fused=False)
+    torch.testing.assert_close(got, want, atol=1e-3 * float(want.abs().max()), rtol=0)
+    for (gk, gv), (wk, wv) in zip(got_rows, want_rows):
+        torch.testing.assert_close(gk, wk, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(gv, wv, atol=1e-4, rtol=1e-4)

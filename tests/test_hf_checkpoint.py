@@ -185,3 +185,31 @@ def test_gpu_tier_interpret_runs_the_repacked_blocks(q3_gptq):
     rel = (torch.linalg.norm(gpu - cpu, dim=1) / torch.linalg.norm(cpu, dim=1)).max().item()
     assert rel < 0.03, rel          # float activations on the GPU tier vs q8_0 on the CPU
     assert (gpu.argmax(1) == cpu.argmax(1)).float().mean() >= 0.875
+
+
+def test_yarn_rope_scaling_maps_to_llama_cpp_keys(copy_of):
+    """rope_scaling {rope_type: yarn} becomes the GGUF keys llama.cpp's converter writes, and the
+    model then runs YaRN RoPE (tests/test_parity.py checks YaRN against llama.cpp on GGUF files)."""
+    import math
+
+    import hetero_moe
+    d = copy_of()
+    _edit_json(d / "config.json", rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                                "original_max_position_embeddings": 1024})
+    g = HFCheckpoint(d)
+    assert g.get("qwen3moe.rope.scaling.type") == "yarn"
+    assert g.get("qwen3moe.rope.scaling.factor") == 4.0
+    assert g.get("qwen3moe.rope.scaling.original_context_length") == 1024
+    cfg = config_from_gguf(g)
+    y = cfg.rope_yarn
+    assert y is not None and y.ext_factor == 1.0 and y.n_ctx_orig == 1024 and y.freq_scale == 0.25
+    m = hetero_moe.load(d, threads=2, n_ctx=64, gpu="none")
+    mag = float((m.net.rope.cos[5] ** 2 + m.net.rope.sin[5] ** 2).sqrt()[0])
+    assert abs(mag - (1 + 0.1 * math.log(4.0))) < 1e-5       # ggml's YaRN magnitude
+    m.close()
+    _edit_json(d / "config.json", rope_scaling={"rope_type": "yarn", "factor": 4.0})
+    with pytest.raises(MissingKeyError, match="original_max_position_embeddings"):
+        HFCheckpoint(d)
+    _edit_json(d / "config.json", rope_scaling={"rope_type": "longrope", "factor": 4.0})
+    with pytest.raises(UnsupportedError, match="longrope"):
+        HFCheckpoint(d)

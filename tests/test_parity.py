@@ -35,7 +35,7 @@ SELF_MARGIN_MEAN = 1.5   # ours may be at most this x llama.cpp's own mean quant
 SELF_MARGIN_P95 = 2.0    # ... and this x its 95th percentile
 
 ARCHES = [("llama", "tiny"), ("llama", "tiny-tied"), ("llama-moe", "tiny"), ("qwen3moe", "tiny"),
-          ("qwen2moe", "tiny"), ("olmoe", "tiny")]
+          ("qwen2moe", "tiny"), ("olmoe", "tiny"), ("qwen3moe", "tiny-yarn"), ("llama", "tiny-yarn")]
 
 TEXT = (
     "The history of mixture-of-experts models begins in the early 1990s, when researchers "

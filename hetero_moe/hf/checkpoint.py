@@ -11,6 +11,7 @@ Dimension key: E experts, D hidden, F ffn width, H heads, Dh head dim.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,9 +105,23 @@ def gguf_metadata(cfg: dict, path: Path) -> tuple[Layout, dict]:
         if kind == "linear":
             md[f"{a}.rope.scaling.type"] = "linear"
             md[f"{a}.rope.scaling.factor"] = _f32(rs.get("factor", 1.0))
+        elif kind == "yarn":        # the keys llama.cpp's converter writes
+            for k in ("factor", "original_max_position_embeddings"):
+                if not isinstance(rs.get(k), (int, float)) or rs[k] <= 0:
+                    raise MissingKeyError(f"{path}: rope_scaling (yarn) needs a positive {k!r}, "
+                                          f"got {rs.get(k)!r}")
+            md[f"{a}.rope.scaling.type"] = "yarn"
+            md[f"{a}.rope.scaling.factor"] = _f32(rs["factor"])
+            md[f"{a}.rope.scaling.original_context_length"] = int(
+                rs["original_max_position_embeddings"])
+            if rs.get("attention_factor") is not None:
+                # HF's attention_factor is the cos/sin multiplier itself; ggml multiplies
+                # attn_factor by 1 + 0.1 ln(factor) on its own
+                md[f"{a}.rope.scaling.attn_factor"] = _f32(
+                    rs["attention_factor"] / (1.0 + 0.1 * math.log(rs["factor"])))
         elif kind != "default":
             raise UnsupportedError(f"{path}: rope_scaling type {kind!r} is not supported "
-                                   f"(supported: linear)")
+                                   f"(supported: linear, yarn)")
     if lay.moe is None:
         md[f"{a}.feed_forward_length"] = c.get("intermediate_size", kind=int)
     elif name == "MixtralForCausalLM":

@@ -72,6 +72,14 @@ class Rope:
                  freq_scale: float | None = None):
         """base, freq_scale: override the model's (a sliding-window layer's own RoPE)."""
         n_rot = cfg.rope_dim
+        if cfg.rope_yarn is not None and base is None and freq_scale is None:
+            # YaRN: ggml's blend of interpolated and original angles, cos/sin scaled by its mscale
+            from .rope_yarn import yarn_angles
+            ang, mag = yarn_angles(cfg.rope_yarn, n_ctx), cfg.rope_yarn.magnitude()
+            self.cos = (ang.cos() * mag).float().to(device)
+            self.sin = (ang.sin() * mag).float().to(device)
+            self.n_rot, self.kind = n_rot, cfg.rope_type
+            return
         base = cfg.rope_base if base is None else base
         freq_scale = cfg.rope_freq_scale if freq_scale is None else freq_scale
         inv = base ** (-torch.arange(0, n_rot, 2, dtype=torch.float64) / n_rot)

@@ -31,6 +31,7 @@ class ModelConfig:
     rope_type: str
     rope_dim: int
     rope_freq_scale: float = 1.0
+    rope_yarn: Any = None             # layers.rope_yarn.YarnParams when the file asks for YaRN
     n_ff: int = 0                     # dense FFN width (0: no dense FFN layers)
     n_expert: int = 0                 # routed experts per MoE layer (0: dense model)
     n_expert_used: int = 0            # top-k
@@ -126,12 +127,17 @@ def common_config(g: GGUFFile, arch: str, rope_type: str) -> tuple[MetaReader, d
                               f"head dim {head_dim}")
     scaling = m.str("{arch}.rope.scaling.type", "none")
     freq_scale = 1.0
+    yarn = None
     if scaling == "linear":
         factor = m.float("{arch}.rope.scaling.factor", 1.0)
         freq_scale = 1.0 / factor if factor > 0 else 1.0
+    elif scaling == "yarn":
+        yarn = _yarn(m, rope_dim, rope_type, m.float("{arch}.rope.freq_base", 10000.0),
+                     m.int("{arch}.context_length", 4096))
+        freq_scale = yarn.freq_scale
     elif scaling not in ("none", ""):
         raise UnsupportedError(f"{g.path}: rope scaling {scaling!r} is not supported for "
-                               f"architecture {arch!r} (supported: none, linear)")
+                               f"architecture {arch!r} (supported: none, linear, yarn)")
     tok = g.get("tokenizer.ggml.tokens")
     n_vocab = m.int("{arch}.vocab_size", len(tok) if isinstance(tok, list) else 0)
     if n_vocab == 0:
@@ -145,11 +151,34 @@ def common_config(g: GGUFFile, arch: str, rope_type: str) -> tuple[MetaReader, d
         n_ctx_train=m.int("{arch}.context_length", 4096),
         rms_eps=m.float("{arch}.attention.layer_norm_rms_epsilon", 1e-5),
         rope_base=m.float("{arch}.rope.freq_base", 10000.0),
-        rope_type=rope_type, rope_dim=rope_dim, rope_freq_scale=freq_scale,
+        rope_type=rope_type, rope_dim=rope_dim, rope_freq_scale=freq_scale, rope_yarn=yarn,
         n_ff=m.int("{arch}.feed_forward_length", 0),
         tied_embeddings="output.weight" not in g.tensors,
     )
     return m, kw
+
+
+def _yarn(m: MetaReader, n_rot: int, kind: str, base: float, n_ctx_train: int):
+    """YaRN RoPE parameters as llama.cpp sets them for architectures without DeepSeek's log
+    multiplier: ext_factor 1, attn_factor rope.scaling.attn_factor (llama.cpp's mscale and its
+    cancellation of ggml's own factor multiply to 1), the ramp from the original context."""
+    import math
+
+    from ..layers.rope_yarn import YarnParams
+    path = m.g.path
+    factor = m.float("{arch}.rope.scaling.factor", 0.0)
+    if not (factor > 0 and math.isfinite(factor)):
+        raise MissingKeyError(f"{path}: {m.key('{arch}.rope.scaling.factor')} = {factor}: YaRN "
+                              f"needs a positive factor")
+    if m.float("{arch}.rope.scaling.yarn_log_multiplier", 0.0) != 0.0:
+        raise UnsupportedError(f"{path}: {m.key('{arch}.rope.scaling.yarn_log_multiplier')} is "
+                               f"only supported for deepseek2")
+    mscale = 1.0 if factor <= 1 else 1.0 + 0.1 * math.log(factor)      # get_mscale(factor, 1)
+    attn = mscale / (1.0 + 0.1 * math.log(factor)) * m.float("{arch}.rope.scaling.attn_factor", 1.0)
+    return YarnParams(n_rot=n_rot, base=base, kind=kind, freq_scale=1.0 / factor, ext_factor=1.0,
+                      attn_factor=attn,
+                      n_ctx_orig=m.int("{arch}.rope.scaling.original_context_length", 0)
+                      or n_ctx_train)
 
 
 def moe_config(m: MetaReader, kw: dict, *, ff_key="{arch}.expert_feed_forward_length") -> None:

@@ -62,6 +62,7 @@ class Preset:
     tied: bool = False     # no output.weight: llama.cpp then reuses token_embd as the lm_head
     only: tuple[str, ...] = ()   # architectures this preset is meant for; empty means all
     mla: "MLAPreset | None" = None   # deepseek2 only
+    yarn: tuple[float, int] | None = None   # (factor, original context): YaRN RoPE scaling
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,12 @@ PRESETS: dict[str, Preset] = {
                         n_expert=0, n_expert_used=0, expert_ff=0, shared_ff=0,
                         context=4096, rope_base=10000.0, rms_eps=1e-5, tied=True,
                         only=("llama", "qwen3")),
+    # "tiny" with YaRN context extension (factor 4 over an original 1024 positions), as the
+    # long-context GGUFs of Qwen3 carry it.
+    "tiny-yarn": Preset(hidden=256, n_head=4, n_head_kv=2, head_dim=64, n_layer=2, ff=512,
+                        n_expert=8, n_expert_used=2, expert_ff=256, shared_ff=256,
+                        context=4096, rope_base=10000.0, rms_eps=1e-5, yarn=(4.0, 1024),
+                        only=("llama", "qwen3moe")),
     # Qwen3-30B-A3B layer shapes; only the layer count differs (48 in the real model).
     "qwen3moe-a3b": Preset(hidden=2048, n_head=32, n_head_kv=4, head_dim=128, n_layer=4, ff=6144,
                            n_expert=128, n_expert_used=8, expert_ff=768, shared_ff=0,
@@ -491,6 +498,10 @@ def add_arch_metadata(w, arch: str, s: Shape) -> None:
     w.add_uint32(key(A.HEAD_COUNT), p.n_head)
     w.add_uint32(key(A.HEAD_COUNT_KV), s.n_head_kv)
     w.add_float32(key(R.FREQ_BASE), p.rope_base)
+    if p.yarn:
+        w.add_string(key(R.SCALING_TYPE), "yarn")
+        w.add_float32(key(R.SCALING_FACTOR), p.yarn[0])
+        w.add_uint32(key(R.SCALING_ORIG_CTX_LEN), p.yarn[1])
     w.add_float32(key(A.LAYERNORM_RMS_EPS), p.rms_eps)
     if spec.moe:
         w.add_uint32(key(K.EXPERT_COUNT), p.n_expert)
