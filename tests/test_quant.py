@@ -28,6 +28,7 @@ LEGACY = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"}
 F16_FIELDS = {
     "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0],
     "Q2_K": [80, 82], "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208],
+    "IQ4_NL": [0], "IQ4_XS": [0],
 }
 F32_FIELDS = {"Q8_K": [0]}
 
@@ -93,7 +94,9 @@ def test_table_row_matches_gguf(ggml_type):
     assert qt.ggml_type == ggml_type
     assert GGMLQuantizationType(ggml_type).name == qt.name
     assert GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)] == (qt.block_size, qt.type_size)
-    want_act = "q8_K" if qt.name in K_QUANTS else "q8_0" if qt.name in LEGACY else None
+    # ggml's vec_dot_type: IQ4_XS pairs with Q8_K, IQ4_NL with Q8_0
+    want_act = ("q8_K" if qt.name in K_QUANTS | {"IQ4_XS"} else
+                "q8_0" if qt.name in LEGACY | {"IQ4_NL"} else None)
     assert qt.act_type == want_act
     assert quant_type(ggml_type) is qt
     assert row_bytes(ggml_type, 3 * qt.block_size) == 3 * qt.type_size
@@ -310,8 +313,8 @@ def test_unsupported_type_names_type_tensor_file():
     assert "Q4_K" in msg and "Q8_0" in msg  # lists what is supported
     with pytest.raises(UnsupportedError, match=r"unknown \(type 999\)"):
         quant_type(999)
-    with pytest.raises(UnsupportedError, match="IQ4_NL"):
-        dequantize(np.zeros(18, np.uint8), 20, (32,))
+    with pytest.raises(UnsupportedError, match="IQ2_XXS"):
+        dequantize(np.zeros(66, np.uint8), 16, (256,))
     with pytest.raises(UnsupportedError, match="F64"):
         row_bytes(28, 4)
     assert type_name(12) == "Q4_K (type 12)"
