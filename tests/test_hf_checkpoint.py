@@ -213,3 +213,27 @@ def test_yarn_rope_scaling_maps_to_llama_cpp_keys(copy_of):
     _edit_json(d / "config.json", rope_scaling={"rope_type": "longrope", "factor": 4.0})
     with pytest.raises(UnsupportedError, match="longrope"):
         HFCheckpoint(d)
+
+
+@pytest.mark.parametrize("preset", ["tiny-lite", "tiny-v3"])
+def test_deepseek_config_matches_the_gguf_twin(preset, tmp_path):
+    """DeepseekV3ForCausalLM: MLA dims, routing (softmax / sigmoid with e_score_correction_bias,
+    groups, scale, norm), dense lead, shared experts and YaRN map to llama.cpp's deepseek2 keys;
+    kv_b_proj loads as attn_kv_b and the bias as exp_probs_b. Unsupported variants are named."""
+    folder, twin = cached_hf_test_model("deepseek2-kvb", GPTQ, preset=preset)
+    g = open_model(folder)
+    ours, want = config_from_gguf(g), config_from_gguf(GGUFFile(twin))
+    for f in ours.__dataclass_fields__:
+        if f != "name":
+            assert getattr(ours, f) == getattr(want, f), f
+    assert set(g.tensors) == set(GGUFFile(twin).tensors)
+    assert "blk.1.attn_kv_b.weight" in g.tensors
+    assert ("blk.1.exp_probs_b.bias" in g.tensors) == (preset == "tiny-v3")
+    d = tmp_path / "m"
+    shutil.copytree(folder, d)
+    _edit_json(d / "config.json", moe_layer_freq=2)
+    with pytest.raises(UnsupportedError, match="moe_layer_freq"):
+        HFCheckpoint(d)
+    _edit_json(d / "config.json", moe_layer_freq=1, scoring_func="sqrtsoftplus")
+    with pytest.raises(UnsupportedError, match="sqrtsoftplus"):
+        HFCheckpoint(d)

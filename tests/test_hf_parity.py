@@ -77,7 +77,28 @@ def _greedy(m: Model, ids: list[int], n: int) -> list[int]:
 @pytest.mark.llama
 @pytest.mark.parametrize("arch,opts", CASES, ids=[_id(c) for c in CASES])
 def test_folder_float_vs_llama_f32_twin(arch, opts, llama_cpp):
-    folder, twin = cached_hf_test_model(arch, opts)
+    _float_vs_twin(arch, opts)
+
+
+# DeepseekV3ForCausalLM folders (kv_b_proj, loaded as llama.cpp's attn_kv_b layout): V2-Lite-like
+# (no q LoRA, softmax) and V3-like (q LoRA, sigmoid with e_score_correction_bias, groups, YaRN)
+DEEPSEEK = ["tiny-lite", "tiny-v3"]
+
+
+@pytest.mark.llama
+@pytest.mark.parametrize("preset", DEEPSEEK)
+def test_deepseek_folder_float_vs_llama_f32_twin(preset, llama_cpp):
+    _float_vs_twin("deepseek2-kvb", QuantOptions("gptq", 128, sym=True), preset)
+
+
+@pytest.mark.llama
+@pytest.mark.parametrize("preset", DEEPSEEK)
+def test_deepseek_folder_kernels_within_llama_noise(preset, llama_cpp, tmp_path):
+    _kernels_within_noise("deepseek2-kvb", QuantOptions("gptq", 128, sym=True), tmp_path, preset)
+
+
+def _float_vs_twin(arch, opts, preset="tiny"):
+    folder, twin = cached_hf_test_model(arch, opts, preset=preset)
     ids = _prompt_ids()
     ref = LlamaRef(str(twin), n_ctx=512)
     want = ref.logits(ids)
@@ -137,14 +158,18 @@ def _blocks_gguf(folder: str, twin: str, out: str) -> str:
 @pytest.mark.llama
 @pytest.mark.parametrize("arch,opts", CASES[:4], ids=[_id(c) for c in CASES[:4]])
 def test_folder_kernels_within_llama_noise(arch, opts, llama_cpp, tmp_path):
-    folder, twin = cached_hf_test_model(arch, opts)
+    _kernels_within_noise(arch, opts, tmp_path)
+
+
+def _kernels_within_noise(arch, opts, tmp_path, preset="tiny"):
+    folder, twin = cached_hf_test_model(arch, opts, preset=preset)
     ids = _prompt_ids()
     exact = LlamaRef(str(twin), n_ctx=512).logits(ids)
     blocks = _blocks_gguf(str(folder), str(twin), str(tmp_path / "blocks.gguf"))
     llama_q = LlamaRef(blocks, n_ctx=512).logits(ids)
     noise = rel_err(llama_q, exact)
     m = hetero_moe.load(str(folder), threads=2, n_ctx=512, gpu="none")
-    assert m.net.blocks[0].ffn.use_kernel
+    assert m.net.blocks[-1].ffn.use_kernel
     ours = m.logits(ids).numpy()
     err = rel_err(ours, exact)
     stats = compare_logits(ours, exact)

@@ -50,6 +50,8 @@ LAYOUTS = {
     "Qwen2MoeForCausalLM": Layout("qwen2moe", "mlp"),
     "MixtralForCausalLM": Layout("llama", "block_sparse_moe", ("w1", "w3", "w2"), True),
     "LlamaForCausalLM": Layout("llama", None, permute_qk=True),
+    "DeepseekV3ForCausalLM": Layout("deepseek2", "mlp"),
+    "DeepseekV2ForCausalLM": Layout("deepseek2", "mlp"),
 }
 
 
@@ -122,7 +124,9 @@ def gguf_metadata(cfg: dict, path: Path) -> tuple[Layout, dict]:
         elif kind != "default":
             raise UnsupportedError(f"{path}: rope_scaling type {kind!r} is not supported "
                                    f"(supported: linear, yarn)")
-    if lay.moe is None:
+    if a == "deepseek2":
+        _deepseek_metadata(cfg, c, md, path)
+    elif lay.moe is None:
         md[f"{a}.feed_forward_length"] = c.get("intermediate_size", kind=int)
     elif name == "MixtralForCausalLM":
         md[f"{a}.expert_count"] = c.get("num_local_experts", kind=int)
@@ -148,6 +152,46 @@ def gguf_metadata(cfg: dict, path: Path) -> tuple[Layout, dict]:
     return lay, md
 
 
+def _deepseek_metadata(cfg: dict, c: _Cfg, md: dict, path: Path) -> None:
+    """DeepSeek-V2/V3 config keys -> the deepseek2 keys llama.cpp's converter writes (the
+    attn_kv_b layout: key/value_length are the decompressed head dims)."""
+    a = "deepseek2"
+    H = md[f"{a}.attention.head_count"]
+    md[f"{a}.attention.head_count_kv"] = H                 # MLA: every head reads the latent
+    if cfg.get("q_lora_rank"):
+        md[f"{a}.attention.q_lora_rank"] = c.get("q_lora_rank", kind=int)
+    else:
+        md[f"{a}.attention.q_lora_rank"] = 0
+    N, R = c.get("qk_nope_head_dim", kind=int), c.get("qk_rope_head_dim", kind=int)
+    md[f"{a}.attention.kv_lora_rank"] = c.get("kv_lora_rank", kind=int)
+    md[f"{a}.attention.key_length"] = N + R
+    md[f"{a}.attention.value_length"] = c.get("v_head_dim", kind=int)
+    md[f"{a}.rope.dimension_count"] = R
+    if cfg.get("moe_layer_freq", 1) != 1:
+        raise UnsupportedError(f"{path}: moe_layer_freq = {cfg.get('moe_layer_freq')!r} is not "
+                               f"supported (every block after first_k_dense_replace is MoE)")
+    md[f"{a}.leading_dense_block_count"] = c.get("first_k_dense_replace", 0, int)
+    md[f"{a}.feed_forward_length"] = c.get("intermediate_size", kind=int)
+    md[f"{a}.expert_feed_forward_length"] = c.get("moe_intermediate_size", kind=int)
+    md[f"{a}.expert_count"] = c.get("n_routed_experts", kind=int)
+    md[f"{a}.expert_used_count"] = c.get("num_experts_per_tok", kind=int)
+    md[f"{a}.expert_shared_count"] = c.get("n_shared_experts", 0, int)
+    md[f"{a}.expert_weights_scale"] = _f32(c.get("routed_scaling_factor", 1.0))
+    md[f"{a}.expert_weights_norm"] = bool(cfg.get("norm_topk_prob", False))
+    scoring = cfg.get("scoring_func", "softmax")
+    if scoring not in ("softmax", "sigmoid"):
+        raise UnsupportedError(f"{path}: scoring_func {scoring!r} is not supported (softmax, "
+                               f"sigmoid)")
+    md[f"{a}.expert_gating_func"] = 2 if scoring == "sigmoid" else 1
+    groups = cfg.get("n_group") or 1
+    if groups > 1:
+        md[f"{a}.expert_group_count"] = int(groups)
+        md[f"{a}.expert_group_used_count"] = c.get("topk_group", kind=int)
+    rs = cfg.get("rope_scaling") or {}
+    if rs.get("rope_type", rs.get("type")) == "yarn":
+        md[f"{a}.rope.scaling.yarn_log_multiplier"] = _f32(0.1 * rs.get("mscale_all_dim", 0.0))
+
+
 # -------------------------------------------------------------------------------- tensor names
 
 def _gguf_base(hf: str, lay: Layout) -> tuple[str, int | None] | None:
@@ -168,6 +212,12 @@ def _gguf_base(hf: str, lay: Layout) -> tuple[str, int | None] | None:
         "mlp.shared_expert.gate_proj": "ffn_gate_shexp", "mlp.shared_expert.up_proj":
             "ffn_up_shexp", "mlp.shared_expert.down_proj": "ffn_down_shexp",
         "mlp.shared_expert_gate": "ffn_gate_inp_shexp",
+        # DeepSeek: Multi-head Latent Attention, shared experts (plural)
+        "self_attn.q_a_proj": "attn_q_a", "self_attn.q_a_layernorm": "attn_q_a_norm",
+        "self_attn.q_b_proj": "attn_q_b", "self_attn.kv_a_proj_with_mqa": "attn_kv_a_mqa",
+        "self_attn.kv_a_layernorm": "attn_kv_a_norm", "self_attn.kv_b_proj": "attn_kv_b",
+        "mlp.shared_experts.gate_proj": "ffn_gate_shexp", "mlp.shared_experts.up_proj":
+            "ffn_up_shexp", "mlp.shared_experts.down_proj": "ffn_down_shexp",
     }
     if lay.moe is not None:
         per_layer[f"{lay.moe}.gate"] = "ffn_gate_inp"
@@ -237,6 +287,11 @@ class HFCheckpoint(GGUFFile):
             if e is not None:
                 experts.setdefault(gbase, {})[e] = parts
                 continue
+            if gbase.endswith(".ffn_gate_inp") and "e_score_correction_bias" in parts:
+                # DeepSeek-V3's selection bias: llama.cpp's exp_probs_b
+                parts = dict(parts)
+                bname = gbase.rsplit(".", 1)[0] + ".exp_probs_b.bias"
+                out[bname] = self._float(bname, parts.pop("e_score_correction_bias"))
             for suffix in parts:
                 if suffix not in ("weight", "bias") + _QSUFFIX:
                     raise GGUFFormatError(f"{parts[suffix].path}: tensor {base}.{suffix} is not "
