@@ -68,20 +68,23 @@ def _same_greedy(got, want, rows, what):
     return None
 
 
-@pytest.mark.parametrize("arch,preset", [("qwen3moe", "tiny"), ("llama-moe", "tiny"),
-                                         ("qwen2moe", "tiny"), ("olmoe", "tiny"),
-                                         ("llama", "tiny"), ("deepseek2", "tiny-lite")])
-def test_batch_of_4_equals_each_alone(arch, preset):
-    """deepseek2 (MLA) steps each sequence alone inside forward_batch: equal exactly."""
-    m = hetero_moe.load(tiny_model(arch, preset=preset), threads=2, n_ctx=128)
+@pytest.mark.parametrize("arch,preset,quant", [
+    ("qwen3moe", "tiny", "Q4_K_M"), ("llama-moe", "tiny", "Q4_K_M"), ("qwen2moe", "tiny", "Q4_K_M"),
+    ("olmoe", "tiny", "Q4_K_M"), ("llama", "tiny", "Q4_K_M"), ("deepseek2", "tiny-lite", "F16")])
+def test_batch_of_4_equals_each_alone(arch, preset, quant):
+    """deepseek2 (MLA) batches in the fused step too. Its Q4_K_M file is compared per step
+    (tests/test_fused_mla.py: rows within 1e-3 of each alone); over many steps MLA's extra int8
+    activation roundings (q_nope and the latent output per head) turn a last-bit difference into a
+    jump of a cached latent (measured, teacher-forced: 0.3-0.4 logit from step 2 on), so the greedy
+    runs are compared on its F16 file (float activations: measured at most 0.004 logit)."""
+    m = hetero_moe.load(tiny_model(arch, preset=preset, quant=quant), threads=2, n_ctx=128)
     prompts = [m.tokenize(p) for p in PROMPTS]
     got = _batched(m.net, prompts, N_GEN)
     parted = 0
     for j, ids in enumerate(prompts):
         want, rows = _alone(m.net, ids, N_GEN)
         parted += _same_greedy(got[j], want, rows, f"{arch} sequence {j}") is not None
-    assert parted <= (0 if arch == "deepseek2" else 1), \
-        f"{arch}: {parted} of 4 sequences parted at near-ties"
+    assert parted <= 1, f"{arch}: {parted} of 4 sequences parted at near-ties"
     m.close()
 
 
