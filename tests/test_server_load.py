@@ -188,10 +188,13 @@ def test_malformed_and_oversized_bodies_change_nothing(srv):
 
 # -- the queue and shutdown: a server with one slot and a queue of one ---------------------------
 @pytest.fixture()
-def small(path):
+def small():
+    """The 8-layer tiny model: its stream to the end of a 4096 context must outlast SIGTERM plus
+    the 1 s shutdown timeout (the 2-layer one decodes ~1500 tok/s here and could finish first)."""
+    from hetero_moe.testing.make_model import cached_test_model
     need_server_packages()
-    s = ServerProcess(path, "--parallel", "1", "--queue", "1", "--ctx", "4096",
-                      "--shutdown-timeout", "1")
+    s = ServerProcess(str(cached_test_model("qwen3moe", layers=8)), "--parallel", "1", "--queue",
+                      "1", "--ctx", "4096", "--shutdown-timeout", "1")
     yield s
     s.cleanup()
 
@@ -238,6 +241,7 @@ def test_full_queue_is_503_then_sigterm_drains(small):
         assert r.json()["error"]["type"] == "unavailable_error"
     # SIGTERM: no new work, the queued request gets an error event, the running one has 1 s
     # (--shutdown-timeout) to finish, then an error event; every stream ends with [DONE]
+    assert running.is_alive(), "the running stream ended before SIGTERM: use a slower model"
     small.proc.send_signal(signal.SIGTERM)
     running.join(60)
     queued.join(60)
