@@ -99,8 +99,9 @@ PyObject* py_type_info(PyObject*, PyObject* arg) {
     if (t == -1 && PyErr_Occurred()) return nullptr;
     const TypeInfo* ti = type_info((int)t);
     if (!ti) Py_RETURN_NONE;
-    return Py_BuildValue("{s:s,s:i,s:i,s:s,s:i,s:i}", "name", ti->name, "block", ti->block, "bytes", ti->bytes, "act",
-                         act_name(ti->act), "act_bytes", act_bytes(ti->act), "act_block", act_block(ti->act));
+    return Py_BuildValue("{s:s,s:i,s:i,s:s,s:i,s:i,s:i,s:i}", "name", ti->name, "block", ti->block, "bytes", ti->bytes,
+                         "act", act_name(ti->act), "act_bytes", act_bytes(ti->act), "act_block", act_block(ti->act),
+                         "group", ti->group, "repacked", repacked_type(t));
 }
 
 // quantize_act(weight_type, x, rows, cols, out): rows of x into the activation format of weight_type.
@@ -371,6 +372,9 @@ PyObject* py_dequantize_rows(PyObject*, PyObject* args) {
     if (n_rows < 0 || n_cols <= 0 || n_cols % ti->block || n_cols > (1LL << 30) || n_rows > (1LL << 30))
         return PyErr_Format(PyExc_ValueError, "n_rows=%lld, n_cols=%lld: n_cols must be a positive multiple of %d",
                             n_rows, n_cols, ti->block);
+    if (ti->group != 1)
+        return PyErr_Format(PyExc_ValueError, "%s rows are interleaved: unpack them first (repack(..., unpack=True))",
+                            ti->name);
     Buf r, o;
     if (!r.get(ro, "rows", false) || !o.get(oo, "out", true)) return nullptr;
     const long long rb = n_cols / ti->block * ti->bytes;
@@ -380,6 +384,20 @@ PyObject* py_dequantize_rows(PyObject*, PyObject* args) {
     for (long long i = 0; i < n_rows; ++i)
         dequantize_row(type, r.ptr<uint8_t>() + i * rb, (int)n_cols, o.ptr<float>() + i * n_cols);
     Py_RETURN_NONE;
+}
+
+// repack(type, src, n_rows, n_cols, dst, unpack): a matrix of `type` into its interleaved layout at dst
+// (unpack: the interleaved layout at src back to `type`), on the pool.
+PyObject* py_repack(PyObject*, PyObject* args) {
+    int type, unpack;
+    long long n_rows, n_cols;
+    PyObject *so, *dO;
+    if (!PyArg_ParseTuple(args, "iOLLOp", &type, &so, &n_rows, &n_cols, &dO, &unpack)) return nullptr;
+    Buf src, dst;
+    if (!src.get(so, "src", false) || !dst.get(dO, "dst", true)) return nullptr;
+    if (set_error(check_repack(type, n_rows, n_cols, src.len(), dst.len(), unpack))) return nullptr;
+    Py_BEGIN_ALLOW_THREADS repack(type, (int)n_rows, (int)n_cols, src.ptr<uint8_t>(), dst.ptr<uint8_t>(), unpack);
+    Py_END_ALLOW_THREADS Py_RETURN_NONE;
 }
 
 // ---- whole-model decode step ----
@@ -506,6 +524,7 @@ PyMethodDef methods[] = {
     {"attn_prefill", py_attn_prefill, METH_VARARGS, "Causal prompt attention over a float32 KV cache."},
     {"moe_submit", py_moe_submit, METH_VARARGS, "Start the fused MoE FFN; returns a handle."},
     {"dequantize_rows", py_dequantize_rows, METH_VARARGS, "Rows of a quantized type to float32."},
+    {"repack", py_repack, METH_VARARGS, "A matrix into its row-interleaved layout (or back), on the pool."},
     {"gelu_mul", py_gelu_mul, METH_VARARGS, "gelu(g) * u with ggml's f16-table GELU, on the pool."},
     {"rms_norm", py_rms_norm, METH_VARARGS, "RMSNorm of rows times a weight vector, on the pool."},
     {"attn_prep", py_attn_prep, METH_VARARGS, "Biases, q/k norms, RoPE and the KV-cache write for T tokens."},

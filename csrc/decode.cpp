@@ -98,6 +98,10 @@ bool read_mat(Reader& r, const std::string& name, long long rows, long long cols
         r.err = fmt("%s: ggml_type %lld is not supported by the CPU kernels", name, type);
         return false;
     }
+    if (!f32 && nr % ti->group) {
+        r.err = fmt("%s: %lld rows are not a multiple of the type's row group %lld", name, nr, (long long)ti->group);
+        return false;
+    }
     if (!f32 && nc % ti->block) {
         r.err = fmt("%s: %lld columns are not a multiple of the block size %lld", name, nc, ti->block);
         return false;

@@ -10,6 +10,7 @@
 #pragma GCC target("avx2,fma,f16c,bmi2,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
 #define HMOE_SIMD_NS avx512
 #define HMOE_VNNI 1
+#define HMOE_W512 1
 #include "kernels_simd.inc"
 
 namespace hmoe {

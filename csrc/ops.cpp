@@ -43,6 +43,50 @@ void quantize_rows(ActKind a, const float* x, int rows, int cols, uint8_t* out) 
     for (int r = 0; r < rows; ++r) q(x + (size_t)r * cols, out + r * rb, cols, act_bytes(a));
 }
 
+// ================================================================ repacking at load
+
+int repacked_type(int from) { return from == T_Q4_K ? T_Q4_K_R4 : -1; }
+
+std::string check_repack(int from, long long n_rows, long long n_cols, size_t src_len, size_t dst_len, bool unpack) {
+    const int to = repacked_type(from);
+    if (to < 0) return fmt("ggml_type %lld has no repacked layout", (long long)from);
+    const TypeInfo *tf = type_info(from), *tt = type_info(to);
+    if (n_rows <= 0 || n_rows > (1LL << 31) - 1 || n_rows % tt->group)
+        return fmt("n_rows=%lld must be a positive multiple of %lld (rows interleaved per group)", n_rows,
+                   (long long)tt->group);
+    if (n_cols <= 0 || n_cols > (1LL << 30) || n_cols % tf->block)
+        return fmt("n_cols=%lld must be a positive multiple of %lld", n_cols, (long long)tf->block);
+    const long long nf = n_rows * (n_cols / tf->block) * tf->bytes, nt = n_rows * (n_cols / tt->block) * tt->bytes;
+    const long long ns = unpack ? nt : nf, nd = unpack ? nf : nt;
+    if ((long long)src_len != ns) return fmt("src has %lld bytes, expected %lld", (long long)src_len, ns);
+    if ((long long)dst_len != nd) return fmt("dst has %lld bytes, expected %lld", (long long)dst_len, nd);
+    return "";
+}
+
+namespace {
+class RepackJob : public Job {
+public:
+    int n_rows = 0, n_cols = 0, per = 0;
+    const uint8_t* src = nullptr;
+    uint8_t* dst = nullptr;
+    bool unpack = false;
+    void run_task(int, int i) override {
+        const int r0 = i * per, r1 = std::min(n_rows, r0 + per);
+        (unpack ? unpack_q4_k_r4 : repack_q4_k_r4)(src, n_cols, r0, r1, dst);
+    }
+};
+}  // namespace
+
+void repack(int from, int n_rows, int n_cols, const uint8_t* src, uint8_t* dst, bool unpack) {
+    (void)from;  // Q4_K is the only repacked type so far (check_repack refused the others)
+    RepackJob job;
+    job.n_rows = n_rows, job.n_cols = n_cols, job.src = src, job.dst = dst, job.unpack = unpack;
+    job.per = 64;  // rows per task (a multiple of the group)
+    const int counts[1] = {ceil_div(n_rows, job.per)};
+    job.set_phases(counts, 1);
+    ThreadPool::instance().run(&job);
+}
+
 // ================================================================ dense matmul
 
 std::string check_matmul(int type, long long n_rows, long long n_cols, long long T, size_t w_len, size_t x_len,
@@ -51,6 +95,7 @@ std::string check_matmul(int type, long long n_rows, long long n_cols, long long
     if (!ti) return fmt("ggml_type %lld is not supported by the CPU kernels", type);
     if (n_rows <= 0 || n_rows > (1LL << 31) - 1) return fmt("n_rows=%lld must be in [1, 2^31)", n_rows);
     if (n_cols <= 0 || n_cols % ti->block) return fmt("n_cols=%lld must be a positive multiple of %lld", n_cols, ti->block);
+    if (n_rows % ti->group) return fmt("n_rows=%lld must be a multiple of %lld (rows interleaved per group)", n_rows, (long long)ti->group);
     if (T < 0 || T > (1LL << 31) - 1) return fmt("T=%lld must be in [0, 2^31)", T);
     const long long rb = n_cols / ti->block * ti->bytes;
     if ((long long)w_len != n_rows * rb)
@@ -368,6 +413,10 @@ std::string check_moe(const MoeArgs& a, const MoeLens& n) {
                    tg->block, tu->block);
     if (a.d_ff <= 0 || a.d_ff % td->block)
         return fmt("d_ff=%lld must be a positive multiple of the down block size %lld", a.d_ff, td->block);
+    if (a.d_ff % tg->group || a.d_ff % tu->group || a.d_model % td->group)
+        return fmt("d_ff=%lld, d_model=%lld: the rows of gate/up (d_ff) and down (d_model) must be multiples of their "
+                   "types' row groups (gate/up %lld, down %lld)", a.d_ff, a.d_model,
+                   (long long)std::max(tg->group, tu->group), (long long)td->group);
     const long long E = a.n_expert, D = a.d_model, F = a.d_ff, T = a.T, k = a.k;
     const long long eg = E * F * (D / tg->block) * tg->bytes, eu = E * F * (D / tu->block) * tu->bytes;
     const long long ed = E * D * (F / td->block) * td->bytes;

@@ -24,6 +24,12 @@ void set_active_kernels(const KernelSet* k);  // nullptr restores the best
 size_t act_row_bytes(ActKind a, int n_cols);
 void quantize_rows(ActKind a, const float* x, int rows, int cols, uint8_t* out);
 
+// ---- repacking at load: a matrix of type `from` into its interleaved form (repacked_type(from),
+// -1 if none) and back (unpack, for checks); rows split over the pool ----
+int repacked_type(int from);
+std::string check_repack(int from, long long n_rows, long long n_cols, size_t src_len, size_t dst_len, bool unpack);
+void repack(int from, int n_rows, int n_cols, const uint8_t* src, uint8_t* dst, bool unpack);
+
 // ---- dense matmul: out[T, n_rows] = x[T, n_cols] @ W[n_rows, n_cols]^T ----
 std::string check_matmul(int type, long long n_rows, long long n_cols, long long T, size_t w_len, size_t x_len,
                          size_t out_len);

@@ -548,7 +548,8 @@ def load(path: str | os.PathLike, threads: int | None = None, *, n_ctx: int | No
          gpu: str | bool = "auto", cpu_kernels: str = "auto", progress: bool = False,
          sparse_attn: str | SparseAttnConfig | None = None, plan=None,
          vram: str | int | None = None, stream_min_tokens: int | None = None,
-         stages: int | None = None, cluster: str | None = None, **options) -> Model:
+         stages: int | None = None, cluster: str | None = None, repack: bool = True,
+         **options) -> Model:
     """Open a GGUF model (single file, or the first part of a split model), or a Hugging Face
     folder (config.json, safetensors shards, tokenizer.json; float or GPTQ/AWQ int4 weights).
 
@@ -566,6 +567,9 @@ def load(path: str | os.PathLike, threads: int | None = None, *, n_ctx: int | No
             the cold experts they hit to the GPU instead of running them on the CPU (default
             (experts / experts per token) * 32; 0: never).
         cpu_kernels: "auto" (C++ quantized kernels when built) or "torch" (reference path).
+        repack: convert the weights the C++ kernels have a row-interleaved layout for (Q4_K) to
+            it at load (faster prompts and decode; the copy replaces the mapped pages, so memory
+            stays ~the file size); False multiplies the mapped GGUF blocks as they are.
         progress: show a progress bar on stderr while loading.
         sparse_attn: default attention for every call: "off" (dense, the default), "approx"
             (training-free block selection over mean-pooled keys), "nsa" (learned NSA weights
@@ -586,12 +590,13 @@ def load(path: str | os.PathLike, threads: int | None = None, *, n_ctx: int | No
     if stages is not None or cluster is not None:
         from .distributed import load_staged
         if gpu not in ("auto", "none", False, None) or plan is not None or sparse_attn not in (
-                None, "off"):
-            raise UnsupportedError("pipeline stages run on the CPU with dense attention: "
-                                   "drop gpu=, plan= and sparse_attn= (or stages=)")
+                None, "off") or not repack:
+            raise UnsupportedError("pipeline stages run on the CPU with dense attention and "
+                                   "repacked weights: drop gpu=, plan=, sparse_attn= and "
+                                   "repack=False (or stages=)")
         return load_staged(path, stages=1 if stages is None else stages, cluster=cluster,
-                           threads=threads,
-                           n_ctx=n_ctx, cpu_kernels=cpu_kernels, progress=progress, **options)
+                           threads=threads, n_ctx=n_ctx, cpu_kernels=cpu_kernels,
+                           progress=progress, **options)
     if options:
         raise TypeError(f"unknown option(s) for load(): {', '.join(sorted(options))}")
     if cpu_kernels not in ("auto", "torch"):
@@ -631,7 +636,14 @@ def load(path: str | os.PathLike, threads: int | None = None, *, n_ctx: int | No
         def cb(i, n):
             bar.update(1)
     try:
-        net = Transformer(cfg, g, placement, n_ctx, KernelOptions(cpu_kernels=cpu_kernels), cb,
+        repacked: set[str] = set()
+
+        def drop(name: str) -> None:          # a repacked tensor's mapped pages leave the process
+            repacked.add(name)
+            release(g, [name])
+
+        net = Transformer(cfg, g, placement, n_ctx,
+                          KernelOptions(cpu_kernels=cpu_kernels, repack=repack, release=drop), cb,
                           sparse=sparse)
     finally:
         if bar is not None:
@@ -640,6 +652,6 @@ def load(path: str | os.PathLike, threads: int | None = None, *, n_ctx: int | No
     # lm_head is read once per call, after the layers (their temporaries are gone by then)
     on_gpu = {n for n, v in (placement.plan.placement.items() if placement.has_gpu else ())
               if v == "gpu"}
-    prefault(g, {"token_embd.weight", "output.weight"} | on_gpu)
+    prefault(g, {"token_embd.weight", "output.weight"} | on_gpu | repacked)
     release(g, on_gpu)
     return Model(g, cfg, net, threads, time.perf_counter() - t0)

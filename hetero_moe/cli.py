@@ -20,6 +20,9 @@ def _add_model_opts(ap: argparse.ArgumentParser) -> None:
                     help="context window in tokens (default: model's, capped at 4096)")
     ap.add_argument("--cpu-kernels", choices=["auto", "torch"], default="auto",
                     help="CPU matmul path: C++ quantized kernels (auto) or torch reference")
+    ap.add_argument("--no-repack", dest="repack", action="store_false",
+                    help="multiply the mapped GGUF blocks as they are instead of converting Q4_K "
+                         "weights to the kernels' row-interleaved layout at load")
 
 
 def _add_gpu_opts(ap: argparse.ArgumentParser) -> None:
@@ -147,7 +150,7 @@ def _load(args, path: str):
                                cpu_kernels=args.cpu_kernels, progress=True, **staged)
     model = hetero_moe.load(path, threads=args.threads, n_ctx=args.ctx_size,
                             cpu_kernels=args.cpu_kernels, progress=True,
-                            sparse_attn=args.sparse, gpu=getattr(args, "gpu", "none"),
+                            repack=getattr(args, "repack", True), sparse_attn=args.sparse, gpu=getattr(args, "gpu", "none"),
                             plan=getattr(args, "plan", None), vram=getattr(args, "vram", None),
                             stream_min_tokens=getattr(args, "stream_min_tokens", None))
     if model.executor is not None:
@@ -272,7 +275,7 @@ def cmd_serve(args) -> int:
     keys = read_api_keys(args.api_key, args.api_key_file)
     path = _model_path(args)
     load_options = dict(threads=args.threads, n_ctx=args.ctx_size, cpu_kernels=args.cpu_kernels,
-                        progress=True, sparse_attn=args.sparse, gpu=args.gpu, plan=args.plan,
+                        repack=args.repack, progress=True, sparse_attn=args.sparse, gpu=args.gpu, plan=args.plan,
                         vram=args.vram, stream_min_tokens=args.stream_min_tokens)
     staged = _stage_options(args)
     if staged:
@@ -433,7 +436,7 @@ def cmd_inspect(args) -> int:
 
 def run_bench(path: str, n_prompt: int = 512, n_gen: int = 64, threads=None, repeats: int = 1,
               cpu_kernels: str = "auto", seed: int = 0, sparse_attn=None, gpu="none", plan=None,
-              vram=None, stream_min_tokens=None) -> dict:
+              vram=None, stream_min_tokens=None, repack: bool = True) -> dict:
     """Prefill tokens/s on an n_prompt-token prompt and decode tokens/s over n_gen tokens."""
     import numpy as np
     import psutil
@@ -442,7 +445,7 @@ def run_bench(path: str, n_prompt: int = 512, n_gen: int = 64, threads=None, rep
     t0 = time.perf_counter()
     model = hetero_moe.load(path, threads=threads, n_ctx=None if plan else n_prompt + n_gen + 8,
                             cpu_kernels=cpu_kernels, sparse_attn=sparse_attn, gpu=gpu, plan=plan,
-                            vram=vram, stream_min_tokens=stream_min_tokens)
+                            vram=vram, stream_min_tokens=stream_min_tokens, repack=repack)
     load_s = time.perf_counter() - t0
     rng = np.random.default_rng(seed)
     ids = rng.integers(10, model.config.n_vocab, size=n_prompt).tolist()
@@ -471,7 +474,7 @@ def run_bench(path: str, n_prompt: int = 512, n_gen: int = 64, threads=None, rep
         "load_seconds": load_s, "prefill_seconds": pre_s, "prefill_tps": n_prompt / pre_s,
         "decode_seconds": dec_s, "decode_tps": n_gen / dec_s, "peak_rss_bytes": peak,
         "rss_over_file": peak / model.gguf.file_size if peak else None,
-        "cpu_kernels": cpu_kernels, "sparse_attn": model.sparse_attn.mode,
+        "cpu_kernels": cpu_kernels, "repack": repack, "sparse_attn": model.sparse_attn.mode,
         "gpu": model.memory(),
     }
 
@@ -481,7 +484,7 @@ def cmd_bench(args) -> int:
         raise FileNotFoundError(f"model file not found: {args.model}")
     r = run_bench(args.model, args.n_prompt, args.n_gen, args.threads, args.repeats,
                   args.cpu_kernels, sparse_attn=args.sparse, gpu=args.gpu, plan=args.plan,
-                  vram=args.vram, stream_min_tokens=args.stream_min_tokens)
+                  vram=args.vram, stream_min_tokens=args.stream_min_tokens, repack=args.repack)
     if args.json:
         print(json.dumps(r, indent=2))
     else:

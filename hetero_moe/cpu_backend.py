@@ -294,6 +294,31 @@ def dequantize_rows(rows: np.ndarray, ggml_type: int, n_cols: int) -> torch.Tens
     return torch.from_numpy(out)
 
 
+def repacked_type(ggml_type: int) -> int | None:
+    """The row-interleaved layout the kernels have for ggml_type (Q4_K -> Q4_K_R4), or None."""
+    if not available():
+        return None
+    info = _lib().type_info(int(ggml_type))
+    return info["repacked"] if info is not None and info["repacked"] >= 0 else None
+
+
+def repack(w, ggml_type: int, n_rows: int, n_cols: int, unpack: bool = False) -> np.ndarray:
+    """The n_rows x n_cols matrix w (uint8 blocks of ggml_type) in its row-interleaved layout, a new
+    uint8 array (unpack=True: w is that layout, back to ggml_type). Rows of whole expert stacks may
+    be passed as one matrix: groups never cross an expert when its row count is a multiple of the
+    group. Runs on the kernel thread pool."""
+    to = repacked_type(ggml_type)
+    if to is None:
+        raise UnsupportedError(f"ggml type {ggml_type} has no row-interleaved layout")
+    n_rows, n_cols = _positive("n_rows", n_rows), _positive("n_cols", n_cols)
+    src_t, dst_t = (to, ggml_type) if unpack else (ggml_type, to)
+    w = _weight_buffer("w", w, n_rows * row_bytes(src_t, n_cols))
+    out = np.empty(n_rows * row_bytes(dst_t, n_cols), dtype=np.uint8)
+    m = _mod if _threads_set else _lib()
+    m.repack(int(ggml_type), w, n_rows, n_cols, out, bool(unpack))
+    return out
+
+
 def attn_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos0: int, scale: float,
                  out: torch.Tensor | None = None, window: int = 0) -> torch.Tensor:
     """Causal attention of T prompt tokens at positions pos0.. over the cache -> [T, H, dv].

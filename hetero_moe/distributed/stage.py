@@ -90,6 +90,7 @@ class StageGGUF(GGUFFile):
         del full
         self.spans: list[_Span] = []
         self.stage_bytes = 0
+        self.repacked_bytes = 0      # tensors whose pages a repacked copy replaced (release)
         self._parts = []
         if spec is None:
             self.tensors = table
@@ -136,9 +137,11 @@ class StageGGUF(GGUFFile):
                 if t is not None:
                     group.append(t)
         self.tensors = {}
+        self._span_of: dict[str, tuple[_Span, TensorInfo]] = {}
         for new, (t, mapped) in own.items():
             if mapped:
                 data = where[t.name].view(t)
+                self._span_of[new] = (where[t.name], t)
                 self.stage_bytes += t.nbytes
             else:            # small ones (an output norm) real zeros: float views need strides
                 data = np.zeros(t.nbytes, np.uint8) if t.nbytes <= SMALL_PLACEHOLDER else t.data
@@ -166,6 +169,25 @@ class StageGGUF(GGUFFile):
             done += len(s.mm)
         return done
 
+    def release(self, name: str) -> int:
+        """Drop this process's pages wholly inside the named tensor (its repacked copy replaced
+        them); they stay in the page cache. Returns the bytes released."""
+        hit = getattr(self, "_span_of", {}).get(name)
+        if hit is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return 0
+        span, t = hit
+        self.repacked_bytes += t.nbytes
+        page = mmap.PAGESIZE
+        a = -(-(t.offset - span.start) // page) * page
+        b = (t.offset - span.start + t.nbytes) // page * page
+        if b <= a:
+            return 0
+        try:
+            span.mm.madvise(mmap.MADV_DONTNEED, a, b - a)
+        except (OSError, ValueError):
+            return 0
+        return b - a
+
     def close(self) -> None:
         self.tensors.clear()
         for s in self.spans:
@@ -182,8 +204,9 @@ class _NoHead:
     def __init__(self, d: int):
         from ..layers.linear import CpuKernelMethod
         self.method, self.name = CpuKernelMethod(), "(no lm_head on this stage)"
-        self.raw = np.zeros(2 * d, dtype=np.uint8)
-        self.ggml_type, self.n_out, self.n_in, self.bias = 1, 1, d, None
+        self.raw = self.kraw = np.zeros(2 * d, dtype=np.uint8)
+        self.ggml_type = self.ktype = 1
+        self.n_out, self.n_in, self.bias = 1, d, None
 
 
 def file_rss(paths) -> tuple[int, int]:
@@ -231,9 +254,9 @@ class Stage:
             cpu_backend.set_num_threads(threads)
         self.g = StageGGUF(path, spec)
         self.cfg = config_from_gguf(self.g)
+        self.g.prefault()      # before the layers: repacked tensors then drop their pages
         self.net = Transformer(self.cfg, self.g, plan_placement("none"), n_ctx,
-                               KernelOptions(cpu_kernels=cpu_kernels))
-        self.g.prefault()
+                               KernelOptions(cpu_kernels=cpu_kernels, release=self.g.release))
         self.caches: dict[int, object] = {}
         self._fused = None
         self.trace: collections.deque = collections.deque(maxlen=TRACE_LEN)
@@ -395,6 +418,7 @@ class Stage:
             proc_rss = 0
         s = self.spec
         return {"stage": s.index, "first_layer": s.first, "last_layer": s.last - 1,
+                "repacked_bytes": self.g.repacked_bytes,
                 "pid": os.getpid(), "host": socket.gethostname(),
                 "stage_bytes": self.g.stage_bytes, "mapped_bytes": self.g.mapped_bytes(),
                 "spans": len(self.g.spans),

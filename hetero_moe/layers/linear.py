@@ -37,9 +37,33 @@ def float_tensor(t: TensorInfo) -> torch.Tensor:
 
 @dataclass
 class KernelOptions:
-    """Which CPU matmul path to use: "auto" (C++ kernels when built), "torch" (dequantize + matmul)."""
+    """Which CPU matmul path to use: "auto" (C++ kernels when built), "torch" (dequantize + matmul).
+
+    repack: weights the C++ kernels have a row-interleaved layout for (Q4_K) are converted to it
+    at load (four rows share each activation load: faster prompts and decode); the converted copy
+    replaces the mapped pages (`release(tensor_name)` drops them from this process).
+    """
     cpu_kernels: str = "auto"
     act_quant: bool = True   # torch path: quantize activations like the CPU kernels do
+    repack: bool = True
+    release: object = None   # callable(tensor name): drop the tensor's mapped pages
+
+
+def kernel_weights(t_name: str, raw, ggml_type: int, n_rows: int, n_cols: int,
+                   options: "KernelOptions"):
+    """(bytes, type) the C++ kernels multiply: the GGUF blocks as mapped, or their row-interleaved
+    copy when options.repack and the kernels have a layout for the type (rows a multiple of its
+    group); the mapped pages of a repacked tensor are then released."""
+    if not options.repack or not isinstance(raw, np.ndarray):
+        return raw, ggml_type
+    from .. import cpu_backend
+    to = cpu_backend.repacked_type(ggml_type)
+    if to is None or n_rows % cpu_backend.type_info(to)["group"]:
+        return raw, ggml_type
+    packed = cpu_backend.repack(raw, ggml_type, n_rows, n_cols)
+    if options.release is not None:
+        options.release(t_name)
+    return packed, to
 
 
 class DequantMatmulMethod:
@@ -64,11 +88,12 @@ class CpuKernelMethod:
     name = "cpu-kernel"
 
     def process_weights_after_loading(self, layer: "QuantLinear") -> None:
-        pass
+        layer.kraw, layer.ktype = kernel_weights(layer.name, layer.raw, layer.ggml_type,
+                                                 layer.n_out, layer.n_in, layer.options)
 
     def apply(self, layer: "QuantLinear", x: torch.Tensor, out=None) -> torch.Tensor:
         kernel = quant.QUANT_TYPES[layer.ggml_type].cpu_kernel
-        return kernel.matmul(layer.raw, layer.ggml_type, layer.n_out, layer.n_in,
+        return kernel.matmul(layer.kraw, layer.ktype, layer.n_out, layer.n_in,
                              x.float().contiguous(), out=out)
 
 
@@ -171,6 +196,8 @@ class QuantLinear:
             raise GGUFFormatError(f"{bias.path}: bias {bias.name!r} has shape {list(bias.shape)}, "
                                   f"expected [{self.n_out}]")
         self.act_quant = options.act_quant
+        self.options = options
+        self.kraw, self.ktype = self.raw, self.ggml_type   # what the C++ kernels multiply
         self.method = select_method(t.ggml_type, tier, device, options, placement)
         self.method.process_weights_after_loading(self)
 
@@ -199,7 +226,7 @@ def apply_group(layers: "list[QuantLinear]", x: torch.Tensor, outs=None) -> list
                                             for l in layers) \
             and len({l.n_in for l in layers}) == 1 and len(layers) <= 4:
         kernel = quant.QUANT_TYPES[layers[0].ggml_type].cpu_kernel
-        ys = kernel.matmul_multi([(l.raw, l.ggml_type, l.n_out) for l in layers], layers[0].n_in,
+        ys = kernel.matmul_multi([(l.kraw, l.ktype, l.n_out) for l in layers], layers[0].n_in,
                                  x.float().contiguous(), outs=outs)
         return [y if l.bias is None else y + l.bias for l, y in zip(layers, ys)]
     return [l(x) for l in layers]

@@ -83,6 +83,14 @@ class ExpertStack:
         self.name, self.raw, self.ggml_type = t.name, t.data, t.ggml_type
         self.rows, self.cols = rows, cols
         self.expert_bytes = rows * quant.row_bytes(t.ggml_type, cols)
+        self.n_expert = n_expert
+        self.kraw, self.ktype = self.raw, self.ggml_type   # what the C++ kernels multiply
+
+    def prepare_kernels(self, options) -> None:
+        """The C++ kernels' copy (linear.kernel_weights): every expert's rows as one matrix."""
+        from .linear import kernel_weights
+        self.kraw, self.ktype = kernel_weights(self.name, self.raw, self.ggml_type,
+                                               self.n_expert * self.rows, self.cols, options)
 
     def dequantize(self, e: int) -> torch.Tensor:               # -> [rows, cols] float32
         raw = self.raw[e * self.expert_bytes:(e + 1) * self.expert_bytes]
@@ -114,6 +122,9 @@ class MoE:
         self.counts: torch.Tensor | None = None   # set to zeros [E] to count routing picks
         self.use_kernel = (options.cpu_kernels != "torch" and all(
             cpu_kernels_usable(s.ggml_type, options) for s in (gate, up, down)))
+        if self.use_kernel:
+            for s in (gate, up, down):
+                s.prepare_kernels(options)
 
     def route(self, x: torch.Tensor):
         """-> (weights [T, K] float32, ids [T, K] int64).
@@ -172,9 +183,9 @@ class MoE:
         kernel = quant.QUANT_TYPES[self.gate.ggml_type].cpu_kernel
         return kernel.moe_ffn(
             x.contiguous(), ids.to(torch.int32).contiguous(), w.float().contiguous(),
-            self.gate.raw, self.up.raw, self.down.raw,
-            gate_type=self.gate.ggml_type, up_type=self.up.ggml_type,
-            down_type=self.down.ggml_type, n_expert=c.n_expert, d_model=c.n_embd,
+            self.gate.kraw, self.up.kraw, self.down.kraw,
+            gate_type=self.gate.ktype, up_type=self.up.ktype,
+            down_type=self.down.ktype, n_expert=c.n_expert, d_model=c.n_embd,
             d_ff=c.n_ff_exp, out=out)
 
     def __call__(self, x: torch.Tensor, ws=None) -> torch.Tensor:   # [T, D] -> [T, D]

@@ -98,8 +98,8 @@ class FusedDecode:
                 ints += [1] + self._buf(ffn.router, f"blk.{i}.ffn_gate_inp")
                 ints += self._buf(ffn.probs_bias, f"blk.{i}.exp_probs_b", optional=True)
                 for s in (ffn.gate, ffn.up, ffn.down):
-                    ints += [s.raw.ctypes.data, s.raw.nbytes, s.ggml_type, s.rows, s.cols]
-                    self._keep.append(s.raw)
+                    ints += [s.kraw.ctypes.data, s.kraw.nbytes, s.ktype, s.rows, s.cols]
+                    self._keep.append(s.kraw)
                 if ffn.shared is not None:
                     for lin in (ffn.shared.gate, ffn.shared.up, ffn.shared.down):
                         ints += self._mat(lin)
@@ -182,11 +182,11 @@ class FusedDecode:
     def _mat(self, lin: QuantLinear) -> list[int]:
         if not isinstance(lin.method, CpuKernelMethod):
             raise Unsupported(f"{lin.name} runs as {lin.method.name}")
-        raw = lin.raw
+        raw = lin.kraw
         if not (isinstance(raw, np.ndarray) and raw.dtype == np.uint8 and raw.flags.c_contiguous):
             raise Unsupported(f"{lin.name} is not a contiguous byte buffer")
         self._keep.append(raw)
-        return [raw.ctypes.data, raw.nbytes, lin.ggml_type, lin.n_out, lin.n_in]
+        return [raw.ctypes.data, raw.nbytes, lin.ktype, lin.n_out, lin.n_in]
 
     def step(self, x: torch.Tensor, pos: int) -> torch.Tensor:
         """x [1, D] float32 (the token's embedding; overwritten) at position pos -> logits [1, V].

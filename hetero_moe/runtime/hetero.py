@@ -195,8 +195,8 @@ class HeteroMoE:
             c = m.cfg
             from .. import cpu_backend
             return cpu_backend.moe_ffn_submit(
-                xh, ids_h, w_h, m.gate.raw, m.up.raw, m.down.raw, gate_type=m.gate.ggml_type,
-                up_type=m.up.ggml_type, down_type=m.down.ggml_type, n_expert=c.n_expert,
+                xh, ids_h, w_h, m.gate.kraw, m.up.kraw, m.down.kraw, gate_type=m.gate.ktype,
+                up_type=m.up.ktype, down_type=m.down.ktype, n_expert=c.n_expert,
                 d_model=c.n_embd, d_ff=c.n_ff_exp)
         y = m.experts_torch(xh, w_h * (ids_h >= 0), ids_h.clamp_min(0).long())
         return _Done(y)
