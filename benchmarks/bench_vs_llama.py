@@ -15,6 +15,8 @@ size, and decode bytes-per-token over time as a fraction of measured read bandwi
 
 --depth also measures decode after that many cached positions (long context), for each engine.
 
+--repack adds our runtime with Q4_K weights repacked at load (load(repack=True)) as an engine of
+its own, to measure what the row-interleaved layout gains on this CPU.
 --ik-bench PATH adds ik_llama.cpp as a third engine, twice: as is and with run-time repacking
 (`-rtr 1`), through its own `llama-bench` (PATH; built from ik_llama.cpp's source, see README), on
 the same file and threads; absent, those columns are left out. The CPU's SIMD flags and the kernel
@@ -72,9 +74,9 @@ def _child(engine: str, path: str, threads: int, n_prompt: int, n_gen: int,
     rng = np.random.default_rng(0)
     n_ctx = max([n_prompt] + depths) + n_gen + 8
     at = {}
-    if engine == "hetero-moe":
+    if engine in ("hetero-moe", PLAIN):
         import hetero_moe
-        m = hetero_moe.load(path, threads=threads, n_ctx=n_ctx)
+        m = hetero_moe.load(path, threads=threads, n_ctx=n_ctx, repack=engine == PLAIN)
         ids = rng.integers(10, m.config.n_vocab, size=n_prompt).tolist()
         m.eval(ids[:8], 0)                                   # warm-up
         t0 = time.perf_counter()
@@ -132,7 +134,8 @@ def _child(engine: str, path: str, threads: int, n_prompt: int, n_gen: int,
     return out
 
 
-IK_ENGINES = {"ik_llama.cpp": 0, "ik_llama.cpp -rtr": 1}    # engine name -> llama-bench -rtr
+IK_ENGINES = {"ik_llama.cpp": 0, "ik_llama.cpp -rtr": 1}
+PLAIN = "hetero-moe --repack"     # --repack: ours with Q4_K repacked at load (Q4_K_R4)    # engine name -> llama-bench -rtr
 
 
 def run_ik(bench: str, rtr: int, path, threads, n_prompt, n_gen, depths=()) -> dict:
@@ -202,6 +205,8 @@ def main() -> None:
                          "(e.g. 8192,32768)")
     ap.add_argument("--ik-bench", metavar="PATH", default="",
                     help="ik_llama.cpp's llama-bench: adds it as an engine, as is and with -rtr 1")
+    ap.add_argument("--repack", dest="plain", action="store_true",
+                    help=f"also run hetero-moe with Q4_K repacked at load ({PLAIN!r})")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -220,7 +225,8 @@ def main() -> None:
         raise SystemExit(f"--ik-bench {a.ik_bench!r} is not an executable llama-bench")
     quants = [q.strip() for q in a.quant.split(",") if q.strip()]
     paths = {q: resolve_model(a.model, a.layers, q) for q in quants}
-    engines = ["hetero-moe", "llama.cpp"] + (list(IK_ENGINES) if a.ik_bench else [])
+    engines = ["hetero-moe"] + ([PLAIN] if a.plain else []) + ["llama.cpp"] \
+        + (list(IK_ENGINES) if a.ik_bench else [])
     runs = {q: {e: [] for e in engines} for q in quants}
     cpu = cpu_facts()
     print(f"CPU: {cpu['flags']}; hetero-moe kernels: {cpu['variant']}", file=sys.stderr)

@@ -20,9 +20,10 @@ def _add_model_opts(ap: argparse.ArgumentParser) -> None:
                     help="context window in tokens (default: model's, capped at 4096)")
     ap.add_argument("--cpu-kernels", choices=["auto", "torch"], default="auto",
                     help="CPU matmul path: C++ quantized kernels (auto) or torch reference")
-    ap.add_argument("--no-repack", dest="repack", action="store_false",
-                    help="multiply the mapped GGUF blocks as they are instead of converting Q4_K "
-                         "weights to the kernels' row-interleaved layout at load")
+    ap.add_argument("--repack", action="store_true",
+                    help="convert Q4_K weights to the kernels' four-row interleaved layout at load "
+                         "(for CPUs with full-width AVX-512; on a Zen 4 it measured +2%% prompts, "
+                         "-9%% decode)")
 
 
 def _add_gpu_opts(ap: argparse.ArgumentParser) -> None:
@@ -150,7 +151,7 @@ def _load(args, path: str):
                                cpu_kernels=args.cpu_kernels, progress=True, **staged)
     model = hetero_moe.load(path, threads=args.threads, n_ctx=args.ctx_size,
                             cpu_kernels=args.cpu_kernels, progress=True,
-                            repack=getattr(args, "repack", True), sparse_attn=args.sparse, gpu=getattr(args, "gpu", "none"),
+                            repack=getattr(args, "repack", False), sparse_attn=args.sparse, gpu=getattr(args, "gpu", "none"),
                             plan=getattr(args, "plan", None), vram=getattr(args, "vram", None),
                             stream_min_tokens=getattr(args, "stream_min_tokens", None))
     if model.executor is not None:
@@ -436,7 +437,7 @@ def cmd_inspect(args) -> int:
 
 def run_bench(path: str, n_prompt: int = 512, n_gen: int = 64, threads=None, repeats: int = 1,
               cpu_kernels: str = "auto", seed: int = 0, sparse_attn=None, gpu="none", plan=None,
-              vram=None, stream_min_tokens=None, repack: bool = True) -> dict:
+              vram=None, stream_min_tokens=None, repack: bool = False) -> dict:
     """Prefill tokens/s on an n_prompt-token prompt and decode tokens/s over n_gen tokens."""
     import numpy as np
     import psutil

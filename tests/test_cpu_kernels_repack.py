@@ -171,12 +171,12 @@ def test_bad_repack_inputs():
 @pytest.mark.parametrize("arch,preset", [("qwen3moe", "tiny"), ("llama", "tiny"),
                                          ("deepseek2", "tiny-lite")])
 def test_model_repacked_equals_plain(arch, preset):
-    """Repacked at load (the default) vs the mapped blocks: the same logits up to float32
+    """Repacked at load vs the mapped blocks (the default): the same logits up to float32
     summation order at almost every position (a last-bit difference can move one int8 step of an
     activation, ~1% at that position), the fused decode step on R4 weights, greedy tokens equal."""
     path = tiny_model(arch, preset=preset)
-    a = hetero_moe.load(path, threads=2, n_ctx=128)
-    b = hetero_moe.load(path, threads=2, n_ctx=128, repack=False)
+    a = hetero_moe.load(path, threads=2, n_ctx=128, repack=True)
+    b = hetero_moe.load(path, threads=2, n_ctx=128)
     ktypes = {l.ktype for l in _linears(a)}
     assert Q4_K_R4 in ktypes, f"nothing was repacked: kernel types {ktypes}"
     assert Q4_K_R4 not in {l.ktype for l in _linears(b)}

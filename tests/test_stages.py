@@ -110,7 +110,7 @@ def test_each_stage_maps_only_its_layers(staged, path):
         # what the process maps and holds of the model file: its own pages, nothing else
         assert info["file_mapped"] <= own + info["spans"] * 2 * 65536, info
         assert info["file_rss"] <= info["file_mapped"], info
-        # prefaulted at load; the tensors repacked for the kernels hold anonymous copies instead
+        # prefaulted at load (tensors repacked for the kernels would hold anonymous copies instead)
         assert info["file_rss"] + info["repacked_bytes"] >= 0.9 * own, info
         assert info["file_rss"] < 0.75 * total, info
     assert sum(i["stage_bytes"] for i in infos) == total - emb

@@ -256,7 +256,7 @@ class Stage:
         self.cfg = config_from_gguf(self.g)
         self.g.prefault()      # before the layers: repacked tensors then drop their pages
         self.net = Transformer(self.cfg, self.g, plan_placement("none"), n_ctx,
-                               KernelOptions(cpu_kernels=cpu_kernels, release=self.g.release))
+                               KernelOptions(cpu_kernels=cpu_kernels))
         self.caches: dict[int, object] = {}
         self._fused = None
         self.trace: collections.deque = collections.deque(maxlen=TRACE_LEN)

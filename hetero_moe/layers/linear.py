@@ -40,12 +40,12 @@ class KernelOptions:
     """Which CPU matmul path to use: "auto" (C++ kernels when built), "torch" (dequantize + matmul).
 
     repack: weights the C++ kernels have a row-interleaved layout for (Q4_K) are converted to it
-    at load (four rows share each activation load: faster prompts and decode); the converted copy
-    replaces the mapped pages (`release(tensor_name)` drops them from this process).
+    at load (four rows share each activation load); the converted copy replaces the mapped pages
+    (`release(tensor_name)` drops them from this process). Off by default (see api.load).
     """
     cpu_kernels: str = "auto"
     act_quant: bool = True   # torch path: quantize activations like the CPU kernels do
-    repack: bool = True
+    repack: bool = False
     release: object = None   # callable(tensor name): drop the tensor's mapped pages
 
 
