@@ -194,7 +194,7 @@ def small():
     from hetero_moe.testing.make_model import cached_test_model
     need_server_packages()
     s = ServerProcess(str(cached_test_model("qwen3moe", layers=8)), "--parallel", "1", "--queue",
-                      "1", "--ctx", "4096", "--shutdown-timeout", "1")
+                      "1", "--ctx", "4096", "--shutdown-timeout", "1", "--metrics")
     yield s
     s.cleanup()
 
@@ -253,6 +253,40 @@ def test_full_queue_is_503_then_sigterm_drains(small):
     assert len(running.events) > 10 and "choices" in running.events[-3]
     assert queued.events[-2]["error"]["code"] == "shutting_down"
     assert "Traceback" not in small.output(), small.output()
+
+
+def test_a_queued_client_that_leaves_gives_its_place_back(small):
+    """--parallel 1 --queue 1, one stream running: a client waiting in the queue that disconnects
+    (streaming, or non-streaming after a read timeout) leaves the queue at once, so the next
+    request is queued rather than refused with 503 queue_full."""
+    import httpx
+    running = Streamer(small, 100000)                    # to the end of its 4096 context
+    running.start()
+    assert running.first.wait(60)
+    body = {"prompt": "Waiting in line", "max_tokens": 4, "stream": True}
+    with small.client() as c:
+        def queued() -> int:
+            return c.get("/health").json()["queued"]
+
+        with httpx.Client(timeout=60) as q:              # a queued stream, then it leaves
+            with q.stream("POST", small.url + "/v1/completions", json=body) as r:
+                assert r.status_code == 200
+                assert wait_until(lambda: queued() == 1, 10), c.get("/health").json()
+        assert wait_until(lambda: queued() == 0, 5), c.get("/health").json()
+        with pytest.raises(httpx.ReadTimeout):           # a queued non-streaming one gives up
+            httpx.post(small.url + "/v1/completions", json=dict(body, stream=False),
+                       timeout=1.0)
+        assert wait_until(lambda: queued() == 0, 5), c.get("/health").json()
+        # the place is free: the next request waits in the queue instead of a 503
+        with httpx.Client(timeout=60) as q:
+            with q.stream("POST", small.url + "/v1/completions", json=body) as r:
+                assert r.status_code == 200, r.read()
+                assert wait_until(lambda: queued() == 1, 10), c.get("/health").json()
+        assert wait_until(lambda: queued() == 0, 5), c.get("/health").json()
+        assert running.is_alive(), "the running stream ended during the test: use a slower model"
+        assert wait_until(lambda: metric(c, "hetero_moe_requests_total",
+                                         '{outcome="cancelled"}') == 3, 5)
+        assert c.get("/health").json()["slots_processing"] == 1
 
 
 def test_sigint_lets_a_running_request_finish(small):
