@@ -286,20 +286,28 @@ BAD = [
     (CHAT, {"messages": MSG, "seed": -5}, "seed"),
     (CHAT, {"messages": MSG, "stop": [""]}, "stop"),
     (CHAT, {"messages": MSG, "stop": ["a"] * 17}, "stop"),
-    (CHAT, {"messages": MSG, "top_logprobs": 2}, None),
+    (CHAT, {"messages": MSG, "top_logprobs": 2}, "top_logprobs"),
     (CHAT, {"messages": MSG, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
-    (CHAT, {"messages": MSG, "stream_options": {"include_usage": True}}, None),
-    (CHAT, {"messages": MSG, "tools": [{"type": "function"}]}, None),
-    (CHAT, {"messages": MSG, "response_format": {"type": "json_schema"}}, None),
-    (CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, None),
+    (CHAT, {"messages": MSG, "stream_options": {"include_usage": True}}, "stream_options"),
+    (CHAT, {"messages": MSG, "tools": [{"type": "function"}]}, "tools"),
+    (CHAT, {"messages": MSG, "response_format": {"type": "json_schema"}}, "response_format"),
+    (CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+     "messages.0.content"),
+    (CHAT, {"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
+    (CHAT, {"messages": [{"role": "user", "content": [{"text": SECRET}]}]},
+     "messages.0.content.0.type"),
+    (CHAT, {"messages": MSG, "stop": 5}, "stop"),
+    (CHAT, {"messages": MSG, "stop": [SECRET, 5]}, "stop.1"),
     (CHAT, {"messages": [{"role": "user", "content": SECRET * 200}]}, "messages"),  # > ctx
     (COMPL, {"prompt": SECRET * 200}, "prompt"),                                   # > ctx
     (COMPL, {"prompt": ""}, "prompt"),
     (COMPL, {"prompt": [1, 2, 10 ** 9]}, "prompt"),
-    (COMPL, {"prompt": ["a", "b"]}, None),
+    (COMPL, {"prompt": ["a", "b"]}, "prompt"),
+    (COMPL, {"prompt": 5}, "prompt"),
+    (COMPL, {"prompt": [SECRET, 5]}, "prompt.1"),
     (COMPL, {"prompt": "x", "logprobs": 21}, "logprobs"),
-    (COMPL, {"prompt": "x", "suffix": "y"}, None),
-    (COMPL, {"prompt": "x", "best_of": 3}, None),
+    (COMPL, {"prompt": "x", "suffix": "y"}, "suffix"),
+    (COMPL, {"prompt": "x", "best_of": 3}, "best_of"),
     (COMPL, {"prompt": "x", "n": 3}, "n"),
     ("/detokenize", {"tokens": [-1]}, "tokens"),
     ("/tokenize", {"content": 5}, "content"),
@@ -318,8 +326,42 @@ def test_bad_requests_are_400(http, route, body, param):
     assert err["type"] == "invalid_request_error" and err["message"]
     assert SECRET not in r.text                          # the input is never echoed back
     assert len(r.content) < 1000
-    if param is not None:
-        assert err["param"] == param, err
+    assert err["param"] == param, err       # None: the body as a whole
+
+
+# the whole message for some of them: the "must be a JSON object" wording only where the body is
+# not one, and a path without pydantic's union-member tags (content.str, prompt.list[str], ...)
+BAD_MESSAGES = [
+    (CHAT, b"[1, 2, 3]", "the request body must be a JSON object"),
+    (CHAT, b"", "the request body is empty: send a JSON object"),
+    (CHAT, {"messages": MSG, "top_logprobs": 2}, "top_logprobs needs logprobs=true"),
+    (CHAT, {"messages": MSG, "stream_options": {"include_usage": True}},
+     "stream_options is only allowed with stream=true"),
+    (CHAT, {"messages": MSG, "tools": [{"type": "function"}]},
+     "tools (function calling) are not supported"),
+    (CHAT, {"messages": [{"role": "user", "content": 5}]},
+     "messages.0.content: wrong type (expected str or list[ContentPart])"),
+    (CHAT, {"messages": [{"role": "user", "content": [{"text": SECRET}]}]},
+     "messages.0.content.0.type: Field required"),
+    (CHAT, {"messages": MSG, "stop": [SECRET, 5]}, "stop.1: Input should be a valid string"),
+    (COMPL, {"prompt": "x", "suffix": "y"}, "suffix (fill-in-the-middle) is not supported"),
+    (COMPL, {"prompt": "x", "best_of": 3}, "best_of=3 is not supported (only 1)"),
+    (COMPL, {"prompt": ["a", "b"]},
+     "one prompt per request, got a batch of 2 (send them as separate requests)"),
+    (COMPL, {"prompt": 5},
+     "prompt: wrong type (expected str or list[str] or list[int] or list[list[int]])"),
+]
+
+
+@pytest.mark.parametrize("route,body,message", BAD_MESSAGES,
+                         ids=[f"{i}" for i in range(len(BAD_MESSAGES))])
+def test_bad_request_messages(http, route, body, message):
+    if isinstance(body, bytes):
+        r = http.post(route, content=body, headers={"Content-Type": "application/json"})
+    else:
+        r = http.post(route, json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["message"] == message
 
 
 def test_oversized_body_is_400(http):
