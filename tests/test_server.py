@@ -227,6 +227,22 @@ def test_prompt_cache_reuse_and_usage(oai, srv, ref):
     assert raw["timings"]["prompt_n"] == r2.usage.prompt_tokens - cached
 
 
+def test_prompt_cache_picks_the_slot_with_the_longest_prefix(http):
+    """2 slots: prompt a, then b, then b + more reuses b's slot (least-recently-used would pick
+    a's), then a + more reuses a's (most-recently-used would pick b's). Token-id prompts, and one
+    generated token (never written to the cache), so a slot holds exactly its prompt."""
+    a = list(range(1000, 1040))
+    b = list(range(2000, 2030))
+
+    def cached(ids: list[int]) -> int:
+        r = http.post(COMPL, json={"prompt": ids, "max_tokens": 1, "temperature": 0})
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert cached(a) == 0 and cached(b) == 0
+    assert cached(b + list(range(3000, 3010))) == len(b)
+    assert cached(a + list(range(4000, 4010))) == len(a)
+
+
 def test_max_completion_tokens_and_penalties(oai, srv):
     r = oai.chat.completions.create(model=model_id(srv), messages=[{"role": "user",
                                                                     "content": "Hi"}],
@@ -259,6 +275,74 @@ def test_metrics(http):
         assert name in text, name
     gen = [ln for ln in text.splitlines() if ln.startswith("hetero_moe_generated_tokens_total")]
     assert float(gen[0].split()[-1]) > 0
+
+
+# -- sampling defaults: request, else the GGUF's general.sampling.*, else OpenAI's ---------------
+GGUF_SAMPLING = {"general.sampling.temp": 0.5, "general.sampling.top_k": 1,
+                 "general.sampling.top_p": 0.75, "general.sampling.penalty_last_n": 32,
+                 "general.sampling.penalty_repeat": -1.0}     # invalid: ignored
+
+
+def with_metadata(src: str, dst, extra: dict) -> str:
+    """A copy of the GGUF `src` with the metadata `extra` added (ints as INT32, floats as
+    FLOAT32)."""
+    import gguf
+    from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
+    reader = gguf.GGUFReader(src)
+    arch = reader.fields["general.architecture"].contents()
+    new = {k: MetadataDetails(gguf.GGUFValueType.INT32 if isinstance(v, int) else
+                              gguf.GGUFValueType.FLOAT32, v) for k, v in extra.items()}
+    copy_with_new_metadata(reader, gguf.GGUFWriter(str(dst), arch), new, [])
+    return str(dst)
+
+
+def test_sampling_precedence_unit():
+    from hetero_moe.server import sampling_defaults
+    from hetero_moe.server.protocol import OPENAI_DEFAULTS, ChatCompletionRequest
+
+    gguf_defaults = sampling_defaults(dict(GGUF_SAMPLING))       # .get() is all it reads
+    assert gguf_defaults == {"temperature": 0.5, "top_k": 1, "top_p": 0.75, "repeat_last_n": 32}
+    req = ChatCompletionRequest(messages=MSG, temperature=0.25, min_p=0.1)
+    p = req.sampling(8, gguf_defaults)
+    assert (p.temperature, p.min_p) == (0.25, 0.1)                # the request
+    assert (p.top_k, p.top_p, p.repeat_last_n) == (1, 0.75, 32)   # the GGUF
+    assert p.repeat_penalty == OPENAI_DEFAULTS["repeat_penalty"] == 1.0   # OpenAI's (the
+    assert p.presence_penalty == 0.0                                     # GGUF's is invalid)
+    q = ChatCompletionRequest(messages=MSG).sampling(8, {})
+    assert (q.temperature, q.top_k, q.top_p) == (1.0, 0, 1.0)     # no GGUF keys: OpenAI's
+
+
+def test_gguf_sampling_defaults_served(path, tmp_path):
+    """A model whose GGUF recommends top_k=1: a request that names no sampling field decodes
+    greedily whatever its seed; one that sets top_k=0 samples (the request wins); /v1/models
+    shows the values in effect."""
+    need_server_packages()
+    model = with_metadata(path, tmp_path / "sampling.gguf", GGUF_SAMPLING)
+    s = ServerProcess(model, "--parallel", "1", "--ctx", "128")
+    try:
+        with s.client() as c:
+            meta = c.get("/v1/models").json()["data"][0]["meta"]
+            assert meta["sampling_defaults"] == {
+                "temperature": 0.5, "top_p": 0.75, "top_k": 1, "min_p": 0.0,
+                "repeat_penalty": 1.0, "repeat_last_n": 32, "frequency_penalty": 0.0,
+                "presence_penalty": 0.0}
+            assert meta["sampling_from_gguf"] == ["repeat_last_n", "temperature", "top_k",
+                                                  "top_p"]
+
+            def text(**kw) -> str:
+                r = c.post(COMPL, json={"prompt": "Once upon a time", "max_tokens": 16,
+                                        "cache_prompt": False, **kw})
+                assert r.status_code == 200, r.text
+                return r.json()["choices"][0]["text"]
+            greedy = text(temperature=0)
+            assert text(seed=1) == text(seed=2) == greedy               # the GGUF's top_k=1
+            sampled = {text(seed=i, top_k=0, temperature=1.0, top_p=1.0) for i in (1, 2, 3)}
+            assert len(sampled) > 1 and greedy not in sampled           # the request's top_k
+    finally:
+        code = s.stop()
+        out = s.output()
+        s.cleanup()
+    assert code == 0 and "Traceback" not in out, out
 
 
 # -- errors ---------------------------------------------------------------------------------------

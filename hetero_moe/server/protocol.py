@@ -27,6 +27,12 @@ GGUF_SAMPLING_KEYS = {"temperature": "general.sampling.temp", "top_k": "general.
                       "repeat_last_n": "general.sampling.penalty_last_n"}
 
 
+def effective_sampling(defaults: dict) -> dict:
+    """The value each sampling field takes when a request leaves it out: the model's `defaults`
+    (its GGUF's general.sampling.*), else OpenAI's."""
+    return {name: defaults.get(name, v) for name, v in OPENAI_DEFAULTS.items()}
+
+
 class APIError(Exception):
     """An error response: HTTP status, OpenAI error type, the parameter at fault, a code."""
 
@@ -155,10 +161,10 @@ class _Sampling(_Body):
                  echo: bool = False) -> SamplingParams:
         """SamplingParams: each field from the request, else the model's `defaults` (the GGUF's
         general.sampling.*), else OpenAI's."""
-        fields = {}
-        for name, default in OPENAI_DEFAULTS.items():
-            v = getattr(self, name)
-            fields[name] = v if v is not None else defaults.get(name, default)
+        fields = effective_sampling(defaults)
+        for name in OPENAI_DEFAULTS:
+            if getattr(self, name) is not None:
+                fields[name] = getattr(self, name)
         seed = None if self.seed in (None, -1) else self.seed
         p = SamplingParams(max_tokens=max_tokens, seed=seed, stop=self.stop, logprobs=logprobs,
                            echo=echo, **fields)
