@@ -2,7 +2,13 @@
 
 For each N (default 1, 2, 4, 8): N clients each send streaming chat completions back to back for
 --seconds; reported: aggregate generated tokens/s (all clients, from the usage chunks), time to
-first token and inter-token latency (between content chunks) p50/p99, requests completed.
+first token, time per output token (TPOT: per request, from its first content chunk to its
+finish_reason chunk over its completion_tokens - 1, from usage) and the time between content
+chunks, each p50/p99, and requests completed.
+
+The time between chunks is not a per-token latency: the server merges the pieces that queued up
+while a client was being served into one chunk, so a chunk can carry several tokens (TPOT counts
+them).
 
     python benchmarks/bench_server.py                       # the demo model
     python benchmarks/bench_server.py MODEL.gguf --clients 1 2 4 8 --seconds 20 --json out.json
@@ -43,7 +49,8 @@ async def client(http, url: str, model: str, i: int, deadline: float, max_tokens
                                                          f"fox, a river and a lost key."}]}
         n += 1
         t0 = time.perf_counter()
-        last = None
+        last = first = done = None
+        n_tokens = 0
         try:
             async with http.stream("POST", url + "/v1/chat/completions", json=body) as r:
                 if r.status_code != 200:
@@ -55,27 +62,34 @@ async def client(http, url: str, model: str, i: int, deadline: float, max_tokens
                         continue
                     ev = json.loads(line[6:])
                     if ev.get("usage"):
-                        out["tokens"] += ev["usage"]["completion_tokens"]
+                        n_tokens = ev["usage"]["completion_tokens"]
+                        out["tokens"] += n_tokens
                         continue
                     ch = ev.get("choices") or [{}]
                     if ch[0].get("delta", {}).get("content"):
                         now = time.perf_counter()
                         if last is None:
                             out["ttft"].append(now - t0)
+                            first = now
                         else:
-                            out["itl"].append(now - last)
+                            out["chunk_gap"].append(now - last)
                         last = now
+                    if ch[0].get("finish_reason"):
+                        done = time.perf_counter()
         except httpx.HTTPError:
             out["errors"] += 1
             continue
         out["requests"] += 1
         out["t_end"] = max(out["t_end"], time.perf_counter())
+        if first is not None and done is not None and n_tokens > 1:
+            out["tpot"].append((done - first) / (n_tokens - 1))
 
 
 async def run_level(url: str, model: str, n: int, seconds: float, max_tokens: int,
                     headers: dict) -> dict:
     import httpx
-    out = {"tokens": 0, "ttft": [], "itl": [], "requests": 0, "errors": 0, "t_end": 0.0}
+    out = {"tokens": 0, "ttft": [], "tpot": [], "chunk_gap": [], "requests": 0, "errors": 0,
+           "t_end": 0.0}
     limits = httpx.Limits(max_connections=n + 2, max_keepalive_connections=n + 2)
     async with httpx.AsyncClient(timeout=600, limits=limits, headers=headers) as http:
         t0 = time.perf_counter()
@@ -85,7 +99,9 @@ async def run_level(url: str, model: str, n: int, seconds: float, max_tokens: in
     return {"clients": n, "seconds": wall, "requests": out["requests"], "errors": out["errors"],
             "tokens": out["tokens"], "tok_s": out["tokens"] / wall if wall > 0 else 0.0,
             "ttft_p50_ms": 1000 * pct(out["ttft"], 50), "ttft_p99_ms": 1000 * pct(out["ttft"], 99),
-            "itl_p50_ms": 1000 * pct(out["itl"], 50), "itl_p99_ms": 1000 * pct(out["itl"], 99)}
+            "tpot_p50_ms": 1000 * pct(out["tpot"], 50), "tpot_p99_ms": 1000 * pct(out["tpot"], 99),
+            "chunk_gap_p50_ms": 1000 * pct(out["chunk_gap"], 50),
+            "chunk_gap_p99_ms": 1000 * pct(out["chunk_gap"], 99)}
 
 
 def start_server(model: str | None, parallel: int, extra: list[str]):
@@ -161,9 +177,10 @@ def main(argv=None) -> int:
                 r["batched_step_share"] = bs / steps if steps else 0.0
             rows.append(r)
             print(f"N={n:2d}: {r['tok_s']:8.1f} tok/s aggregate | TTFT p50 {r['ttft_p50_ms']:7.1f} "
-                  f"p99 {r['ttft_p99_ms']:7.1f} ms | ITL p50 {r['itl_p50_ms']:6.1f} p99 "
-                  f"{r['itl_p99_ms']:6.1f} ms | {r['requests']} requests, {r['errors']} errors",
-                  file=sys.stderr, flush=True)
+                  f"p99 {r['ttft_p99_ms']:7.1f} ms | TPOT p50 {r['tpot_p50_ms']:6.1f} p99 "
+                  f"{r['tpot_p99_ms']:6.1f} ms | between chunks p50 {r['chunk_gap_p50_ms']:6.1f} "
+                  f"p99 {r['chunk_gap_p99_ms']:6.1f} ms | {r['requests']} requests, "
+                  f"{r['errors']} errors", file=sys.stderr, flush=True)
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)
@@ -175,14 +192,14 @@ def main(argv=None) -> int:
     base = rows[0]["tok_s"] if rows and rows[0]["clients"] == 1 else None
     print(f"\nmodel: {model} ({info['meta'].get('arch')}, {info['meta'].get('size', 0) / 2**20:.1f}"
           f" MiB); {info['meta'].get('placement')}; {os.cpu_count()} CPUs")
-    print("| clients | aggregate tok/s | vs 1 client | TTFT p50 / p99 ms | ITL p50 / p99 ms | "
-          "requests |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print("| clients | aggregate tok/s | vs 1 client | TTFT p50 / p99 ms | TPOT p50 / p99 ms | "
+          "between chunks p50 / p99 ms | requests |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         rel = f"{r['tok_s'] / base:.2f}x" if base else "-"
         print(f"| {r['clients']} | {r['tok_s']:.1f} | {rel} | {r['ttft_p50_ms']:.0f} / "
-              f"{r['ttft_p99_ms']:.0f} | {r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} | "
-              f"{r['requests']} |")
+              f"{r['ttft_p99_ms']:.0f} | {r['tpot_p50_ms']:.1f} / {r['tpot_p99_ms']:.1f} | "
+              f"{r['chunk_gap_p50_ms']:.1f} / {r['chunk_gap_p99_ms']:.1f} | {r['requests']} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": model, "meta": info["meta"], "url": url,

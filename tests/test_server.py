@@ -227,6 +227,22 @@ def test_prompt_cache_reuse_and_usage(oai, srv, ref):
     assert raw["timings"]["prompt_n"] == r2.usage.prompt_tokens - cached
 
 
+def test_prompt_cache_picks_the_slot_with_the_longest_prefix(http):
+    """2 slots: prompt a, then b, then b + more reuses b's slot (least-recently-used would pick
+    a's), then a + more reuses a's (most-recently-used would pick b's). Token-id prompts, and one
+    generated token (never written to the cache), so a slot holds exactly its prompt."""
+    a = list(range(1000, 1040))
+    b = list(range(2000, 2030))
+
+    def cached(ids: list[int]) -> int:
+        r = http.post(COMPL, json={"prompt": ids, "max_tokens": 1, "temperature": 0})
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert cached(a) == 0 and cached(b) == 0
+    assert cached(b + list(range(3000, 3010))) == len(b)
+    assert cached(a + list(range(4000, 4010))) == len(a)
+
+
 def test_max_completion_tokens_and_penalties(oai, srv):
     r = oai.chat.completions.create(model=model_id(srv), messages=[{"role": "user",
                                                                     "content": "Hi"}],
@@ -261,6 +277,74 @@ def test_metrics(http):
     assert float(gen[0].split()[-1]) > 0
 
 
+# -- sampling defaults: request, else the GGUF's general.sampling.*, else OpenAI's ---------------
+GGUF_SAMPLING = {"general.sampling.temp": 0.5, "general.sampling.top_k": 1,
+                 "general.sampling.top_p": 0.75, "general.sampling.penalty_last_n": 32,
+                 "general.sampling.penalty_repeat": -1.0}     # invalid: ignored
+
+
+def with_metadata(src: str, dst, extra: dict) -> str:
+    """A copy of the GGUF `src` with the metadata `extra` added (ints as INT32, floats as
+    FLOAT32)."""
+    import gguf
+    from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
+    reader = gguf.GGUFReader(src)
+    arch = reader.fields["general.architecture"].contents()
+    new = {k: MetadataDetails(gguf.GGUFValueType.INT32 if isinstance(v, int) else
+                              gguf.GGUFValueType.FLOAT32, v) for k, v in extra.items()}
+    copy_with_new_metadata(reader, gguf.GGUFWriter(str(dst), arch), new, [])
+    return str(dst)
+
+
+def test_sampling_precedence_unit():
+    from hetero_moe.server import sampling_defaults
+    from hetero_moe.server.protocol import OPENAI_DEFAULTS, ChatCompletionRequest
+
+    gguf_defaults = sampling_defaults(dict(GGUF_SAMPLING))       # .get() is all it reads
+    assert gguf_defaults == {"temperature": 0.5, "top_k": 1, "top_p": 0.75, "repeat_last_n": 32}
+    req = ChatCompletionRequest(messages=MSG, temperature=0.25, min_p=0.1)
+    p = req.sampling(8, gguf_defaults)
+    assert (p.temperature, p.min_p) == (0.25, 0.1)                # the request
+    assert (p.top_k, p.top_p, p.repeat_last_n) == (1, 0.75, 32)   # the GGUF
+    assert p.repeat_penalty == OPENAI_DEFAULTS["repeat_penalty"] == 1.0   # OpenAI's (the
+    assert p.presence_penalty == 0.0                                     # GGUF's is invalid)
+    q = ChatCompletionRequest(messages=MSG).sampling(8, {})
+    assert (q.temperature, q.top_k, q.top_p) == (1.0, 0, 1.0)     # no GGUF keys: OpenAI's
+
+
+def test_gguf_sampling_defaults_served(path, tmp_path):
+    """A model whose GGUF recommends top_k=1: a request that names no sampling field decodes
+    greedily whatever its seed; one that sets top_k=0 samples (the request wins); /v1/models
+    shows the values in effect."""
+    need_server_packages()
+    model = with_metadata(path, tmp_path / "sampling.gguf", GGUF_SAMPLING)
+    s = ServerProcess(model, "--parallel", "1", "--ctx", "128")
+    try:
+        with s.client() as c:
+            meta = c.get("/v1/models").json()["data"][0]["meta"]
+            assert meta["sampling_defaults"] == {
+                "temperature": 0.5, "top_p": 0.75, "top_k": 1, "min_p": 0.0,
+                "repeat_penalty": 1.0, "repeat_last_n": 32, "frequency_penalty": 0.0,
+                "presence_penalty": 0.0}
+            assert meta["sampling_from_gguf"] == ["repeat_last_n", "temperature", "top_k",
+                                                  "top_p"]
+
+            def text(**kw) -> str:
+                r = c.post(COMPL, json={"prompt": "Once upon a time", "max_tokens": 16,
+                                        "cache_prompt": False, **kw})
+                assert r.status_code == 200, r.text
+                return r.json()["choices"][0]["text"]
+            greedy = text(temperature=0)
+            assert text(seed=1) == text(seed=2) == greedy               # the GGUF's top_k=1
+            sampled = {text(seed=i, top_k=0, temperature=1.0, top_p=1.0) for i in (1, 2, 3)}
+            assert len(sampled) > 1 and greedy not in sampled           # the request's top_k
+    finally:
+        code = s.stop()
+        out = s.output()
+        s.cleanup()
+    assert code == 0 and "Traceback" not in out, out
+
+
 # -- errors ---------------------------------------------------------------------------------------
 SECRET = "SECRET-INPUT-MARKER"
 CHAT = "/v1/chat/completions"
@@ -286,20 +370,28 @@ BAD = [
     (CHAT, {"messages": MSG, "seed": -5}, "seed"),
     (CHAT, {"messages": MSG, "stop": [""]}, "stop"),
     (CHAT, {"messages": MSG, "stop": ["a"] * 17}, "stop"),
-    (CHAT, {"messages": MSG, "top_logprobs": 2}, None),
+    (CHAT, {"messages": MSG, "top_logprobs": 2}, "top_logprobs"),
     (CHAT, {"messages": MSG, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
-    (CHAT, {"messages": MSG, "stream_options": {"include_usage": True}}, None),
-    (CHAT, {"messages": MSG, "tools": [{"type": "function"}]}, None),
-    (CHAT, {"messages": MSG, "response_format": {"type": "json_schema"}}, None),
-    (CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, None),
+    (CHAT, {"messages": MSG, "stream_options": {"include_usage": True}}, "stream_options"),
+    (CHAT, {"messages": MSG, "tools": [{"type": "function"}]}, "tools"),
+    (CHAT, {"messages": MSG, "response_format": {"type": "json_schema"}}, "response_format"),
+    (CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+     "messages.0.content"),
+    (CHAT, {"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
+    (CHAT, {"messages": [{"role": "user", "content": [{"text": SECRET}]}]},
+     "messages.0.content.0.type"),
+    (CHAT, {"messages": MSG, "stop": 5}, "stop"),
+    (CHAT, {"messages": MSG, "stop": [SECRET, 5]}, "stop.1"),
     (CHAT, {"messages": [{"role": "user", "content": SECRET * 200}]}, "messages"),  # > ctx
     (COMPL, {"prompt": SECRET * 200}, "prompt"),                                   # > ctx
     (COMPL, {"prompt": ""}, "prompt"),
     (COMPL, {"prompt": [1, 2, 10 ** 9]}, "prompt"),
-    (COMPL, {"prompt": ["a", "b"]}, None),
+    (COMPL, {"prompt": ["a", "b"]}, "prompt"),
+    (COMPL, {"prompt": 5}, "prompt"),
+    (COMPL, {"prompt": [SECRET, 5]}, "prompt.1"),
     (COMPL, {"prompt": "x", "logprobs": 21}, "logprobs"),
-    (COMPL, {"prompt": "x", "suffix": "y"}, None),
-    (COMPL, {"prompt": "x", "best_of": 3}, None),
+    (COMPL, {"prompt": "x", "suffix": "y"}, "suffix"),
+    (COMPL, {"prompt": "x", "best_of": 3}, "best_of"),
     (COMPL, {"prompt": "x", "n": 3}, "n"),
     ("/detokenize", {"tokens": [-1]}, "tokens"),
     ("/tokenize", {"content": 5}, "content"),
@@ -318,8 +410,42 @@ def test_bad_requests_are_400(http, route, body, param):
     assert err["type"] == "invalid_request_error" and err["message"]
     assert SECRET not in r.text                          # the input is never echoed back
     assert len(r.content) < 1000
-    if param is not None:
-        assert err["param"] == param, err
+    assert err["param"] == param, err       # None: the body as a whole
+
+
+# the whole message for some of them: the "must be a JSON object" wording only where the body is
+# not one, and a path without pydantic's union-member tags (content.str, prompt.list[str], ...)
+BAD_MESSAGES = [
+    (CHAT, b"[1, 2, 3]", "the request body must be a JSON object"),
+    (CHAT, b"", "the request body is empty: send a JSON object"),
+    (CHAT, {"messages": MSG, "top_logprobs": 2}, "top_logprobs needs logprobs=true"),
+    (CHAT, {"messages": MSG, "stream_options": {"include_usage": True}},
+     "stream_options is only allowed with stream=true"),
+    (CHAT, {"messages": MSG, "tools": [{"type": "function"}]},
+     "tools (function calling) are not supported"),
+    (CHAT, {"messages": [{"role": "user", "content": 5}]},
+     "messages.0.content: wrong type (expected str or list[ContentPart])"),
+    (CHAT, {"messages": [{"role": "user", "content": [{"text": SECRET}]}]},
+     "messages.0.content.0.type: Field required"),
+    (CHAT, {"messages": MSG, "stop": [SECRET, 5]}, "stop.1: Input should be a valid string"),
+    (COMPL, {"prompt": "x", "suffix": "y"}, "suffix (fill-in-the-middle) is not supported"),
+    (COMPL, {"prompt": "x", "best_of": 3}, "best_of=3 is not supported (only 1)"),
+    (COMPL, {"prompt": ["a", "b"]},
+     "one prompt per request, got a batch of 2 (send them as separate requests)"),
+    (COMPL, {"prompt": 5},
+     "prompt: wrong type (expected str or list[str] or list[int] or list[list[int]])"),
+]
+
+
+@pytest.mark.parametrize("route,body,message", BAD_MESSAGES,
+                         ids=[f"{i}" for i in range(len(BAD_MESSAGES))])
+def test_bad_request_messages(http, route, body, message):
+    if isinstance(body, bytes):
+        r = http.post(route, content=body, headers={"Content-Type": "application/json"})
+    else:
+        r = http.post(route, json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["message"] == message
 
 
 def test_oversized_body_is_400(http):

@@ -15,8 +15,10 @@ import hetero_moe
 from hetero_moe.api import ModelBusyError, ModelClosedError
 
 from .conftest import tiny_model
+from .reference import MIN_SAME_BEFORE_TIE
 
-TIE = 0.5
+TIE = 0.5          # greedy runs may part only where the alone run's top-2 logprobs are this close
+N_GEN = 24         # tokens per greedy comparison: room for MIN_SAME_BEFORE_TIE identical ones
 
 
 @pytest.fixture(scope="module")
@@ -72,23 +74,32 @@ def test_other_threads_get_a_clear_error_while_owned(model):
 
 
 def _same_up_to_tie(got: list[int], alone) -> None:
+    """`got` follows the run alone, or parts where that run's top two are within TIE, and only
+    after MIN_SAME_BEFORE_TIE identical tokens (tests/reference.py's rule)."""
     for j, (a, b) in enumerate(zip(got, alone.tokens)):
         if a != b:
-            top = alone.logprobs[j].top
-            assert top[0][2] - top[1][2] <= TIE, (j, got, alone.tokens)
+            top = {t: lp for t, _, lp in alone.logprobs[j].top}
+            assert a in top, f"token {j}: {a} is not among the alone run's top two {top}:\n" \
+                             f"{got}\n{alone.tokens}"
+            gap = top[b] - top[a]
+            assert gap <= TIE, f"token {j}: the alone run prefers {b} over {a} by {gap:.3f}:\n" \
+                               f"{got}\n{alone.tokens}"
+            assert j >= MIN_SAME_BEFORE_TIE, \
+                f"token {j}: parted at a near-tie ({gap:.3f}) before {MIN_SAME_BEFORE_TIE} " \
+                f"identical tokens: too little compared\n{got}\n{alone.tokens}"
             return
-    assert len(got) == len(alone.tokens)
+    assert len(got) == len(alone.tokens), (got, alone.tokens)
 
 
 def test_two_threads_share_a_model_safely(model):
     """Calls from two threads wait for each other step by step; each one's result is its result
     alone (up to a near-tie where a paused call re-evaluated its tokens)."""
     prompts = ["Once upon a time", "The capital of France is"]
-    alone = [model.generate(p, max_tokens=20, temperature=0, logprobs=2) for p in prompts]
+    alone = [model.generate(p, max_tokens=N_GEN, temperature=0, logprobs=2) for p in prompts]
     got: list = [None, None]
 
     def run(i):
-        got[i] = model.generate(prompts[i], max_tokens=20, temperature=0)
+        got[i] = model.generate(prompts[i], max_tokens=N_GEN, temperature=0)
     ts = [threading.Thread(target=run, args=(i,)) for i in range(2)]
     for t in ts:
         t.start()
@@ -100,8 +111,8 @@ def test_two_threads_share_a_model_safely(model):
 
 def test_interleaved_streams_in_one_thread(model):
     """A stream paused while another call used the cache re-evaluates what it needs."""
-    want = model.generate("Once upon a time", max_tokens=12, temperature=0, logprobs=2)
-    s = model.stream("Once upon a time", max_tokens=12, temperature=0)
+    want = model.generate("Once upon a time", max_tokens=N_GEN, temperature=0, logprobs=2)
+    s = model.stream("Once upon a time", max_tokens=N_GEN, temperature=0)
     first = next(s)
     other = model.generate("Something else entirely, much longer than that", max_tokens=5)
     rest = "".join(s)

@@ -13,9 +13,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from .conftest import tiny_model
+from .reference import MIN_SAME_BEFORE_TIE
 from .test_server_util import HOST, ServerProcess, need_server_packages, wait_until
 
 TIE = 0.5          # greedy runs may part only where the reference's top-2 logprobs are this close
+N_GEN = 24         # tokens per greedy comparison: room for MIN_SAME_BEFORE_TIE identical ones
 MAX_BODY = 32768
 
 
@@ -49,7 +51,7 @@ def idle(c) -> bool:
     return h["slots_processing"] == 0 and h["queued"] == 0
 
 
-def complete(srv, prompt: str, stream: bool, n: int = 12) -> tuple[list[str], list, str]:
+def complete(srv, prompt: str, stream: bool, n: int = N_GEN) -> tuple[list[str], list, str]:
     """(token strings, top-2 logprob dicts, finish_reason) of a greedy completion."""
     c = srv.openai()
     kw = dict(model="m", prompt=prompt, max_tokens=n, temperature=0, logprobs=2)
@@ -70,17 +72,29 @@ def complete(srv, prompt: str, stream: bool, n: int = 12) -> tuple[list[str], li
 
 
 def assert_same_greedy(got: list[str], want: list[str], want_top: list[dict], what: str):
+    """`got` follows `want`, or parts where the reference's own top two are within TIE, and only
+    after MIN_SAME_BEFORE_TIE identical tokens (tests/reference.py's rule: else a comparison could
+    excuse itself at its first near-tie having compared almost nothing)."""
     for i, (g, w) in enumerate(zip(got, want)):
         if g != w:
-            lps = sorted(want_top[i].values(), reverse=True)
-            gap = lps[0] - lps[1]
+            top = want_top[i]
+            assert g in top, f"{what}: parts at token {i}: {g!r} is not among the reference's " \
+                             f"top two {top}:\n{got}\n{want}"
+            gap = top[w] - top[g]
             assert gap <= TIE, f"{what}: parts at token {i} where the reference prefers " \
                                f"{w!r} over {g!r} by {gap:.3f}:\n{got}\n{want}"
+            assert i >= MIN_SAME_BEFORE_TIE, \
+                f"{what}: parts at token {i}, a near-tie ({gap:.3f}), before " \
+                f"{MIN_SAME_BEFORE_TIE} identical tokens: too little compared\n{got}\n{want}"
             return
     assert len(got) == len(want), (what, got, want)
 
 
 def test_16_clients_on_2_slots(srv):
+    """16 concurrent greedy clients on 2 slots follow their runs one at a time. (Measured: the
+    alone runs' top-two gaps in the first 16 tokens are >= 0.01 for these prompts, far above the
+    rounding of batched against single steps; story 2 has a 0.0005 gap at token 16, where a
+    parting is excused.)"""
     prompts = [f"Story {i}: once upon a time in the land of {w}," for i, w in
                enumerate("abcdefghijklmnop")]
     ref = [complete(srv, p, stream=False) for p in prompts]          # one at a time
@@ -91,7 +105,7 @@ def test_16_clients_on_2_slots(srv):
         futs = [pool.submit(complete, srv, p, i % 2 == 0) for i, p in enumerate(prompts)]
         got = [f.result(timeout=120) for f in futs]
     for i, ((toks, _, fin), (rtoks, rtop, rfin)) in enumerate(zip(got, ref)):
-        assert fin == rfin == "length" and len(toks) == 12, (i, toks)
+        assert fin == rfin == "length" and len(toks) == N_GEN, (i, toks)
         assert_same_greedy(toks, rtoks, rtop, f"client {i}")
     with srv.client() as c:
         assert wait_until(lambda: idle(c), 10)
@@ -136,7 +150,7 @@ def test_clients_that_disconnect_mid_stream(srv):
     with srv.client() as c:
         assert wait_until(lambda: idle(c), 10), c.get("/health").json()
     toks, _, fin = complete(srv, "Still serving?", stream=True)
-    assert fin == "length" and len(toks) == 12
+    assert fin == "length" and len(toks) == N_GEN
 
 
 def _raw_post(port: int, head: bytes, body: bytes) -> bytes:
@@ -194,7 +208,7 @@ def small():
     from hetero_moe.testing.make_model import cached_test_model
     need_server_packages()
     s = ServerProcess(str(cached_test_model("qwen3moe", layers=8)), "--parallel", "1", "--queue",
-                      "1", "--ctx", "4096", "--shutdown-timeout", "1")
+                      "1", "--ctx", "4096", "--shutdown-timeout", "1", "--metrics")
     yield s
     s.cleanup()
 
@@ -253,6 +267,40 @@ def test_full_queue_is_503_then_sigterm_drains(small):
     assert len(running.events) > 10 and "choices" in running.events[-3]
     assert queued.events[-2]["error"]["code"] == "shutting_down"
     assert "Traceback" not in small.output(), small.output()
+
+
+def test_a_queued_client_that_leaves_gives_its_place_back(small):
+    """--parallel 1 --queue 1, one stream running: a client waiting in the queue that disconnects
+    (streaming, or non-streaming after a read timeout) leaves the queue at once, so the next
+    request is queued rather than refused with 503 queue_full."""
+    import httpx
+    running = Streamer(small, 100000)                    # to the end of its 4096 context
+    running.start()
+    assert running.first.wait(60)
+    body = {"prompt": "Waiting in line", "max_tokens": 4, "stream": True}
+    with small.client() as c:
+        def queued() -> int:
+            return c.get("/health").json()["queued"]
+
+        with httpx.Client(timeout=60) as q:              # a queued stream, then it leaves
+            with q.stream("POST", small.url + "/v1/completions", json=body) as r:
+                assert r.status_code == 200
+                assert wait_until(lambda: queued() == 1, 10), c.get("/health").json()
+        assert wait_until(lambda: queued() == 0, 5), c.get("/health").json()
+        with pytest.raises(httpx.ReadTimeout):           # a queued non-streaming one gives up
+            httpx.post(small.url + "/v1/completions", json=dict(body, stream=False),
+                       timeout=1.0)
+        assert wait_until(lambda: queued() == 0, 5), c.get("/health").json()
+        # the place is free: the next request waits in the queue instead of a 503
+        with httpx.Client(timeout=60) as q:
+            with q.stream("POST", small.url + "/v1/completions", json=body) as r:
+                assert r.status_code == 200, r.read()
+                assert wait_until(lambda: queued() == 1, 10), c.get("/health").json()
+        assert wait_until(lambda: queued() == 0, 5), c.get("/health").json()
+        assert running.is_alive(), "the running stream ended during the test: use a slower model"
+        assert wait_until(lambda: metric(c, "hetero_moe_requests_total",
+                                         '{outcome="cancelled"}') == 3, 5)
+        assert c.get("/health").json()["slots_processing"] == 1
 
 
 def test_sigint_lets_a_running_request_finish(small):

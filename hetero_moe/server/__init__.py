@@ -61,8 +61,11 @@ def sampling_defaults(gguf) -> dict:
     return out
 
 
-def model_meta(model, engine) -> dict:
-    """/v1/models' `meta`: sizes, types, experts, placement."""
+def model_meta(model, engine, sampling: dict | None = None) -> dict:
+    """/v1/models' `meta`: sizes, types, experts, placement, and the sampling a request gets for
+    the fields it leaves out (`sampling`: the GGUF's general.sampling.* values, from
+    sampling_defaults; the rest are OpenAI's)."""
+    from .protocol import effective_sampling
     c = model.config
     types: dict[str, int] = {}
     n_params = 0
@@ -78,6 +81,8 @@ def model_meta(model, engine) -> dict:
         "placement": placement_summary(model),
         "slots": len(engine.slots), "kv_bytes_per_slot": engine.kv_bytes_per_slot(),
         "batched_decode": engine.batch,      # auto | on | off
+        "sampling_defaults": effective_sampling(sampling or {}),
+        "sampling_from_gguf": sorted(sampling or {}),
     }
     return meta
 
@@ -161,7 +166,7 @@ def serve(model_path: str, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
             _ = model.tokenizer
             engine = Engine(model, parallel, queue, chunk or DEFAULT_CHUNK, batch=batch)
             state.model, state.sampling_defaults = model, sampling_defaults(model.gguf)
-            state.meta = model_meta(model, engine)
+            state.meta = model_meta(model, engine, state.sampling_defaults)
             if metrics:
                 state.metrics = Metrics(engine)
             engine.start()

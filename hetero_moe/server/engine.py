@@ -248,6 +248,7 @@ class Engine:
         self.queue: collections.deque[Job] = collections.deque()
         self.cv = threading.Condition()
         self.stats = Stats()
+        self._cancelled_queued = 0          # queued jobs cancelled since the last step (cv)
         self._stopping = False
         self._deadline: float | None = None
         self._thread: threading.Thread | None = None
@@ -280,11 +281,19 @@ class Engine:
             self.cv.notify()
 
     def cancel(self, job: Job) -> None:
-        """The client went away: drop the job (its slot is free at the next step)."""
-        if job.finished:
-            return
-        job.cancelled = True
+        """The client went away: a queued job leaves the queue now (its place is free for the
+        next request); a running one is dropped at the next step, which frees its slot."""
         with self.cv:
+            if job.finished:
+                return
+            job.cancelled = True
+            try:
+                self.queue.remove(job)
+            except ValueError:              # in a slot (or not queued yet)
+                pass
+            else:
+                job.finished = True
+                self._cancelled_queued += 1   # counted by the engine thread (Stats' writer)
             self.cv.notify()
 
     def start(self) -> None:
@@ -336,6 +345,9 @@ class Engine:
         """One round: admit, drop the cancelled, one prompt chunk, one decode step. False when
         stopped and drained."""
         with self.cv:
+            if self._cancelled_queued:
+                self.stats.requests["cancelled"] += self._cancelled_queued
+                self._cancelled_queued = 0
             self._admit()
             if self._stopping and self._deadline is not None and \
                     time.monotonic() > self._deadline:

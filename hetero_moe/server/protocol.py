@@ -7,6 +7,7 @@ field and the allowed range, never the request's own content (a body can be mega
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -24,6 +25,12 @@ GGUF_SAMPLING_KEYS = {"temperature": "general.sampling.temp", "top_k": "general.
                       "top_p": "general.sampling.top_p", "min_p": "general.sampling.min_p",
                       "repeat_penalty": "general.sampling.penalty_repeat",
                       "repeat_last_n": "general.sampling.penalty_last_n"}
+
+
+def effective_sampling(defaults: dict) -> dict:
+    """The value each sampling field takes when a request leaves it out: the model's `defaults`
+    (its GGUF's general.sampling.*), else OpenAI's."""
+    return {name: defaults.get(name, v) for name, v in OPENAI_DEFAULTS.items()}
 
 
 class APIError(Exception):
@@ -48,6 +55,15 @@ def error_body(message: str, type: str, param: str | None = None, code=None) -> 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, "invalid_request_error", param, code)
+
+
+class RequestError(ValueError):
+    """A check across fields (raised in a model validator, where pydantic's location is the
+    whole body): carries the field the error response names as its `param`."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
 
 
 class _Body(BaseModel):
@@ -138,17 +154,17 @@ class _Sampling(_Body):
     @model_validator(mode="after")
     def _stream_options(self):
         if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed with stream=true")
+            raise RequestError("stream_options", "stream_options is only allowed with stream=true")
         return self
 
     def sampling(self, max_tokens: int | None, defaults: dict, logprobs: int | None = None,
                  echo: bool = False) -> SamplingParams:
         """SamplingParams: each field from the request, else the model's `defaults` (the GGUF's
         general.sampling.*), else OpenAI's."""
-        fields = {}
-        for name, default in OPENAI_DEFAULTS.items():
-            v = getattr(self, name)
-            fields[name] = v if v is not None else defaults.get(name, default)
+        fields = effective_sampling(defaults)
+        for name in OPENAI_DEFAULTS:
+            if getattr(self, name) is not None:
+                fields[name] = getattr(self, name)
         seed = None if self.seed in (None, -1) else self.seed
         p = SamplingParams(max_tokens=max_tokens, seed=seed, stop=self.stop, logprobs=logprobs,
                            echo=echo, **fields)
@@ -170,12 +186,13 @@ class ChatCompletionRequest(_Sampling):
     @model_validator(mode="after")
     def _chat_checks(self):
         if self.top_logprobs is not None and not self.logprobs:
-            raise ValueError("top_logprobs needs logprobs=true")
+            raise RequestError("top_logprobs", "top_logprobs needs logprobs=true")
         if self.response_format and self.response_format.get("type", "text") != "text":
-            raise ValueError(f"response_format type {self.response_format.get('type')!r} is "
-                             f"not supported (only 'text')")
+            raise RequestError("response_format", f"response_format type "
+                               f"{str(self.response_format.get('type'))[:40]!r} is not "
+                               f"supported (only 'text')")
         if self.tools:
-            raise ValueError("tools (function calling) are not supported")
+            raise RequestError("tools", "tools (function calling) are not supported")
         return self
 
     def token_budget(self) -> int | None:
@@ -203,13 +220,13 @@ class CompletionRequest(_Sampling):
     @model_validator(mode="after")
     def _completion_checks(self):
         if self.suffix:
-            raise ValueError("suffix (fill-in-the-middle) is not supported")
+            raise RequestError("suffix", "suffix (fill-in-the-middle) is not supported")
         if self.best_of not in (None, 1):
-            raise ValueError(f"best_of={self.best_of} is not supported (only 1)")
+            raise RequestError("best_of", f"best_of={self.best_of} is not supported (only 1)")
         p = self.prompt
         if isinstance(p, list) and p and isinstance(p[0], (str, list)) and len(p) != 1:
-            raise ValueError(f"one prompt per request, got a batch of {len(p)} (send them "
-                             f"as separate requests)")
+            raise RequestError("prompt", f"one prompt per request, got a batch of {len(p)} "
+                                         f"(send them as separate requests)")
         return self
 
     def single_prompt(self) -> str | list[int]:
@@ -229,20 +246,59 @@ class DetokenizeRequest(_Body):
     tokens: list[int]
 
 
+# pydantic names the member of a union an error came from in its location (messages.0.content.str,
+# prompt.list[int].0, ...): a type, not a field of the request
+_UNION_TAG = re.compile(r"^(str|int|float|bool|bytes|none|[A-Za-z_-]+\[.*\]|[A-Z][A-Za-z0-9_]*)$")
+
+
+def _is_tag(x) -> bool:
+    return isinstance(x, str) and bool(_UNION_TAG.match(x))
+
+
+def _loc(e: dict) -> list:
+    return [x for x in e.get("loc", ()) if x != "body"]
+
+
 def validation_message(errors: list[dict]) -> tuple[str, str | None]:
-    """(message, param) for pydantic's first error, without the offending input."""
+    """(message, param) for pydantic's first error, without the offending input.
+
+    param is the field's path without pydantic's union-member tags; where a value matches none of
+    a union's types, the member the input got furthest into is reported (a list of content parts
+    with a part lacking `type` is reported there, not as "not a string"); an error of a check
+    across fields (a model validator) names the field it blames."""
     if not errors:
         return "invalid request body", None
     e = errors[0]
-    loc = [str(x) for x in e.get("loc", ()) if x != "body"]
     if e.get("type") == "json_invalid":
         return "the request body is not valid JSON", None
+    group = [e]                     # the errors this message stands for
+    tag = next((i for i, x in enumerate(_loc(e)) if _is_tag(x)), None)
+    if tag is not None:             # one error per member of a union: pick one
+        head = _loc(e)[:tag]
+        group = [x for x in errors if _loc(x)[:tag] == head and len(_loc(x)) > tag
+                 and _is_tag(_loc(x)[tag])]
+        deepest = max(len(_loc(x)) for x in group)
+        if deepest == tag + 1:      # the value has none of the union's types
+            param = ".".join(str(x) for x in head)
+            kinds = " or ".join(str(_loc(x)[tag]) for x in group)
+            return f"{param}: wrong type (expected {kinds}){_more(len(errors) - len(group))}", \
+                param
+        e = next(x for x in group if len(_loc(x)) == deepest)
+    loc = [str(x) for x in _loc(e) if not _is_tag(x)]
     msg = str(e.get("msg", "invalid value"))
     for prefix in ("Value error, ", "Assertion failed, "):
         if msg.startswith(prefix):
             msg = msg[len(prefix):]
-    if e.get("type") == "model_attributes_type" or not loc:
-        return (f"the request body must be a JSON object: {msg}" if not loc else msg), None
+    if not loc:
+        if e.get("type") == "missing":
+            return "the request body is empty: send a JSON object", None
+        if e.get("type") in ("model_attributes_type", "model_type", "dict_type"):
+            return "the request body must be a JSON object", None
+        param = getattr((e.get("ctx") or {}).get("error"), "param", None)   # a RequestError
+        return msg + _more(len(errors) - 1), param
     param = ".".join(loc)
-    more = f" (and {len(errors) - 1} more error(s))" if len(errors) > 1 else ""
-    return f"{param}: {msg}{more}", param
+    return f"{param}: {msg}{_more(len(errors) - len(group))}", param
+
+
+def _more(n: int) -> str:
+    return f" (and {n} more error(s))" if n > 0 else ""
