@@ -17,7 +17,8 @@ import torch
 import hetero_moe
 from hetero_moe.errors import HeteroMoEError, MissingKeyError, MissingTensorError, UnsupportedError
 
-from .reference import LlamaRef, assert_same_greedy, compare_logits, quantize_with_llama, rel_err
+from .reference import (LlamaRef, assert_same_greedy, compare_logits, llama_chat_render,
+                        quantize_with_llama, rel_err)
 from .test_api import N_GEN, TIE_MARGIN, llama_greedy
 from .test_parity import TEXT
 
@@ -180,6 +181,44 @@ def test_tokenizer_chat_text_with_special_tokens(files):
                 ref.tokenize(t, add_bos=True, special=special), (t, special)
     end_of_turn = ref.tokenize("<end_of_turn>", add_bos=False, special=True)
     assert len(end_of_turn) == 1 and end_of_turn[0] in m.tokenizer.eog_ids
+
+
+CHATS = {
+    "user": [{"role": "user", "content": "Hi"}],
+    "system spaces": [{"role": "system", "content": "  Be brief.  "},
+                      {"role": "user", "content": "Hi"}],
+    "system user assistant user": [{"role": "system", "content": "Answer in French."},
+                                   {"role": "user", "content": "Hello!"},
+                                   {"role": "assistant", "content": " Bonjour ! "},
+                                   {"role": "user", "content": "Et maintenant?"}],
+    "system assistant user": [{"role": "system", "content": "Be brief."},
+                              {"role": "assistant", "content": "How can I help?"},
+                              {"role": "user", "content": "Say hi."}],
+    # two system messages; C isspace() is trimmed, NBSP/ideographic space/\x1c/\x85 are not
+    "whitespace": [{"role": "system", "content": "\t\x0b\x0c\r\n S1 \xa0"},
+                   {"role": "system", "content": "   "}, {"role": "system", "content": " S2\n"},
+                   {"role": "user", "content": "\u3000U\x1c \x85"}],
+}
+
+
+@pytest.mark.llama
+def test_chat_template_matches_llama_cpp(files):
+    """The real file has no Jinja template; its chat is llama.cpp's built-in "gemma" handler
+    (llama_chat_apply_template by name): the same text, with and without the generation prompt,
+    and the same prompt ids (the BOS added by the tokenizer, not written in the text)."""
+    m = hetero_moe.load(files[0], threads=2, n_ctx=64)
+    ref = LlamaRef(files[0], n_ctx=64)
+    assert m.gguf.get("tokenizer.chat_template") is None
+    assert "tokenizer.chat_template" not in ref.llm.metadata
+    from hetero_moe.chat import render_chat
+    for name, msgs in CHATS.items():
+        for gen in (True, False):
+            want = llama_chat_render(msgs, gen, b"gemma")
+            assert render_chat(m.chat_template, msgs, add_generation_prompt=gen) == want, \
+                (name, gen)
+            assert m.chat_ids(msgs, add_generation_prompt=gen) == \
+                ref.tokenize(want, add_bos=True, special=True), (name, gen)
+    ref.close()
 
 
 # -- bad and unsupported variants (tiny hand-made files) ---------------------------------------

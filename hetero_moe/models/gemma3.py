@@ -26,18 +26,24 @@ SWA_PATTERN = 6              # llama.cpp's default local:global period for gemma
 ROPE_BASE_SWA = 10000.0
 N_LAYER_27B = 62             # llama.cpp picks the 27B attention scale by layer count
 
-# Gemma's turn format (llama.cpp's built-in "gemma" template): a system message is put at the start
-# of the first user turn; the assistant's role is "model".
+# Gemma's turn format, as llama.cpp's built-in "gemma" template renders it (llm_chat_apply_template,
+# LLM_CHAT_TEMPLATE_GEMMA): every content is trimmed of C isspace() characters (not Python's wider
+# str.strip() set); system messages are concatenated and held until the next turn whose role is not
+# "model" (assistant), which they open followed by a blank line; the assistant's role is "model".
+# No BOS in the text: the tokenizer adds it, as llama.cpp does when it tokenizes the rendered prompt.
 CHAT_TEMPLATE = (
-    "{{- bos_token -}}"
+    "{%- set ws = ' \\t\\n\\r\\x0b\\x0c' -%}"
     "{%- set ns = namespace(system='') -%}"
     "{%- for message in messages -%}"
-    "{%- if message['role'] == 'system' -%}{%- set ns.system = ns.system + message['content'] -%}"
+    "{%- if message['role'] == 'system' -%}"
+    "{%- set ns.system = ns.system + message['content'].strip(ws) -%}"
     "{%- else -%}"
     "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
     "{{- '<start_of_turn>' + role + '\\n' -}}"
-    "{%- if ns.system -%}{{- ns.system + '\\n\\n' -}}{%- set ns.system = '' -%}{%- endif -%}"
-    "{{- message['content'] | trim + '<end_of_turn>\\n' -}}"
+    "{%- if ns.system and role != 'model' -%}"
+    "{{- ns.system + '\\n\\n' -}}{%- set ns.system = '' -%}"
+    "{%- endif -%}"
+    "{{- message['content'].strip(ws) + '<end_of_turn>\\n' -}}"
     "{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<start_of_turn>model\\n' -}}{%- endif -%}"
