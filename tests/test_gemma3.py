@@ -151,13 +151,19 @@ def test_q4_k_m_within_llama_cpp_noise(files, ids, exact):
 
 
 @pytest.mark.llama
-@pytest.mark.parametrize("prompt", list(PROMPTS))
-def test_f32_twin_greedy(files, f32_model, prompt):
+@pytest.mark.parametrize("prompt", [*PROMPTS, "long"])
+def test_f32_twin_greedy(files, f32_model, prompt, request):
+    """32 greedy tokens as llama.cpp's; "long": the 600-token test text, so that the prompt and
+    every generated token run past the 512-token sliding window."""
     m = f32_model
-    p = PROMPTS[prompt]
-    ids = m.chat_ids(p) if isinstance(p, list) else m.tokenize(p)
+    if prompt == "long":
+        ids = request.getfixturevalue("ids")
+        assert len(ids) > m.config.swa_window
+    else:
+        p = PROMPTS[prompt]
+        ids = m.chat_ids(p) if isinstance(p, list) else m.tokenize(p)
     got = m.generate(ids, max_tokens=N_GEN, temperature=0).tokens
-    want, rows = llama_greedy(files[1], ids, m.tokenizer.eog_ids)
+    want, rows = llama_greedy(files[1], ids, m.tokenizer.eog_ids, n_ctx=1024)
     print(prompt, "\nours ", got, "\nllama", want)
     assert_same_greedy(got, want, rows, m.tokenizer.eog_ids, f"gemma3 F32 {prompt}", N_GEN,
                        TIE_MARGIN)
