@@ -108,7 +108,7 @@ def test_run_gemma3_uses_the_cached_file(tmp_path):
     from .test_gemma3 import _write
     cache = tmp_path / "cache"
     cache.mkdir()
-    _write(cache / GEMMA3_FILE, vocab=True)     # tokens "▁t0".."▁t60": output shows the file ran
+    _write(cache / GEMMA3_FILE, vocab=True)     # tokens "▁t0".."▁t60": the output shows it ran
     env = {**os.environ, "HETERO_MOE_CACHE": str(cache), "PIP_NO_INDEX": "1"}
     r = subprocess.run([sys.executable, "-m", "hetero_moe.cli", "run", "gemma3", "-p", "t1",
                         "-n", "4", "--temp", "0", "--raw"], capture_output=True, text=True,

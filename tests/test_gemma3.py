@@ -4,9 +4,11 @@ F32 twin (llama.cpp's re-typing of the file): teacher-forced logits over 600 pos
 512-token sliding window) with median relative L2 error <= 0.5%, 98th percentile <= 2% and top-1
 agreement >= 99% off near-ties; the same bar for decode steps (the fused C++ step) at positions
 520..599, where the local layers must drop the oldest positions; greedy 32 tokens equal to
-llama.cpp's for a plain and a chat prompt. Q4_K_M: our distance from the F32 result within
-llama.cpp's own (mean <= 1.5x, 95th percentile <= 2x). Tokenizer: chat text with special tokens.
-Bad or unsupported variants (tiny hand-made files) fail with errors naming the key or tensor.
+llama.cpp's for a plain, a chat and a 600-token prompt. Q4_K_M: our distance from the F32 result
+within llama.cpp's own (mean <= 1.5x, 95th percentile <= 2x). Tokenizer: chat text with special
+tokens; the chat template renders as llama.cpp's built-in "gemma" one. Tiny hand-made files: the SWA
+pattern and base and YaRN as llama.cpp reads them; bad or unsupported variants fail with errors
+naming the key or tensor.
 """
 from __future__ import annotations
 
@@ -338,12 +340,16 @@ def test_tiny_window_prompt_decode_and_torch_agree(tmp_path):
     ({"attention.sliding_window_pattern": 3}, (True, True, False, True)),
     ({"attention.sliding_window_pattern": 0, "rope.freq_base_swa": 20000.0}, (True,) * 4),
     ({"attention.sliding_window_pattern": [False, False, True, True]}, (False, False, True, True)),
+    # YaRN (with its factor) on the global layers only; the file's pattern is 2
+    ({"rope.scaling.type": "yarn", "rope.scaling.factor": 4.0,
+      "rope.scaling.original_context_length": 8}, (True, False, True, False)),
 ])
-def test_tiny_swa_keys_as_llama_cpp_reads_them(tmp_path, llama_cpp, meta, local):
+def test_tiny_keys_as_llama_cpp_reads_them(tmp_path, llama_cpp, meta, local):
     """llama.cpp reads `attention.sliding_window_pattern` (a period or one boolean per layer) and
     `rope.freq_base_swa` for gemma3, it does not hard-code 6 and 10000: a tiny file with other
     values (a 4-position window over 24 positions) gives llama.cpp's logits, which the defaults
-    would miss by ten times the bar."""
+    would miss by ten times the bar. Likewise YaRN, on the global layers only (the same file read
+    without the scaling: median 17% off)."""
     path = _write(tmp_path / "swa.gguf", meta, vocab=True)
     ids = np.random.default_rng(2).integers(3, V, size=24).tolist()
     ref = LlamaRef(path, n_ctx=64)

@@ -23,8 +23,8 @@ from ..gguf import GGUFFile
 from .base import ROPE_NEOX, ArchSpec, ModelConfig, common_config, register
 
 # llama.cpp (llama-cpp-python 0.3.36, checked by loading files with other values) reads both
-# `attention.sliding_window_pattern` and `rope.freq_base_swa` for gemma3; these are its defaults when
-# the file lacks them (as the 270M file does). Its local layers never take the rope scaling.
+# `attention.sliding_window_pattern` and `rope.freq_base_swa` for gemma3; these are its defaults
+# when the file lacks them (as the 270M file does). Its local layers never take the rope scaling.
 SWA_PATTERN = 6              # default local:global period
 ROPE_BASE_SWA = 10000.0      # default rope base of the local layers
 N_LAYER_27B = 62             # llama.cpp picks the 27B attention scale by layer count
@@ -33,7 +33,7 @@ N_LAYER_27B = 62             # llama.cpp picks the 27B attention scale by layer 
 # LLM_CHAT_TEMPLATE_GEMMA): every content is trimmed of C isspace() characters (not Python's wider
 # str.strip() set); system messages are concatenated and held until the next turn whose role is not
 # "model" (assistant), which they open followed by a blank line; the assistant's role is "model".
-# No BOS in the text: the tokenizer adds it, as llama.cpp does when it tokenizes the rendered prompt.
+# No BOS in the text: the tokenizer adds it, as llama.cpp does when it tokenizes the prompt.
 CHAT_TEMPLATE = (
     "{%- set ws = ' \\t\\n\\r\\x0b\\x0c' -%}"
     "{%- set ns = namespace(system='') -%}"
