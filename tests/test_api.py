@@ -18,9 +18,13 @@ PROMPTS = ["The quick brown fox jumps over the lazy dog. Once upon a time,",
            "<|im_start|>user\nName three prime numbers.<|im_end|>\n<|im_start|>assistant\n"]
 
 
-def llama_greedy(path: str, ids: list[int], eog: frozenset, n: int = N_GEN):
-    """llama.cpp's greedy continuation and the logits rows that chose each token."""
-    ref = LlamaRef(path, n_ctx=512)
+def llama_greedy(path: str, ids: list[int], eog: frozenset, n: int = N_GEN, n_ctx: int = 512):
+    """llama.cpp's greedy continuation and the logits rows that chose each token (n_ctx: its
+    context, which must hold the prompt and the n tokens)."""
+    if len(ids) + n > n_ctx:
+        raise ValueError(f"llama_greedy: {len(ids)} prompt + {n} generated tokens exceed "
+                         f"n_ctx={n_ctx}")
+    ref = LlamaRef(path, n_ctx=n_ctx)
     llm = ref.llm
     llm.reset()
     llm.eval(ids)
