@@ -290,7 +290,8 @@ def cmd_serve(args) -> int:
     return serve(path, host=args.host, port=args.port, parallel=args.parallel, queue=args.queue,
                  api_keys=keys, metrics=args.metrics, load_options=load_options,
                  drain_seconds=args.shutdown_timeout, max_body=args.max_body,
-                 batch=args.batch, chunk=args.chunk, verbose=args.verbose)
+                 batch=args.batch, chunk=args.chunk, chunk_ms=args.chunk_ms,
+                 verbose=args.verbose)
 
 
 def _group_of(name: str) -> str:
@@ -609,7 +610,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--api-key-file", help="file with API keys, one per line")
     sv.add_argument("--metrics", action="store_true", help="serve Prometheus metrics at /metrics")
     sv.add_argument("--chunk", type=int, default=256,
-                    help="prompt tokens per step while other slots are generating (256)")
+                    help="most prompt tokens per step while other slots are generating (256)")
+    sv.add_argument("--chunk-ms", type=float, default=100.0,
+                    help="while other slots are generating, a prompt step takes about this long "
+                         "at most (sized from the measured prompt speed; 0: --chunk tokens "
+                         "whatever the time) (100)")
     sv.add_argument("--batch", choices=["auto", "on", "off"], default="auto",
                     help="decode the generating slots in one batched forward (on), one after "
                          "another (off), or whichever measures faster here (auto)")
@@ -713,6 +718,8 @@ def main(argv=None) -> int:
                      f" got {v}")
     if getattr(args, "port", None) is not None and not 0 <= args.port <= 65535:
         ap.error(f"--port must be in 0..65535, got {args.port}")
+    if getattr(args, "chunk_ms", None) is not None and not args.chunk_ms >= 0:
+        ap.error(f"--chunk-ms must be >= 0, got {args.chunk_ms}")
     if getattr(args, "queue", None) is not None and args.queue < 0:
         ap.error(f"--queue must be >= 0, got {args.queue}")
     if hasattr(args, "sparse_attn"):

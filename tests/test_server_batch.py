@@ -17,12 +17,15 @@ from .conftest import tiny_model
 PROMPTS = ["The quick brown fox", "Once upon a time there was a", "Hello",
            "1, 2, 3, 4, 5,"]
 N_GEN = 24
-# The C++ matmul takes a different path for one token (GEMV) than for several (GEMM tiles), so a
-# row of a batch matches the same row alone to float rounding, not bit for bit (measured: ~1e-6
-# relative on the logits). A greedy run may therefore part from the alone run only where the alone
-# run's top two logits are within TIE, and only after MIN_SAME identical tokens (measured: none of
-# the 24 sequences below parts within N_GEN tokens).
-TIE = 0.05
+# The C++ matmul takes a different path for one token (GEMV) than for several (the K-quants' GEMM
+# tiles), so a row of a batch matches the same row alone to float rounding, not bit for bit
+# (measured: ~2e-7 relative on the logits). Now and then such a last-bit difference moves one
+# value of a layer's input across an int8 rounding boundary when the activations are quantized;
+# that step's K/V then stay in the cache, and the logits of the later steps differ by up to ~1.3%
+# (measured teacher-forced, test_batch_rows_track_alone_teacher_forced: 0.14 logit at most at a
+# top-2 gap). A greedy run may therefore part from the alone run only where the alone run's top
+# two logits are within TIE, and only after MIN_SAME identical tokens.
+TIE = 0.25
 MIN_SAME = 16
 
 
@@ -85,6 +88,45 @@ def test_batch_of_4_equals_each_alone(arch, preset, quant):
         want, rows = _alone(m.net, ids, N_GEN)
         parted += _same_greedy(got[j], want, rows, f"{arch} sequence {j}") is not None
     assert parted <= 1, f"{arch}: {parted} of 4 sequences parted at near-ties"
+    m.close()
+
+
+@pytest.mark.parametrize("arch,preset,quant", [
+    ("qwen3moe", "tiny", "Q4_K_M"), ("llama-moe", "tiny", "Q4_K_M"), ("qwen2moe", "tiny", "Q4_K_M"),
+    ("olmoe", "tiny", "Q4_K_M"), ("llama", "tiny", "Q4_K_M"), ("deepseek2", "tiny-lite", "F16")])
+def test_batch_rows_track_alone_teacher_forced(arch, preset, quant):
+    """Both runs fed the alone run's greedy tokens for N_GEN steps: every step of every sequence is
+    compared, not only those before a first parting. Most rows agree to rounding (measured median
+    2e-7 relative; 3e-5 on the F16 file's float activations); after an int8 rounding flip the rows
+    of that sequence differ by up to 1.3% (measured), never more than FLIP; the greedy choice may
+    differ only where the alone run's top two logits are within TIE."""
+    FLIP = 0.025
+    m = hetero_moe.load(tiny_model(arch, preset=preset, quant=quant), threads=2, n_ctx=128)
+    net = m.net
+    prompts = [m.tokenize(p) for p in PROMPTS]
+    solo = [net.new_cache() for _ in prompts]
+    caches = [net.new_cache() for _ in prompts]
+    rows = []
+    for ids, s, c in zip(prompts, solo, caches):
+        rows.append(net.forward(torch.tensor(ids), 0, all_logits=False, cache=s)[-1])
+        net.forward(torch.tensor(ids), 0, all_logits=False, cache=c)
+    pos = [len(p) for p in prompts]
+    rel = []
+    for step in range(N_GEN):
+        toks = [int(r.argmax()) for r in rows]
+        got = net.forward_batch(toks, pos, caches)
+        rows = [net.forward(torch.tensor([t]), p, all_logits=False, cache=s)[-1]
+                for t, p, s in zip(toks, pos, solo)]
+        for j, (a, b) in enumerate(zip(rows, got)):
+            e = float((a - b).norm() / a.norm())
+            assert e <= FLIP, f"{arch} sequence {j} step {step}: relative difference {e:.3g}"
+            rel.append(e)
+            top = a.topk(2).values
+            assert int(a.argmax()) == int(b.argmax()) or float(top[0] - top[1]) <= TIE, \
+                f"{arch} sequence {j} step {step}: greedy choice differs at gap {top[0] - top[1]}"
+        pos = [p + 1 for p in pos]
+    rel.sort()
+    assert rel[len(rel) // 2] <= 1e-4, f"{arch}: median relative difference {rel[len(rel) // 2]}"
     m.close()
 
 
@@ -230,3 +272,64 @@ def _wait(cond, timeout=20.0):
             return True
         time.sleep(0.01)
     return False
+
+
+def test_engine_chunk_sized_by_time(model):
+    pytest.importorskip("fastapi")
+    from hetero_moe.server.engine import MIN_CHUNK, Engine
+    eng = Engine(model, n_slots=2, queue_size=4, chunk=256, chunk_ms=100)
+    assert eng.chunk_tokens(False) == eng.chunk_alone        # nobody waits: the model's chunk
+    assert eng.chunk_tokens(True) == 2 * MIN_CHUNK            # nothing measured yet
+    eng._s_per_token = 0.001                                  # 1 ms a token: 100 fit
+    assert eng.chunk_tokens(True) == 96                       # whole tiles of MIN_CHUNK
+    eng._s_per_token = 1e-5
+    assert eng.chunk_tokens(True) == 256                      # --chunk caps it
+    eng._s_per_token = 0.5
+    assert eng.chunk_tokens(True) == MIN_CHUNK                # a prompt always advances
+    untimed = Engine(model, n_slots=2, queue_size=4, chunk=64, chunk_ms=None)
+    untimed._s_per_token = 0.5
+    assert untimed.chunk_tokens(True) == 64
+    with pytest.raises(ValueError, match="chunk-ms"):
+        Engine(model, n_slots=1, chunk_ms=0)
+
+
+@pytest.mark.parametrize("chunk_ms", [1e-3, None])
+def test_engine_long_prompt_in_timed_chunks_while_another_generates(model, chunk_ms):
+    """A long prompt arriving while another slot generates goes in by chunks of the time budget
+    (here far below one chunk's time, measured on the first prompt: MIN_CHUNK tokens), or of
+    --chunk tokens without one."""
+    pytest.importorskip("fastapi")
+    from hetero_moe.server.engine import MIN_CHUNK, Engine
+    eng = Engine(model, n_slots=2, queue_size=4, chunk=64, chunk_ms=chunk_ms)
+    sizes, fwd, depth = [], eng.net.forward, [0]
+
+    def spy(ids, pos0, *a, **k):           # the engine's calls (forward may call itself)
+        if not depth[0]:
+            sizes.append((len(ids), eng.busy() > 1 and any(s.state == "decode"
+                                                           for s in eng.slots)))
+        depth[0] += 1
+        try:
+            return fwd(ids, pos0, *a, **k)
+        finally:
+            depth[0] -= 1
+    eng.net.forward = spy
+    eng.start()
+    try:
+        j1, c1 = _job(model.tokenize("Go on and on"), n=60)
+        eng.submit(j1)
+        assert _wait(lambda: len(c1.events) > 3)
+        long = model.tokenize(" ".join(["the river runs past the old mill"] * 20))[:180]
+        j2, c2 = _job(long, n=4)
+        eng.submit(j2)
+        assert c2.done.wait(60) and c1.done.wait(60)
+    finally:
+        eng.stop(0)
+        eng.join(10)
+        del eng.net.forward
+    waiting = [n for n, busy in sizes if busy and n > 1]
+    assert sum(waiting) >= len(long) - 64, sizes               # most of it while j1 generated
+    full = waiting[:-1]                                        # the last one is the tail
+    if chunk_ms is None:
+        assert full and all(n == 64 for n in full), sizes
+    else:
+        assert full and all(n == MIN_CHUNK for n in full), sizes

@@ -33,7 +33,7 @@ def _free_port() -> int:
 def server_argv(path: str, args) -> list[str]:
     """The `hetero-moe serve` command line of one replica (its own options, less the cluster's)."""
     argv = [path, "--parallel", str(args.parallel), "--queue", str(args.queue),
-            "--batch", args.batch, "--chunk", str(args.chunk)]
+            "--batch", args.batch, "--chunk", str(args.chunk), "--chunk-ms", str(args.chunk_ms)]
     for flag, v in (("--ctx", args.ctx_size), ("-t", args.threads), ("--stages", args.stages),
                     ("--stage-cpus", args.stage_cpus)):
         if v is not None:

@@ -122,7 +122,7 @@ def serve(model_path: str, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
           api_keys: list[str] | None = None, metrics: bool = False,
           load_options: dict | None = None, drain_seconds: float = DEFAULT_DRAIN_SECONDS,
           max_body: int | None = None, batch: str = "auto", chunk: int | None = None,
-          verbose: bool = False, out=sys.stderr) -> int:
+          chunk_ms: float | None = None, verbose: bool = False, out=sys.stderr) -> int:
     """Run the server until SIGINT/SIGTERM. Returns the process exit status."""
     import uvicorn
     from sse_starlette.sse import AppStatus
@@ -156,7 +156,7 @@ def serve(model_path: str, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
 
     def load():
         from .. import load as load_model
-        from .engine import DEFAULT_CHUNK, Engine
+        from .engine import DEFAULT_CHUNK, DEFAULT_CHUNK_MS, Engine
         from .metrics import Metrics
         try:
             t0 = time.perf_counter()
@@ -164,7 +164,9 @@ def serve(model_path: str, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
             if model.gguf.get("tokenizer.ggml.tokens") is None:
                 raise HeteroMoEError(f"{model_path} has no tokenizer; the server needs one")
             _ = model.tokenizer
-            engine = Engine(model, parallel, queue, chunk or DEFAULT_CHUNK, batch=batch)
+            engine = Engine(model, parallel, queue, chunk or DEFAULT_CHUNK, batch=batch,
+                            chunk_ms=DEFAULT_CHUNK_MS if chunk_ms is None else
+                            (chunk_ms or None))
             state.model, state.sampling_defaults = model, sampling_defaults(model.gguf)
             state.meta = model_meta(model, engine, state.sampling_defaults)
             if metrics:

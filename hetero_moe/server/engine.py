@@ -4,7 +4,9 @@ model.
 Each slot has its own KV cache (n_ctx positions). A step runs at most one prompt chunk of one
 slot, then one decode step for every slot that is generating: their next tokens go through the
 model together (Transformer.forward_batch: one weight read per step for all of them). A new
-prompt is cut into chunks so the slots already generating wait at most one chunk between tokens.
+prompt is cut into chunks so the slots already generating wait at most one chunk between tokens;
+while they do, a chunk is sized by time (chunk_ms, from the prompt speed measured on the previous
+chunk, which includes the attention over the positions already cached), not only by tokens.
 
 Per-slot prompt caching: a slot remembers the tokens its cache holds; a request goes to the free
 slot whose cached tokens share the longest prefix with its prompt, and only the rest of the
@@ -32,7 +34,9 @@ from .protocol import APIError
 
 log = logging.getLogger("hetero_moe.server")
 
-DEFAULT_CHUNK = 256          # prompt tokens per step while other slots are generating
+DEFAULT_CHUNK = 256          # most prompt tokens per step while other slots are generating
+DEFAULT_CHUNK_MS = 100.0     # ... and the time such a step may take (sized from measured speed)
+MIN_CHUNK = 16               # a prompt advances at least this much per step
 # Between forward passes the engine samples, decodes text and hands it to the HTTP thread:
 # pool workers spinning through that (the decode default is 2 ms) would take the cores those
 # need; they sleep after this long instead.
@@ -226,9 +230,11 @@ class Engine:
     """Owns the model (Model.exclusive) on its own thread; handlers submit Jobs."""
 
     def __init__(self, model, n_slots: int = 1, queue_size: int = 64, chunk: int = DEFAULT_CHUNK,
-                 batch: str = "auto"):
+                 batch: str = "auto", chunk_ms: float | None = DEFAULT_CHUNK_MS):
         if n_slots < 1:
             raise ValueError(f"--parallel must be >= 1, got {n_slots}")
+        if chunk_ms is not None and not chunk_ms > 0:
+            raise ValueError(f"--chunk-ms must be > 0, got {chunk_ms}")
         if queue_size < 0:
             raise ValueError(f"queue size must be >= 0, got {queue_size}")
         self.model, self.net = model, model.net
@@ -243,6 +249,8 @@ class Engine:
         plan_chunk = self.net.plan.plan.chunk if self.net.executor is not None else PREFILL_CHUNK
         self.chunk = max(1, min(chunk, plan_chunk))
         self.chunk_alone = plan_chunk          # nobody waiting: the whole chunk the model takes
+        self.chunk_ms = chunk_ms               # None: chunks of `chunk` tokens, however long
+        self._s_per_token: float | None = None  # the last prompt chunk's seconds per token
         self.policy = DecodePolicy(batch)
         self.batch = batch
         self.queue: collections.deque[Job] = collections.deque()
@@ -415,16 +423,34 @@ class Engine:
                 self._fail(job, APIError(400, str(e)))
                 slot.release()
 
+    def chunk_tokens(self, others_waiting: bool) -> int:
+        """Prompt tokens for the next chunk: all the model takes at once when nobody waits, else
+        at most `chunk`, and no more than fit in chunk_ms at the last measured speed (at least
+        MIN_CHUNK, so a prompt always advances; a multiple of MIN_CHUNK for the GEMM tiles)."""
+        if not others_waiting:
+            return self.chunk_alone
+        n = self.chunk
+        if self.chunk_ms is not None:
+            spt = self._s_per_token
+            if spt is None:                    # nothing measured yet: a small first chunk
+                return min(n, 2 * MIN_CHUNK)
+            fit = int(self.chunk_ms / 1000.0 / max(spt, 1e-9))
+            n = min(n, max(MIN_CHUNK, fit // MIN_CHUNK * MIN_CHUNK))
+        return max(1, n)
+
     def _prefill_chunk(self, s: Slot, others_waiting: bool) -> None:
         job = s.job
-        n = self.chunk if others_waiting else self.chunk_alone
+        n = self.chunk_tokens(others_waiting)
         a, b = s.done, min(len(job.prompt), s.done + n)
         echo_lp = job.echo and job.logprobs is not None
         t0 = time.perf_counter()
         logits = self.net.forward(torch.tensor(job.prompt[a:b]), a, all_logits=echo_lp,
                                   sparse=self.sparse, cache=s.cache)
         _set_spin(IDLE_SPIN_US)
-        self.stats.prefill_seconds += time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        if b - a >= MIN_CHUNK or self._s_per_token is None:   # short tails say little
+            self._s_per_token = dt / (b - a)
+        self.stats.prefill_seconds += dt
         self.stats.prompt_tokens += b - a
         s.tokens = job.prompt[:b]
         s.done = b
