@@ -108,6 +108,16 @@ class RemoteCache:
             net._free(self.id)
 
 
+class Pending:
+    """A work item in the pipeline (StagedNet.submit): the last stage's ObjectRef and what
+    collect() needs to advance the caches."""
+    __slots__ = ("ref", "caches", "positions", "n", "t_submit")
+
+    def __init__(self, ref, caches: list, positions: list[int], n: int):
+        self.ref, self.caches, self.positions, self.n = ref, caches, positions, n
+        self.t_submit = time.monotonic()
+
+
 class _Stage:
     def __init__(self, spec, actor):
         self.spec, self.actor = spec, actor
@@ -187,16 +197,19 @@ class StagedNet:
                 return f"stage {s.index} ({s.layers()})"
         return "a stage"
 
-    def _get(self, refs, what: str = "a forward pass"):
+    def _get(self, refs, what: str = "a forward pass", timeout: float | None = None):
         ray = ray_module()
         from ray import exceptions as rx
         from .stage import CacheLostError
         try:
-            return ray.get(refs, timeout=self.timeout_s)
+            return ray.get(refs, timeout=self.timeout_s if timeout is None else timeout)
         except rx.GetTimeoutError:
             self._lost()
             for r in refs if isinstance(refs, list) else [refs]:
-                ray.cancel(r, force=False)
+                try:
+                    ray.cancel(r, force=False)
+                except Exception:       # an actor task that cannot be cancelled: it is dropped
+                    pass
             raise StageError(f"the pipeline did not answer within {self.timeout_s:g} s during "
                              f"{what} (stages: {self.describe()})") from None
         except (rx.RayActorError, rx.WorkerCrashedError, rx.ObjectLostError,
@@ -283,6 +296,72 @@ class StagedNet:
         for c, p in zip(caches, positions):
             c.pos = p + 1
         return torch.from_numpy(np.concatenate(outs))
+
+    # -- asynchronous calls (the server's pipelined engine) --------------------------------------
+    def submit(self, ids, positions: list[int], caches: list,
+               all_logits: bool = False) -> "Pending":
+        """Send one work item into the pipeline and return at once: a prompt chunk of one
+        sequence (one cache, T tokens at positions[0]..) or one decode token for each of B
+        sequences (row b at positions[b] of caches[b]). Items reach each stage in the order they
+        were submitted, so an item may follow another of the same sequence before that one
+        came back. Nothing changes on the driver until collect(): a cache's position advances
+        only when its result is taken."""
+        self._check()
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if len(caches) == 1:
+            positions = [int(positions[0])]
+        elif not len(ids) == len(positions) == len(caches):
+            raise ValueError(f"submit: {len(ids)} ids, {len(positions)} positions and "
+                             f"{len(caches)} caches; expected one of each per sequence")
+        for c, p in zip(caches, positions):
+            if p > c.pos:
+                raise ValueError(f"cannot evaluate at position {p}: the cache holds {c.pos} "
+                                 f"positions")
+        ref = self._chain(ids, list(positions), [c.id for c in caches], all_logits)
+        return Pending(ref, list(caches), list(positions), len(ids))
+
+    def wait_any(self, pending: list, timeout: float | None = None) -> list:
+        """The items of `pending` whose results are ready (ray.wait), waiting at most `timeout`
+        seconds for the first; an item older than timeout_s counts as ready (collect() then
+        raises StageError)."""
+        if not pending:
+            return []
+        ray = ray_module()
+        now = time.monotonic()
+        late = [p for p in pending if now - p.t_submit > self.timeout_s]
+        if late:
+            return late
+        refs = [p.ref for p in pending]
+        ready, _ = ray.wait(refs, num_returns=1, timeout=timeout, fetch_local=True)
+        if ready:          # every item ready by now, not just the first
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=True)
+        ready = set(ready)
+        return [p for p in pending if p.ref in ready]
+
+    def collect(self, item: "Pending") -> torch.Tensor:
+        """A submitted item's logits ([T or 1, V] for a prompt chunk, [B, V] for a decode step),
+        its caches' positions advanced; StageError (caches lost) when a stage failed."""
+        left = max(0.01, self.timeout_s - (time.monotonic() - item.t_submit))
+        kind = "a prompt chunk" if len(item.caches) == 1 and item.n > 1 else \
+            f"a decode step of {len(item.caches)} sequence(s)"
+        out = self._get(item.ref, what=kind, timeout=left)
+        if len(item.caches) == 1:
+            item.caches[0].pos = item.positions[0] + item.n
+        else:
+            for c, p in zip(item.caches, item.positions):
+                c.pos = p + 1
+        return torch.from_numpy(np.array(out))
+
+    def discard(self, pending: list, timeout: float = 10.0) -> None:
+        """Wait (up to timeout) for items whose results no one will take, ignoring their
+        errors: after a failure, so that no earlier item is still on its way through a stage."""
+        if not pending:
+            return
+        try:
+            ray_module().wait([p.ref for p in pending], num_returns=len(pending),
+                              timeout=timeout, fetch_local=False)
+        except Exception:
+            pass
 
     # -- reports ---------------------------------------------------------------------------------
     def describe(self) -> str:
