@@ -130,7 +130,7 @@ class StagedNet:
     def __init__(self, path: str, cfg, split: StageSplit, n_ctx: int, *, threads: int = 1,
                  stage_cpus: float = 1, cpu_kernels: str = "auto", micro_batches: int | None = None,
                  timeout_s: float = DEFAULT_TIMEOUT_S, max_restarts: int = DEFAULT_MAX_RESTARTS,
-                 resources: list[dict] | None = None):
+                 resources: list[dict] | None = None, placement_group=None):
         ray = ray_module()
         from .stage import Stage
         self.cfg, self.split, self.n_ctx = cfg, split, n_ctx
@@ -148,6 +148,7 @@ class StagedNet:
         self._closed = False
         self._recovering = False
         self.failures = 0
+        self.placement_group = placement_group
         actor_cls = ray.remote(Stage)
         self.stages: list[_Stage] = []
         for s in split.stages:
@@ -155,6 +156,10 @@ class StagedNet:
                         name=None)
             if resources and s.index < len(resources):
                 opts["resources"] = resources[s.index]
+            if placement_group is not None:      # stage i in bundle i: its own host (spread)
+                from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+                opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                    placement_group=placement_group, placement_group_bundle_index=s.index)
             a = actor_cls.options(**{k: v for k, v in opts.items() if v is not None}).remote(
                 str(path), s, n_ctx, threads, cpu_kernels)
             self.stages.append(_Stage(s, a))
@@ -383,6 +388,9 @@ class StagedNet:
             ray = ray_module()
             for st in self.stages:
                 ray.kill(st.actor, no_restart=True)
+            if self.placement_group is not None:
+                from ray.util.placement_group import remove_placement_group
+                remove_placement_group(self.placement_group)
         except Exception:
             pass
 
@@ -397,17 +405,50 @@ def _cache_bytes_per_token(cfg) -> int:
     return cache_bytes_per_token(cfg, "f16" if cfg.mla is not None else "f32")
 
 
+SPREAD_TIMEOUT_S = 60.0       # for a STRICT_SPREAD placement group the cluster could hold
+
+
+def spread_group(stages: int, stage_cpus: float, timeout_s: float = SPREAD_TIMEOUT_S):
+    """A STRICT_SPREAD placement group of one bundle per stage (each stage on its own host), or
+    a HeteroMoEError at once when the cluster has fewer nodes that could hold a stage than
+    stages (Ray would wait for nodes forever), or after timeout_s when the bundles cannot be
+    placed (the nodes' CPUs taken)."""
+    ray = ray_module()
+    from ray.util.placement_group import placement_group, remove_placement_group
+    cpus = max(float(stage_cpus), 1e-4)
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    able = [n for n in alive if n.get("Resources", {}).get("CPU", 0) >= cpus]
+    names = ", ".join(sorted(n.get("NodeManagerAddress", "?") for n in alive)) or "none"
+    if len(able) < stages:
+        raise HeteroMoEError(
+            f"spread: {stages} stages need {stages} hosts (one stage each, {cpus:g} CPU per "
+            f"stage), but the Ray cluster has {len(alive)} node(s) ({names}), {len(able)} of "
+            f"them with {cpus:g} CPU: add nodes (ray start --address ...), use fewer stages, or "
+            f"drop --spread to share hosts")
+    pg = placement_group([{"CPU": cpus} for _ in range(stages)], strategy="STRICT_SPREAD")
+    if not pg.wait(timeout_seconds=timeout_s):
+        remove_placement_group(pg)
+        raise HeteroMoEError(
+            f"spread: could not place {stages} stages on {stages} different hosts within "
+            f"{timeout_s:g} s ({len(alive)} node(s): {names}; {cpus:g} CPU per stage, taken by "
+            f"other work?)")
+    return pg
+
+
 def load_staged(path, *, stages: int, cluster: str | None = "local", threads: int | None = None,
                 n_ctx: int | None = None, cpu_kernels: str = "auto", stage_cpus: float | None = None,
                 micro_batches: int | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
                 max_restarts: int = DEFAULT_MAX_RESTARTS, sequences: int = 1,
                 ram_per_host=None, layers: list[int] | None = None, progress: bool = False,
-                out=sys.stderr):
+                spread: bool = False, out=sys.stderr):
     """hetero_moe.load(path, stages=N, cluster=...): a Model whose layers run on N Ray actors.
 
     threads: CPU threads per stage (default: stage_cpus, default 1). stage_cpus: Ray CPUs each
     stage actor reserves (default: threads, else 1). sequences: KV caches the split makes room
-    for on each stage (the server's slots). layers: explicit stage boundaries [0, b1, .., L]."""
+    for on each stage (the server's slots). layers: explicit stage boundaries [0, b1, .., L].
+    ram_per_host: refuse (HeteroMoEError naming the stage, the split printed) when a stage's
+    weights and KV caches exceed it. spread: each stage on its own host (spread_group), failing
+    at once when the cluster has fewer nodes than stages."""
     from ..api import DEFAULT_MAX_CTX, Model
     from ..models.base import config_from_gguf
     from .split import split_stages
@@ -430,16 +471,29 @@ def load_staged(path, *, stages: int, cluster: str | None = "local", threads: in
     if progress:
         print(split.summary(), file=out, flush=True)
     if not split.fits:
-        raise HeteroMoEError(f"{path}: a stage does not fit {split.ram_per_host} bytes of RAM:\n"
-                             f"{split.summary()}")
+        from ..runtime.planner import fmt_bytes
+        over = [s for s in split.stages if s.total_bytes > split.ram_per_host]
+        raise HeteroMoEError(
+            f"{path}: " + "; ".join(f"stage {s.index} ({s.layers()}) needs "
+                                    f"{fmt_bytes(s.total_bytes)}" for s in over) +
+            f", more than the {fmt_bytes(split.ram_per_host)} of RAM per host: use more stages "
+            f"or a shorter context (KV cache for {split.sequences} sequence(s) x "
+            f"{split.n_ctx} tokens):\n{split.summary()}")
     if threads is not None and threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
     stage_cpus = stage_cpus if stage_cpus is not None else (threads or 1)
     threads = threads or max(1, int(stage_cpus))
     connect(cluster)
-    net = StagedNet(str(path), cfg, split, n_ctx, threads=threads, stage_cpus=stage_cpus,
-                    cpu_kernels=cpu_kernels, micro_batches=micro_batches, timeout_s=timeout_s,
-                    max_restarts=max_restarts)
+    pg = spread_group(stages, stage_cpus) if spread else None
+    try:
+        net = StagedNet(str(path), cfg, split, n_ctx, threads=threads, stage_cpus=stage_cpus,
+                        cpu_kernels=cpu_kernels, micro_batches=micro_batches,
+                        timeout_s=timeout_s, max_restarts=max_restarts, placement_group=pg)
+    except BaseException:
+        if pg is not None:
+            from ray.util.placement_group import remove_placement_group
+            remove_placement_group(pg)
+        raise
     model = Model(g, cfg, net, threads, time.perf_counter() - t0)
     net._model = weakref.ref(model)
     model.stages = net

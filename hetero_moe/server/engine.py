@@ -495,13 +495,13 @@ class Engine:
         ready = [s for s in decoding if s.item is None and not s.job.cancelled]
         if not ready:
             return
-        room = len(ready) if self.batch == "off" else \
-            min(len(ready), self.groups - kinds.count("decode"))
-        if room <= 0:
-            return
-        bounds = [round(i * len(ready) / room) for i in range(room + 1)]
-        for a, b in zip(bounds, bounds[1:]):
-            g = ready[a:b]
+        if self.batch == "off":
+            size, room = 1, len(ready)
+        else:   # groups of at most ceil(decoding / groups): a big group would stall the others
+            size = -(-sum(not s.job.cancelled for s in decoding) // self.groups)
+            room = self.groups - kinds.count("decode")
+        for a in range(0, min(len(ready), max(0, room) * size), size):
+            g = ready[a:a + size]
             self._send("decode", g, None, [s.next_token for s in g], [s.pos for s in g], False)
 
     def _send(self, kind: str, slots: list[Slot], info, ids, positions, all_logits) -> None:
