@@ -389,6 +389,10 @@ def test_spread_fails_fast_on_one_node(staged, path):
                                           "--ram-per-host", "8GiB"])
     assert cli._stage_options(args) == {"stages": 2, "cluster": "local", "spread": True,
                                         "ram_per_host": "8GiB"}
+    t0 = time.perf_counter()
+    assert cli.main(["run", path, "--stages", "2", "--spread", "--stage-cpus", "0.5", "-p", "hi",
+                     "-n", "2", "--ctx", str(N_CTX)]) != 0
+    assert time.perf_counter() - t0 < 30
 
 
 def test_ram_per_host_refusal(path, capsys):
@@ -401,3 +405,19 @@ def test_ram_per_host_refusal(path, capsys):
     assert rc != 0
     assert "pipeline split of" in err and "does NOT fit 256.00 KiB" in err, err
     assert "stage 0 (blk" in err and "more than the 256.00 KiB of RAM per host" in err, err
+
+
+def test_serve_ram_per_host_refusal(path):
+    """serve --stages 2 --ram-per-host SIZE that a stage exceeds: the server stops with the
+    error (exit status 1) instead of serving."""
+    import subprocess
+    import sys
+    pytest.importorskip("fastapi", reason="the server needs pip install -e '.[server]'")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(hetero_moe.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-m", "hetero_moe.cli", "serve", path, "--stages", "2",
+                        "--ram-per-host", "1MiB", "-np", "2", "--ctx", str(N_CTX), "--port", "0"],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "KV cache for 2 sequence(s)" in r.stderr and "more than the 1.00 MiB of RAM per " \
+        "host" in r.stderr, r.stderr[-2000:]
