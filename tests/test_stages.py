@@ -389,6 +389,9 @@ def test_spread_fails_fast_on_one_node(staged, path):
                                           "--ram-per-host", "8GiB"])
     assert cli._stage_options(args) == {"stages": 2, "cluster": "local", "spread": True,
                                         "ram_per_host": "8GiB"}
+    from hetero_moe.distributed.replicas import server_argv
+    argv = server_argv(path, args)                  # --replicas: each replica's own pipeline
+    assert "--spread" in argv and argv[argv.index("--ram-per-host") + 1] == "8GiB"
     t0 = time.perf_counter()
     assert cli.main(["run", path, "--stages", "2", "--spread", "--stage-cpus", "0.5", "-p", "hi",
                      "-n", "2", "--ctx", str(N_CTX)]) != 0
