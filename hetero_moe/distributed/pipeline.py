@@ -10,7 +10,9 @@ RPC layer: actor restarts, placement and object transfer come with it.
 
 A decode step of B sequences is cut into micro-batches that enter the pipeline one after another
 without waiting: while stage 1 runs micro-batch 0, stage 0 runs micro-batch 1. Each stage actor
-runs one call at a time, in the order the driver submitted them.
+runs one call at a time, in the order the driver submitted them. The server's engine keeps the
+pipeline full across steps with submit() / wait_any() / collect(): one work item per group of
+sequences (or prompt chunk), each group's next step sent as soon as its logits are back.
 
 A stage that dies (its process killed, its host gone) fails the calls in flight with StageError,
 which names the stage; Ray restarts the actor (max_restarts) and the next request evaluates its

@@ -6,6 +6,11 @@ slot, then one decode step for every slot that is generating: their next tokens 
 model together (Transformer.forward_batch: one weight read per step for all of them). A new
 prompt is cut into chunks so the slots already generating wait at most one chunk between tokens.
 
+Over pipeline stages (a net with submit(), distributed/pipeline.py) the loop does not wait for a
+whole step: the generating slots form groups, one per stage, each a work item in the pipeline;
+a group is sampled and sent on as soon as its logits are back while the others are in other
+stages, and prompt chunks are work items too (_step_pipelined).
+
 Per-slot prompt caching: a slot remembers the tokens its cache holds; a request goes to the free
 slot whose cached tokens share the longest prefix with its prompt, and only the rest of the
 prompt is evaluated (`cache_prompt`, default on). Results then depend on what ran before (a
