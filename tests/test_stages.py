@@ -424,3 +424,45 @@ def test_serve_ram_per_host_refusal(path):
     assert r.returncode == 1, r.stderr[-2000:]
     assert "KV cache for 2 sequence(s)" in r.stderr and "more than the 1.00 MiB of RAM per " \
         "host" in r.stderr, r.stderr[-2000:]
+
+
+def test_pipelined_engine_prompt_cache_and_echo(staged):
+    """Prompt caching (a slot's cached prefix kept, the rest evaluated in chunks) and echo with
+    logprobs (every prompt row's logits) give the same results through the pipelined engine as
+    through the one-step-at-a-time one, with 2 requests in flight at once."""
+    from hetero_moe.sampling import SamplingParams
+    from hetero_moe.server.engine import Done, Engine, Job, Piece, PromptInfo
+    long = list(range(5, 5 + 70))
+
+    def run(pipelined):
+        eng = Engine(staged, n_slots=2, batch="on", pipeline=pipelined, chunk=16)
+        eng.chunk_alone = 16          # several chunks per prompt, the same cuts either way
+        eng.start()
+        out = []
+        try:
+            for prompts in ([long, long[:40]], [long + [9, 9], long[:40] + [7]]):
+                evs = [[] for _ in prompts]
+                done = [threading.Event() for _ in prompts]
+                for k, p in enumerate(prompts):
+                    def emit(ev, k=k):
+                        evs[k].append(ev)
+                        if isinstance(ev, Done):
+                            done[k].set()
+                    eng.submit(Job(p, SamplingParams(max_tokens=6, temperature=0), emit,
+                                   cache_prompt=True, logprobs=2, echo=k == 1))
+                for d in done:
+                    assert d.wait(60)
+                for e in evs:
+                    info = next(ev for ev in e if isinstance(ev, PromptInfo))
+                    lps = [round(t.logprob, 4) if t.logprob is not None else None
+                           for t in info.logprobs or []]
+                    toks = [t.id for ev in e if isinstance(ev, Piece) for t in ev.logprobs]
+                    out.append((info.cached_tokens, lps, toks, e[-1].finish_reason))
+        finally:
+            eng.stop(5)
+            eng.join(10)
+        return out
+    a, b = run(False), run(True)
+    assert a == b
+    assert a[2][0] > 0 or a[3][0] > 0          # the second round reused a cached prefix
+    assert len(a[1][1]) == 40                   # echo: a logprob per prompt token
