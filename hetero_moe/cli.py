@@ -50,6 +50,13 @@ def _add_stage_opts(ap: argparse.ArgumentParser) -> None:
                         "127.0.0.1), 'auto', 'ray://HOST:10001'")
     g.add_argument("--stage-cpus", type=float, default=None, metavar="C",
                    help="Ray CPUs each stage reserves (default: --threads, else 1)")
+    g.add_argument("--ram-per-host", default=None, metavar="SIZE",
+                   help="RAM each host gives its stage (e.g. 192GiB): the split is printed and "
+                        "loading stops with an error when a stage's weights and KV caches "
+                        "(--parallel sequences x --ctx) do not fit")
+    g.add_argument("--spread", action="store_true",
+                   help="each stage on its own host (a Ray STRICT_SPREAD placement group); "
+                        "fails at once when the cluster has fewer nodes than stages")
 
 
 def _stage_options(args) -> dict:
@@ -59,6 +66,10 @@ def _stage_options(args) -> dict:
     out = {"stages": args.stages or 1, "cluster": args.ray_address or "local"}
     if args.stage_cpus is not None:
         out["stage_cpus"] = args.stage_cpus
+    if getattr(args, "ram_per_host", None) is not None:
+        out["ram_per_host"] = args.ram_per_host
+    if getattr(args, "spread", False):
+        out["spread"] = True
     return out
 
 

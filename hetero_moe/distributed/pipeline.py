@@ -10,7 +10,9 @@ RPC layer: actor restarts, placement and object transfer come with it.
 
 A decode step of B sequences is cut into micro-batches that enter the pipeline one after another
 without waiting: while stage 1 runs micro-batch 0, stage 0 runs micro-batch 1. Each stage actor
-runs one call at a time, in the order the driver submitted them.
+runs one call at a time, in the order the driver submitted them. The server's engine keeps the
+pipeline full across steps with submit() / wait_any() / collect(): one work item per group of
+sequences (or prompt chunk), each group's next step sent as soon as its logits are back.
 
 A stage that dies (its process killed, its host gone) fails the calls in flight with StageError,
 which names the stage; Ray restarts the actor (max_restarts) and the next request evaluates its
@@ -108,6 +110,16 @@ class RemoteCache:
             net._free(self.id)
 
 
+class Pending:
+    """A work item in the pipeline (StagedNet.submit): the last stage's ObjectRef and what
+    collect() needs to advance the caches."""
+    __slots__ = ("ref", "caches", "positions", "n", "t_submit")
+
+    def __init__(self, ref, caches: list, positions: list[int], n: int):
+        self.ref, self.caches, self.positions, self.n = ref, caches, positions, n
+        self.t_submit = time.monotonic()
+
+
 class _Stage:
     def __init__(self, spec, actor):
         self.spec, self.actor = spec, actor
@@ -120,7 +132,7 @@ class StagedNet:
     def __init__(self, path: str, cfg, split: StageSplit, n_ctx: int, *, threads: int = 1,
                  stage_cpus: float = 1, cpu_kernels: str = "auto", micro_batches: int | None = None,
                  timeout_s: float = DEFAULT_TIMEOUT_S, max_restarts: int = DEFAULT_MAX_RESTARTS,
-                 resources: list[dict] | None = None):
+                 resources: list[dict] | None = None, placement_group=None):
         ray = ray_module()
         from .stage import Stage
         self.cfg, self.split, self.n_ctx = cfg, split, n_ctx
@@ -138,6 +150,7 @@ class StagedNet:
         self._closed = False
         self._recovering = False
         self.failures = 0
+        self.placement_group = placement_group
         actor_cls = ray.remote(Stage)
         self.stages: list[_Stage] = []
         for s in split.stages:
@@ -145,6 +158,10 @@ class StagedNet:
                         name=None)
             if resources and s.index < len(resources):
                 opts["resources"] = resources[s.index]
+            if placement_group is not None:      # stage i in bundle i: its own host (spread)
+                from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+                opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                    placement_group=placement_group, placement_group_bundle_index=s.index)
             a = actor_cls.options(**{k: v for k, v in opts.items() if v is not None}).remote(
                 str(path), s, n_ctx, threads, cpu_kernels)
             self.stages.append(_Stage(s, a))
@@ -187,16 +204,19 @@ class StagedNet:
                 return f"stage {s.index} ({s.layers()})"
         return "a stage"
 
-    def _get(self, refs, what: str = "a forward pass"):
+    def _get(self, refs, what: str = "a forward pass", timeout: float | None = None):
         ray = ray_module()
         from ray import exceptions as rx
         from .stage import CacheLostError
         try:
-            return ray.get(refs, timeout=self.timeout_s)
+            return ray.get(refs, timeout=self.timeout_s if timeout is None else timeout)
         except rx.GetTimeoutError:
             self._lost()
             for r in refs if isinstance(refs, list) else [refs]:
-                ray.cancel(r, force=False)
+                try:
+                    ray.cancel(r, force=False)
+                except Exception:       # an actor task that cannot be cancelled: it is dropped
+                    pass
             raise StageError(f"the pipeline did not answer within {self.timeout_s:g} s during "
                              f"{what} (stages: {self.describe()})") from None
         except (rx.RayActorError, rx.WorkerCrashedError, rx.ObjectLostError,
@@ -284,6 +304,72 @@ class StagedNet:
             c.pos = p + 1
         return torch.from_numpy(np.concatenate(outs))
 
+    # -- asynchronous calls (the server's pipelined engine) --------------------------------------
+    def submit(self, ids, positions: list[int], caches: list,
+               all_logits: bool = False) -> "Pending":
+        """Send one work item into the pipeline and return at once: a prompt chunk of one
+        sequence (one cache, T tokens at positions[0]..) or one decode token for each of B
+        sequences (row b at positions[b] of caches[b]). Items reach each stage in the order they
+        were submitted, so an item may follow another of the same sequence before that one
+        came back. Nothing changes on the driver until collect(): a cache's position advances
+        only when its result is taken."""
+        self._check()
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if len(caches) == 1:
+            positions = [int(positions[0])]
+        elif not len(ids) == len(positions) == len(caches):
+            raise ValueError(f"submit: {len(ids)} ids, {len(positions)} positions and "
+                             f"{len(caches)} caches; expected one of each per sequence")
+        for c, p in zip(caches, positions):
+            if p > c.pos:
+                raise ValueError(f"cannot evaluate at position {p}: the cache holds {c.pos} "
+                                 f"positions")
+        ref = self._chain(ids, list(positions), [c.id for c in caches], all_logits)
+        return Pending(ref, list(caches), list(positions), len(ids))
+
+    def wait_any(self, pending: list, timeout: float | None = None) -> list:
+        """The items of `pending` whose results are ready (ray.wait), waiting at most `timeout`
+        seconds for the first; an item older than timeout_s counts as ready (collect() then
+        raises StageError)."""
+        if not pending:
+            return []
+        ray = ray_module()
+        now = time.monotonic()
+        late = [p for p in pending if now - p.t_submit > self.timeout_s]
+        if late:
+            return late
+        refs = [p.ref for p in pending]
+        ready, _ = ray.wait(refs, num_returns=1, timeout=timeout, fetch_local=True)
+        if ready:          # every item ready by now, not just the first
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=True)
+        ready = set(ready)
+        return [p for p in pending if p.ref in ready]
+
+    def collect(self, item: "Pending") -> torch.Tensor:
+        """A submitted item's logits ([T or 1, V] for a prompt chunk, [B, V] for a decode step),
+        its caches' positions advanced; StageError (caches lost) when a stage failed."""
+        left = max(0.01, self.timeout_s - (time.monotonic() - item.t_submit))
+        kind = "a prompt chunk" if len(item.caches) == 1 and item.n > 1 else \
+            f"a decode step of {len(item.caches)} sequence(s)"
+        out = self._get(item.ref, what=kind, timeout=left)
+        if len(item.caches) == 1:
+            item.caches[0].pos = item.positions[0] + item.n
+        else:
+            for c, p in zip(item.caches, item.positions):
+                c.pos = p + 1
+        return torch.from_numpy(np.array(out))
+
+    def discard(self, pending: list, timeout: float = 10.0) -> None:
+        """Wait (up to timeout) for items whose results no one will take, ignoring their
+        errors: after a failure, so that no earlier item is still on its way through a stage."""
+        if not pending:
+            return
+        try:
+            ray_module().wait([p.ref for p in pending], num_returns=len(pending),
+                              timeout=timeout, fetch_local=False)
+        except Exception:
+            pass
+
     # -- reports ---------------------------------------------------------------------------------
     def describe(self) -> str:
         return ", ".join(f"{st.spec.index}: {st.spec.layers()}" for st in self.stages)
@@ -304,6 +390,9 @@ class StagedNet:
             ray = ray_module()
             for st in self.stages:
                 ray.kill(st.actor, no_restart=True)
+            if self.placement_group is not None:
+                from ray.util.placement_group import remove_placement_group
+                remove_placement_group(self.placement_group)
         except Exception:
             pass
 
@@ -318,17 +407,50 @@ def _cache_bytes_per_token(cfg) -> int:
     return cache_bytes_per_token(cfg, "f16" if cfg.mla is not None else "f32")
 
 
+SPREAD_TIMEOUT_S = 60.0       # for a STRICT_SPREAD placement group the cluster could hold
+
+
+def spread_group(stages: int, stage_cpus: float, timeout_s: float = SPREAD_TIMEOUT_S):
+    """A STRICT_SPREAD placement group of one bundle per stage (each stage on its own host), or
+    a HeteroMoEError at once when the cluster has fewer nodes that could hold a stage than
+    stages (Ray would wait for nodes forever), or after timeout_s when the bundles cannot be
+    placed (the nodes' CPUs taken)."""
+    ray = ray_module()
+    from ray.util.placement_group import placement_group, remove_placement_group
+    cpus = max(float(stage_cpus), 1e-4)
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    able = [n for n in alive if n.get("Resources", {}).get("CPU", 0) >= cpus]
+    names = ", ".join(sorted(n.get("NodeManagerAddress", "?") for n in alive)) or "none"
+    if len(able) < stages:
+        raise HeteroMoEError(
+            f"spread: {stages} stages need {stages} hosts (one stage each, {cpus:g} CPU per "
+            f"stage), but the Ray cluster has {len(alive)} node(s) ({names}), {len(able)} of "
+            f"them with {cpus:g} CPU: add nodes (ray start --address ...), use fewer stages, or "
+            f"drop --spread to share hosts")
+    pg = placement_group([{"CPU": cpus} for _ in range(stages)], strategy="STRICT_SPREAD")
+    if not pg.wait(timeout_seconds=timeout_s):
+        remove_placement_group(pg)
+        raise HeteroMoEError(
+            f"spread: could not place {stages} stages on {stages} different hosts within "
+            f"{timeout_s:g} s ({len(alive)} node(s): {names}; {cpus:g} CPU per stage, taken by "
+            f"other work?)")
+    return pg
+
+
 def load_staged(path, *, stages: int, cluster: str | None = "local", threads: int | None = None,
                 n_ctx: int | None = None, cpu_kernels: str = "auto", stage_cpus: float | None = None,
                 micro_batches: int | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
                 max_restarts: int = DEFAULT_MAX_RESTARTS, sequences: int = 1,
                 ram_per_host=None, layers: list[int] | None = None, progress: bool = False,
-                out=sys.stderr):
+                spread: bool = False, out=sys.stderr):
     """hetero_moe.load(path, stages=N, cluster=...): a Model whose layers run on N Ray actors.
 
     threads: CPU threads per stage (default: stage_cpus, default 1). stage_cpus: Ray CPUs each
     stage actor reserves (default: threads, else 1). sequences: KV caches the split makes room
-    for on each stage (the server's slots). layers: explicit stage boundaries [0, b1, .., L]."""
+    for on each stage (the server's slots). layers: explicit stage boundaries [0, b1, .., L].
+    ram_per_host: refuse (HeteroMoEError naming the stage, the split printed) when a stage's
+    weights and KV caches exceed it. spread: each stage on its own host (spread_group), failing
+    at once when the cluster has fewer nodes than stages."""
     from ..api import DEFAULT_MAX_CTX, Model
     from ..models.base import config_from_gguf
     from .split import split_stages
@@ -351,16 +473,29 @@ def load_staged(path, *, stages: int, cluster: str | None = "local", threads: in
     if progress:
         print(split.summary(), file=out, flush=True)
     if not split.fits:
-        raise HeteroMoEError(f"{path}: a stage does not fit {split.ram_per_host} bytes of RAM:\n"
-                             f"{split.summary()}")
+        from ..runtime.planner import fmt_bytes
+        over = [s for s in split.stages if s.total_bytes > split.ram_per_host]
+        raise HeteroMoEError(
+            f"{path}: " + "; ".join(f"stage {s.index} ({s.layers()}) needs "
+                                    f"{fmt_bytes(s.total_bytes)}" for s in over) +
+            f", more than the {fmt_bytes(split.ram_per_host)} of RAM per host: use more stages "
+            f"or a shorter context (KV cache for {split.sequences} sequence(s) x "
+            f"{split.n_ctx} tokens):\n{split.summary()}")
     if threads is not None and threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
     stage_cpus = stage_cpus if stage_cpus is not None else (threads or 1)
     threads = threads or max(1, int(stage_cpus))
     connect(cluster)
-    net = StagedNet(str(path), cfg, split, n_ctx, threads=threads, stage_cpus=stage_cpus,
-                    cpu_kernels=cpu_kernels, micro_batches=micro_batches, timeout_s=timeout_s,
-                    max_restarts=max_restarts)
+    pg = spread_group(stages, stage_cpus) if spread else None
+    try:
+        net = StagedNet(str(path), cfg, split, n_ctx, threads=threads, stage_cpus=stage_cpus,
+                        cpu_kernels=cpu_kernels, micro_batches=micro_batches,
+                        timeout_s=timeout_s, max_restarts=max_restarts, placement_group=pg)
+    except BaseException:
+        if pg is not None:
+            from ray.util.placement_group import remove_placement_group
+            remove_placement_group(pg)
+        raise
     model = Model(g, cfg, net, threads, time.perf_counter() - t0)
     net._model = weakref.ref(model)
     model.stages = net

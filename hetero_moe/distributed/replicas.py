@@ -35,9 +35,12 @@ def server_argv(path: str, args) -> list[str]:
     argv = [path, "--parallel", str(args.parallel), "--queue", str(args.queue),
             "--batch", args.batch, "--chunk", str(args.chunk), "--chunk-ms", str(args.chunk_ms)]
     for flag, v in (("--ctx", args.ctx_size), ("-t", args.threads), ("--stages", args.stages),
-                    ("--stage-cpus", args.stage_cpus)):
+                    ("--stage-cpus", args.stage_cpus),
+                    ("--ram-per-host", getattr(args, "ram_per_host", None))):
         if v is not None:
             argv += [flag, str(v)]
+    if getattr(args, "spread", False):
+        argv.append("--spread")
     if args.stages:
         argv += ["--ray-address", "auto"]          # the replica's stages join this cluster
     if args.metrics:

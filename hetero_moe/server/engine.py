@@ -8,6 +8,11 @@ prompt is cut into chunks so the slots already generating wait at most one chunk
 while they do, a chunk is sized by time (chunk_ms, from the prompt speed measured on the previous
 chunk, which includes the attention over the positions already cached), not only by tokens.
 
+Over pipeline stages (a net with submit(), distributed/pipeline.py) the loop does not wait for a
+whole step: the generating slots form groups, one per stage, each a work item in the pipeline;
+a group is sampled and sent on as soon as its logits are back while the others are in other
+stages, and prompt chunks are work items too (_step_pipelined).
+
 Per-slot prompt caching: a slot remembers the tokens its cache holds; a request goes to the free
 slot whose cached tokens share the longest prefix with its prompt, and only the rest of the
 prompt is evaluated (`cache_prompt`, default on). Results then depend on what ran before (a
@@ -41,6 +46,7 @@ MIN_CHUNK = 16               # a prompt advances at least this much per step
 # pool workers spinning through that (the decode default is 2 ms) would take the cores those
 # need; they sleep after this long instead.
 IDLE_SPIN_US = 50
+PIPELINE_POLL_S = 0.02       # a pipelined engine looks for new requests this often while it waits
 
 
 def _set_spin(us: int) -> None:
@@ -132,6 +138,7 @@ class Slot:
         self.id, self.cache = i, cache
         self.tokens: list[int] = []       # ids at positions 0.. of the cache
         self.job: Job | None = None
+        self.item = None                  # its work item in a pipeline (Engine, pipelined)
         self.last_used = 0.0
         self.state = "idle"               # idle | prefill | decode
 
@@ -230,7 +237,8 @@ class Engine:
     """Owns the model (Model.exclusive) on its own thread; handlers submit Jobs."""
 
     def __init__(self, model, n_slots: int = 1, queue_size: int = 64, chunk: int = DEFAULT_CHUNK,
-                 batch: str = "auto", chunk_ms: float | None = DEFAULT_CHUNK_MS):
+                 batch: str = "auto", chunk_ms: float | None = DEFAULT_CHUNK_MS,
+                 pipeline: bool | None = None):
         if n_slots < 1:
             raise ValueError(f"--parallel must be >= 1, got {n_slots}")
         if chunk_ms is not None and not chunk_ms > 0:
@@ -261,6 +269,16 @@ class Engine:
         self._deadline: float | None = None
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
+        # a net with submit() (pipeline stages, distributed/pipeline.py) is kept full across
+        # steps: _step_pipelined; pipeline=False keeps the one-step-at-a-time loop for it too
+        can = callable(getattr(self.net, "submit", None))
+        if pipeline and not can:
+            raise ValueError("pipeline=True needs a model whose layers run as pipeline stages")
+        self.pipelined = can if pipeline is None else bool(pipeline)
+        self.groups = max(1, getattr(self.net, "micro_batches", None) or
+                          len(getattr(self.net, "stages", ())) or 1)
+        self._inflight: dict = {}           # Pending -> (kind, slots, info, t_sent)
+        self._t_done = {"prefill": 0.0, "decode": 0.0}
 
     # -- sizes -------------------------------------------------------------------------------
     def kv_bytes_per_slot(self) -> int:
@@ -331,7 +349,8 @@ class Engine:
     def _run(self) -> None:
         try:
             with self.model.exclusive("the hetero-moe server"):
-                while self._step():
+                step = self._step_pipelined if self.pipelined else self._step
+                while step():
                     pass
         except BaseException as e:      # keep the process up; every caller gets an answer
             self.error = e
@@ -390,15 +409,136 @@ class Engine:
             fn(*args)
         except Exception as e:
             log.exception("step failed")
-            lost = getattr(e, "caches_lost", False)  # a pipeline stage restarted: every
-            for s in self.slots if lost else slots:  # slot's cache is gone (distributed/)
-                if lost:
-                    s.tokens = []
-                if s.job is not None:
-                    self._fail(s.job, APIError(500, f"generation failed: {type(e).__name__}: "
-                                                    f"{e}", "server_error"))
-                    s.tokens = []
-                    s.release()
+            self._fail_slots(slots, e)
+
+    def _fail_slots(self, slots: list[Slot], e: Exception) -> None:
+        lost = getattr(e, "caches_lost", False)  # a pipeline stage restarted: every
+        for s in self.slots if lost else slots:  # slot's cache is gone (distributed/)
+            if lost:
+                s.tokens = []
+            if s.job is not None:
+                self._fail(s.job, APIError(500, f"generation failed: {type(e).__name__}: "
+                                                f"{e}", "server_error"))
+                s.tokens = []
+                s.release()
+
+    # -- the pipelined loop (a net with submit(): pipeline stages) -----------------------------
+    def _step_pipelined(self) -> bool:
+        """One round over a pipeline: admit, drop the cancelled, send work into the pipeline
+        (one prompt chunk and up to `groups` decode micro-batches in flight), take what came
+        back. Work items are not waited for together: as soon as one group's logits are back it
+        is sampled and its next step sent, while the other groups are still in other stages.
+
+        A slot has at most one item in flight. Its cache position and tokens advance only when
+        that item's result is taken, and a slot whose job was cancelled (or failed at shutdown)
+        stays taken until its item is back, so no later request can reuse its cache before."""
+        with self.cv:
+            if self._cancelled_queued:
+                self.stats.requests["cancelled"] += self._cancelled_queued
+                self._cancelled_queued = 0
+            self._admit()
+            if self._stopping and self._deadline is not None and \
+                    time.monotonic() > self._deadline:
+                for s in self.slots:
+                    if s.job is not None:
+                        self._fail(s.job, APIError(503, "the server shut down before this "
+                                                        "request finished", "unavailable_error",
+                                                   code="shutting_down"))
+                        if s.item is None:
+                            s.release()
+                        else:                   # released when its work item is back
+                            s.job.cancelled = True
+            if not self._inflight and not any(s.job is not None for s in self.slots):
+                if self._stopping:
+                    return False
+                self.cv.wait(0.5)
+                return True
+        for s in self.slots:
+            if s.job is not None and s.item is None and (s.job.cancelled or s.job.finished):
+                if not s.job.finished:
+                    self.stats.requests["cancelled"] += 1
+                    s.job.finished = True
+                s.release()
+        self._send_work()
+        if not self._inflight:
+            return True
+        for item in self.net.wait_any(list(self._inflight), timeout=PIPELINE_POLL_S):
+            if item not in self._inflight:        # dropped after a failure
+                continue
+            kind, slots, info, t_sent = self._inflight.pop(item)
+            for s in slots:
+                s.item = None
+            try:
+                logits = self.net.collect(item)
+                now = time.perf_counter()
+                dt = now - max(t_sent, self._t_done[kind])
+                self._t_done[kind] = now
+                if kind == "prefill":
+                    s, (a, b, echo_lp) = slots[0], info
+                    self._timed_chunk(a, b, dt)
+                    if s.job.cancelled:        # the cache holds the chunk; nobody waits for it
+                        s.tokens, s.done = s.job.prompt[:b], b
+                    else:
+                        self._prefilled(s, a, b, logits, echo_lp)
+                else:
+                    self.stats.decode_seconds += dt
+                    self.stats.decode_steps += 1
+                    self.stats.batched_steps += len(slots) > 1
+                    self.stats.batched_rows += len(slots)
+                    self._decoded(slots, logits)
+            except Exception as e:
+                self._item_failed(slots, e)
+        return True
+
+    def _send_work(self) -> None:
+        """Fill the pipeline: the oldest prompt's next chunk unless one is in flight, and the
+        decoding slots with nothing in flight, cut into as many groups as the pipeline has room
+        for (`groups` decode items in flight; each slot alone with batch="off")."""
+        kinds = [v[0] for v in self._inflight.values()]
+        decoding = [s for s in self.slots if s.state == "decode" and s.job is not None]
+        if "prefill" not in kinds:
+            prefill = [s for s in self.slots if s.state == "prefill" and s.item is None
+                       and not s.job.cancelled]
+            if prefill:
+                s = min(prefill, key=lambda s: s.job.t_submit)
+                job = s.job
+                n = self.chunk_tokens(bool(decoding))
+                a, b = s.done, min(len(job.prompt), s.done + n)
+                echo_lp = job.echo and job.logprobs is not None
+                self._send("prefill", [s], (a, b, echo_lp), job.prompt[a:b], [a], echo_lp)
+        ready = [s for s in decoding if s.item is None and not s.job.cancelled]
+        if not ready:
+            return
+        if self.batch == "off":
+            size, room = 1, len(ready)
+        else:   # groups of at most ceil(decoding / groups): a big group would stall the others
+            size = -(-sum(not s.job.cancelled for s in decoding) // self.groups)
+            room = self.groups - kinds.count("decode")
+        for a in range(0, min(len(ready), max(0, room) * size), size):
+            g = ready[a:a + size]
+            self._send("decode", g, None, [s.next_token for s in g], [s.pos for s in g], False)
+
+    def _send(self, kind: str, slots: list[Slot], info, ids, positions, all_logits) -> None:
+        try:
+            item = self.net.submit(ids, positions, [s.cache for s in slots], all_logits)
+        except Exception as e:
+            self._item_failed(slots, e)
+            return
+        self._inflight[item] = (kind, slots, info, time.perf_counter())
+        for s in slots:
+            s.item = item
+
+    def _item_failed(self, slots: list[Slot], e: Exception) -> None:
+        """A work item failed: its slots' jobs fail; a stage failure (caches lost) fails every
+        slot's job, and the items still in flight are waited out and dropped."""
+        log.error("pipeline work item failed: %s: %s", type(e).__name__, e)
+        if getattr(e, "caches_lost", False):
+            rest = list(self._inflight)
+            self._inflight.clear()
+            for s in self.slots:
+                s.item = None
+            self.net.discard(rest)
+        self._fail_slots(slots, e)
 
     def _admit(self) -> None:
         """Free slots take queued jobs, oldest first (call with self.cv held)."""
@@ -447,10 +587,19 @@ class Engine:
         logits = self.net.forward(torch.tensor(job.prompt[a:b]), a, all_logits=echo_lp,
                                   sparse=self.sparse, cache=s.cache)
         _set_spin(IDLE_SPIN_US)
-        dt = time.perf_counter() - t0
+        self._timed_chunk(a, b, time.perf_counter() - t0)
+        self._prefilled(s, a, b, logits, echo_lp)
+
+    def _timed_chunk(self, a: int, b: int, dt: float) -> None:
+        """A prompt chunk [a, b) took dt seconds: the speed the next chunk is sized by."""
         if b - a >= MIN_CHUNK or self._s_per_token is None:   # short tails say little
             self._s_per_token = dt / (b - a)
         self.stats.prefill_seconds += dt
+
+    def _prefilled(self, s: Slot, a: int, b: int, logits: torch.Tensor, echo_lp: bool) -> None:
+        """Prompt tokens [a, b) of the slot's job are in its cache; logits their rows (all of
+        them for echo with logprobs, else the last)."""
+        job = s.job
         self.stats.prompt_tokens += b - a
         s.tokens = job.prompt[:b]
         s.done = b
@@ -498,6 +647,10 @@ class Engine:
         self.stats.batched_steps += batched
         self.stats.decode_steps += 1
         self.stats.batched_rows += len(slots)
+        self._decoded(slots, logits)
+
+    def _decoded(self, slots: list[Slot], logits: torch.Tensor) -> None:
+        """The slots' next tokens are in their caches; logits [B, V] predict the ones after."""
         for s, row in zip(slots, logits):
             s.tokens.append(s.next_token)
             s.pos += 1
