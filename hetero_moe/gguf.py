@@ -40,11 +40,45 @@ _SPLIT_RE = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf
 LAZY_ARRAY_MIN = 1024
 
 
+# ggml type id -> (name, block size, bytes per block), as gguf.constants has them (a test checks
+# that they agree). A type id not listed here is looked up there: importing it brings in the
+# whole gguf package (reader, writer, yaml: ~3 MiB of memory and 0.2 s), which a load otherwise
+# does without.
+_GGML_TYPES: dict[int, tuple[str, int, int]] = {
+    0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20),
+    6: ("Q5_0", 32, 22), 7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 9: ("Q8_1", 32, 40),
+    10: ("Q2_K", 256, 84), 11: ("Q3_K", 256, 110), 12: ("Q4_K", 256, 144),
+    13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210), 15: ("Q8_K", 256, 292),
+    16: ("IQ2_XXS", 256, 66), 17: ("IQ2_XS", 256, 74), 18: ("IQ3_XXS", 256, 98),
+    19: ("IQ1_S", 256, 50), 20: ("IQ4_NL", 32, 18), 21: ("IQ3_S", 256, 110),
+    22: ("IQ2_S", 256, 82), 23: ("IQ4_XS", 256, 136), 24: ("I8", 1, 1), 25: ("I16", 1, 2),
+    26: ("I32", 1, 4), 27: ("I64", 1, 8), 28: ("F64", 1, 8), 29: ("IQ1_M", 256, 56),
+    30: ("BF16", 1, 2), 34: ("TQ1_0", 256, 54), 35: ("TQ2_0", 256, 66),
+    39: ("MXFP4", 32, 17), 40: ("NVFP4", 64, 36), 41: ("Q1_0", 128, 18),
+}
+
+
 def _ggml_type_sizes() -> dict[int, tuple[str, int, int]]:
-    """ggml type id -> (name, block size, bytes per block), for every type ggml defines."""
+    """ggml type id -> (name, block size, bytes per block), for every type ggml defines
+    (gguf.constants' table)."""
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
     return {int(t): (t.name, bs, ts) for t, (bs, ts) in GGML_QUANT_SIZES.items()
             if isinstance(t, GGMLQuantizationType)}
+
+
+class _TypeSizes:
+    """_GGML_TYPES, then gguf.constants' table for ids it lacks (read once, when first needed)."""
+
+    def __init__(self):
+        self._all: dict[int, tuple[str, int, int]] | None = None
+
+    def get(self, ttype: int) -> tuple[str, int, int] | None:
+        v = _GGML_TYPES.get(ttype)
+        if v is None:
+            if self._all is None:
+                self._all = _ggml_type_sizes()
+            v = self._all.get(ttype)
+        return v
 
 
 @dataclass
@@ -220,7 +254,7 @@ def split_paths(path: str | os.PathLike) -> list[Path]:
 class _GGUFPart:
     """One physical GGUF file: header, metadata, tensor infos, mmap."""
 
-    def __init__(self, path: Path, type_sizes: dict):
+    def __init__(self, path: Path, type_sizes: _TypeSizes):
         self.path = str(path)
         try:
             fd = os.open(self.path, os.O_RDONLY)
@@ -285,10 +319,11 @@ class _GGUFPart:
         for name, ne, ttype, off in infos:
             if name in self.tensors:
                 raise GGUFFormatError(f"{self.path}: duplicate tensor name {name!r}")
-            if ttype not in type_sizes:
+            sizes = type_sizes.get(ttype)
+            if sizes is None:
                 raise UnsupportedError(f"{self.path}: tensor {name!r} has unknown ggml type id "
                                        f"{ttype}")
-            tname, bs, ts = type_sizes[ttype]
+            tname, bs, ts = sizes
             if any(d == 0 for d in ne) or any(d > (1 << 40) for d in ne):
                 raise GGUFFormatError(f"{self.path}: tensor {name!r} has invalid shape {list(ne)}")
             if ne[0] % bs:
@@ -331,7 +366,7 @@ class GGUFFile:
     _lazy = False              # whether _md may still hold unread arrays
 
     def __init__(self, path: str | os.PathLike):
-        type_sizes = _ggml_type_sizes()
+        type_sizes = _TypeSizes()
         self.paths = split_paths(path)
         parts = [_GGUFPart(p, type_sizes) for p in self.paths]
         self._parts = parts

@@ -277,3 +277,16 @@ def test_truncated_large_array_fails_at_open(tmp_path):
     bad.write_bytes(data[:cut])
     with pytest.raises(GGUFFormatError, match="truncated or corrupt"):
         GGUFFile(bad)
+
+
+def test_builtin_type_table_matches_gguf_constants():
+    """The loader's own table of ggml type sizes agrees with gguf.constants (which it falls back
+    to for ids it does not list)."""
+    from hetero_moe import gguf as G
+    ref = G._ggml_type_sizes()
+    for tid, v in G._GGML_TYPES.items():
+        assert ref.get(tid, v) == v, (tid, v, ref.get(tid))     # (an older gguf lacks new ids)
+    sizes = G._TypeSizes()
+    for tid, v in ref.items():
+        assert sizes.get(tid) == v
+    assert sizes.get(10_000) is None
