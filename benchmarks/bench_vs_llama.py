@@ -76,6 +76,8 @@ def _child(engine: str, path: str, threads: int, n_prompt: int, n_gen: int,
     at = {}
     if engine in ("hetero-moe", PLAIN):
         import hetero_moe
+        import hetero_moe.api    # noqa: F401 (load's imports, torch's included, before measuring)
+        imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         m = hetero_moe.load(path, threads=threads, n_ctx=n_ctx, repack=engine == PLAIN)
         ids = rng.integers(10, m.config.n_vocab, size=n_prompt).tolist()
         m.eval(ids[:8], 0)                                   # warm-up
@@ -98,6 +100,7 @@ def _child(engine: str, path: str, threads: int, n_prompt: int, n_gen: int,
             at[d] = n_gen / (time.perf_counter() - t0)
     else:
         import llama_cpp
+        imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx + 64, n_batch=n_prompt,
                               n_ubatch=n_prompt, n_threads=threads, n_threads_batch=threads,
                               verbose=False, n_gpu_layers=0)
@@ -128,7 +131,8 @@ def _child(engine: str, path: str, threads: int, n_prompt: int, n_gen: int,
                 tok = int(np.argmax(last_logits()))
             at[d] = n_gen / (time.perf_counter() - t0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    out = {"prefill_tps": n_prompt / pre, "decode_tps": n_gen / dec, "peak_rss": peak}
+    out = {"prefill_tps": n_prompt / pre, "decode_tps": n_gen / dec, "peak_rss": peak,
+           "import_rss": imports}
     for d, v in at.items():
         out[f"decode_tps@{d}"] = v
     return out
@@ -337,10 +341,12 @@ def report(out: dict, a) -> None:
     med, size, bw, bpt = out["median"], out["file_size"], out["read_bandwidth_gbs"], out["decode_bytes_per_token"]
     print(f"\nmodel {os.path.basename(out['model'])} ({size / 2**20:.0f} MiB), {a.threads} threads, "
           f"{a.rounds} rounds, medians")
-    print(f"{'':26s}{'prefill tok/s':>15s}{'decode tok/s':>15s}{'peak RSS/file':>15s}")
+    print(f"{'':26s}{'prefill tok/s':>15s}{'decode tok/s':>15s}{'peak RSS/file':>15s}"
+          f"{'imports/file':>14s}")
     for e in med:
+        imp = med[e].get("import_rss")       # RSS after importing the engine (torch, for ours)
         print(f"{e:26s}{med[e]['prefill_tps']:15.1f}{med[e]['decode_tps']:15.1f}"
-              f"{med[e]['peak_rss'] / size:15.2f}")
+              f"{med[e]['peak_rss'] / size:15.2f}" + (f"{imp / size:14.2f}" if imp else ""))
     for e, r in out["ratios"].items():
         print(f"{'ratio vs ' + e:26s}{r['prefill']:15.2f}{r['decode']:15.2f}")
     print(f"CPU: {out['cpu']['model']} ({out['cpu']['flags']}); hetero-moe kernels: "
