@@ -66,16 +66,31 @@ def resolve_model(name: str, layers: int, quant: str = "Q4_K_M") -> str:
 DEPTH_CHUNK = 2048   # long-context fill: prompt chunks of this many tokens
 
 
+def _rss(field: str) -> int:
+    """This process's VmHWM (peak) or VmRSS in bytes, from /proc/self/status. ru_maxrss is only
+    the fallback: Linux starts an exec'd child's at the RSS of the process that spawned it, so a
+    child of this script (~220 MiB with torch imported) never reads below that."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _child(engine: str, path: str, threads: int, n_prompt: int, n_gen: int,
            depths: list[int]) -> dict:
-    import resource
-
     import numpy as np
     rng = np.random.default_rng(0)
     n_ctx = max([n_prompt] + depths) + n_gen + 8
     at = {}
     if engine in ("hetero-moe", PLAIN):
         import hetero_moe
+        import hetero_moe.api    # noqa: F401 (load's imports, torch's included, before measuring)
+        imports = _rss("VmRSS")
         m = hetero_moe.load(path, threads=threads, n_ctx=n_ctx, repack=engine == PLAIN)
         ids = rng.integers(10, m.config.n_vocab, size=n_prompt).tolist()
         m.eval(ids[:8], 0)                                   # warm-up
@@ -98,6 +113,7 @@ def _child(engine: str, path: str, threads: int, n_prompt: int, n_gen: int,
             at[d] = n_gen / (time.perf_counter() - t0)
     else:
         import llama_cpp
+        imports = _rss("VmRSS")
         llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx + 64, n_batch=n_prompt,
                               n_ubatch=n_prompt, n_threads=threads, n_threads_batch=threads,
                               verbose=False, n_gpu_layers=0)
@@ -127,8 +143,9 @@ def _child(engine: str, path: str, threads: int, n_prompt: int, n_gen: int,
                 llm.eval([tok])
                 tok = int(np.argmax(last_logits()))
             at[d] = n_gen / (time.perf_counter() - t0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    out = {"prefill_tps": n_prompt / pre, "decode_tps": n_gen / dec, "peak_rss": peak}
+    peak = _rss("VmHWM")
+    out = {"prefill_tps": n_prompt / pre, "decode_tps": n_gen / dec, "peak_rss": peak,
+           "import_rss": imports}
     for d, v in at.items():
         out[f"decode_tps@{d}"] = v
     return out
@@ -150,6 +167,7 @@ def run_ik(bench: str, rtr: int, path, threads, n_prompt, n_gen, depths=()) -> d
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stderr[-3000:]}")
     rows = json.loads(r.stdout[r.stdout.index("["):])
+    # llama-bench's peak; it starts at this small process's RSS (~20 MiB), see _rss
     res = {"peak_rss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}
     for row in rows:
         if row["n_gen"] == 0:
@@ -337,10 +355,12 @@ def report(out: dict, a) -> None:
     med, size, bw, bpt = out["median"], out["file_size"], out["read_bandwidth_gbs"], out["decode_bytes_per_token"]
     print(f"\nmodel {os.path.basename(out['model'])} ({size / 2**20:.0f} MiB), {a.threads} threads, "
           f"{a.rounds} rounds, medians")
-    print(f"{'':26s}{'prefill tok/s':>15s}{'decode tok/s':>15s}{'peak RSS/file':>15s}")
+    print(f"{'':26s}{'prefill tok/s':>15s}{'decode tok/s':>15s}{'peak RSS/file':>15s}"
+          f"{'imports/file':>14s}")
     for e in med:
+        imp = med[e].get("import_rss")       # RSS after importing the engine (torch, for ours)
         print(f"{e:26s}{med[e]['prefill_tps']:15.1f}{med[e]['decode_tps']:15.1f}"
-              f"{med[e]['peak_rss'] / size:15.2f}")
+              f"{med[e]['peak_rss'] / size:15.2f}" + (f"{imp / size:14.2f}" if imp else ""))
     for e, r in out["ratios"].items():
         print(f"{'ratio vs ' + e:26s}{r['prefill']:15.2f}{r['decode']:15.2f}")
     print(f"CPU: {out['cpu']['model']} ({out['cpu']['flags']}); hetero-moe kernels: "

@@ -34,13 +34,51 @@ _NUMPY_OF = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5
              6: np.float32, 7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
 
 _SPLIT_RE = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+# arrays of at least this many elements (the vocabulary, its scores, types and merges) are read
+# into Python values on first use: a model driven by token ids never builds them (for a 150k
+# vocabulary ~30 MiB of str/float objects, ~10 MiB for 50k)
+LAZY_ARRAY_MIN = 1024
+
+
+# ggml type id -> (name, block size, bytes per block), as gguf.constants has them (a test checks
+# that they agree). A type id not listed here is looked up there: importing it brings in the
+# whole gguf package (reader, writer, yaml: ~3 MiB of memory and 0.2 s), which a load otherwise
+# does without.
+_GGML_TYPES: dict[int, tuple[str, int, int]] = {
+    0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20),
+    6: ("Q5_0", 32, 22), 7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 9: ("Q8_1", 32, 40),
+    10: ("Q2_K", 256, 84), 11: ("Q3_K", 256, 110), 12: ("Q4_K", 256, 144),
+    13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210), 15: ("Q8_K", 256, 292),
+    16: ("IQ2_XXS", 256, 66), 17: ("IQ2_XS", 256, 74), 18: ("IQ3_XXS", 256, 98),
+    19: ("IQ1_S", 256, 50), 20: ("IQ4_NL", 32, 18), 21: ("IQ3_S", 256, 110),
+    22: ("IQ2_S", 256, 82), 23: ("IQ4_XS", 256, 136), 24: ("I8", 1, 1), 25: ("I16", 1, 2),
+    26: ("I32", 1, 4), 27: ("I64", 1, 8), 28: ("F64", 1, 8), 29: ("IQ1_M", 256, 56),
+    30: ("BF16", 1, 2), 34: ("TQ1_0", 256, 54), 35: ("TQ2_0", 256, 66),
+    39: ("MXFP4", 32, 17), 40: ("NVFP4", 64, 36), 41: ("Q1_0", 128, 18),
+}
 
 
 def _ggml_type_sizes() -> dict[int, tuple[str, int, int]]:
-    """ggml type id -> (name, block size, bytes per block), for every type ggml defines."""
+    """ggml type id -> (name, block size, bytes per block), for every type ggml defines
+    (gguf.constants' table)."""
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
     return {int(t): (t.name, bs, ts) for t, (bs, ts) in GGML_QUANT_SIZES.items()
             if isinstance(t, GGMLQuantizationType)}
+
+
+class _TypeSizes:
+    """_GGML_TYPES, then gguf.constants' table for ids it lacks (read once, when first needed)."""
+
+    def __init__(self):
+        self._all: dict[int, tuple[str, int, int]] | None = None
+
+    def get(self, ttype: int) -> tuple[str, int, int] | None:
+        v = _GGML_TYPES.get(ttype)
+        if v is None:
+            if self._all is None:
+                self._all = _ggml_type_sizes()
+            v = self._all.get(ttype)
+        return v
 
 
 @dataclass
@@ -101,7 +139,7 @@ class _Reader:
             return raw.decode("utf-8", errors="surrogateescape")
 
 
-def _read_value(r: _Reader, vtype: int, key: str, depth: int = 0):
+def _read_value(r: _Reader, vtype: int, key: str, depth: int = 0, lazy: bool = False):
     if vtype not in _VALUE_TYPES:
         raise GGUFFormatError(f"{r.path}: key {key!r} has unknown value type {vtype} "
                               f"(valid: 0..12)")
@@ -123,6 +161,15 @@ def _read_value(r: _Reader, vtype: int, key: str, depth: int = 0):
         raise GGUFFormatError(
             f"{r.path}: key {key!r} claims {count} array elements, more than the "
             f"{r.size - r.pos} bytes left in the file can hold")
+    if count >= LAZY_ARRAY_MIN and lazy:
+        start = r.pos
+        _skip_array(r, etype, count, key)     # bounds-checked now, so a bad file fails at open
+        return _LazyArray(r.buf, r.path, key, etype, count, start)
+    return _array_values(r, etype, count, key)
+
+
+def _array_values(r: _Reader, etype: int, count: int, key: str) -> list:
+    efmt = _VALUE_TYPES[etype][1]
     if efmt is not None:
         n = count * struct.calcsize(efmt)
         r.need(n, f"array of key {key!r}")
@@ -130,6 +177,61 @@ def _read_value(r: _Reader, vtype: int, key: str, depth: int = 0):
         r.pos += n
         return arr.tolist()
     return [r.string(f"element {i} of key {key!r}") for i in range(count)]
+
+
+def _skip_array(r: _Reader, etype: int, count: int, key: str) -> None:
+    """Move past an array with the checks reading it makes (bar decoding)."""
+    efmt = _VALUE_TYPES[etype][1]
+    if efmt is not None:
+        n = count * struct.calcsize(efmt)
+        r.need(n, f"array of key {key!r}")
+        r.pos += n
+        return
+    buf, size, unpack = r.buf, r.size, struct.Struct("<Q").unpack_from
+    pos = r.pos
+    for i in range(count):
+        if pos + 8 > size:
+            r.pos = pos
+            r.need(8, f"length of element {i} of key {key!r}")
+        n = unpack(buf, pos)[0]
+        pos += 8
+        if pos + n > size:
+            r.pos = pos
+            r.need(n, f"element {i} of key {key!r}")
+        pos += n
+    r.pos = pos
+
+
+class _LazyArray:
+    """A large metadata array not yet read into Python values (GGUFFile reads it on first use)."""
+
+    __slots__ = ("buf", "path", "key", "etype", "count", "pos", "header_end")
+
+    def __init__(self, buf, path: str, key: str, etype: int, count: int, pos: int):
+        self.buf, self.path, self.key = buf, path, key
+        self.etype, self.count, self.pos = etype, count, pos
+        self.header_end = 0       # the header's whole pages end here (dropped again after a read)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def read(self) -> list:
+        r = _Reader(self.buf, self.path)
+        r.pos = self.pos
+        out = _array_values(r, self.etype, self.count, self.key)
+        _drop_pages(self.buf, self.pos, min(r.pos, self.header_end))
+        return out
+
+
+def _drop_pages(mm, a: int, b: int) -> None:
+    """Let the mapped pages of header bytes [a, b) go from this process (they stay in the page
+    cache); b is page-aligned or the header's end."""
+    a = a // mmap.PAGESIZE * mmap.PAGESIZE
+    if b > a and hasattr(mmap, "MADV_DONTNEED"):
+        try:
+            mm.madvise(mmap.MADV_DONTNEED, a, b - a)
+        except (OSError, ValueError):
+            pass
 
 
 def split_paths(path: str | os.PathLike) -> list[Path]:
@@ -152,7 +254,7 @@ def split_paths(path: str | os.PathLike) -> list[Path]:
 class _GGUFPart:
     """One physical GGUF file: header, metadata, tensor infos, mmap."""
 
-    def __init__(self, path: Path, type_sizes: dict):
+    def __init__(self, path: Path, type_sizes: _TypeSizes):
         self.path = str(path)
         try:
             fd = os.open(self.path, os.O_RDONLY)
@@ -195,7 +297,7 @@ class _GGUFPart:
             vtype = r.unpack("<I", f"value type of key {key!r}")
             if key in self.metadata:
                 raise GGUFFormatError(f"{self.path}: duplicate metadata key {key!r}")
-            self.metadata[key] = _read_value(r, vtype, key)
+            self.metadata[key] = _read_value(r, vtype, key, lazy=True)
             self.value_types[key] = vtype
         alignment = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
         if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
@@ -217,10 +319,11 @@ class _GGUFPart:
         for name, ne, ttype, off in infos:
             if name in self.tensors:
                 raise GGUFFormatError(f"{self.path}: duplicate tensor name {name!r}")
-            if ttype not in type_sizes:
+            sizes = type_sizes.get(ttype)
+            if sizes is None:
                 raise UnsupportedError(f"{self.path}: tensor {name!r} has unknown ggml type id "
                                        f"{ttype}")
-            tname, bs, ts = type_sizes[ttype]
+            tname, bs, ts = sizes
             if any(d == 0 for d in ne) or any(d > (1 << 40) for d in ne):
                 raise GGUFFormatError(f"{self.path}: tensor {name!r} has invalid shape {list(ne)}")
             if ne[0] % bs:
@@ -243,11 +346,10 @@ class _GGUFPart:
         # the header (metadata, vocabulary) is parsed: let its pages go from this process
         # (they stay in the page cache); tensor data starts at data_start or later
         header = data_start // mmap.PAGESIZE * mmap.PAGESIZE
-        if header and hasattr(mmap, "MADV_DONTNEED"):
-            try:
-                self.mm.madvise(mmap.MADV_DONTNEED, 0, header)
-            except (OSError, ValueError):
-                pass
+        _drop_pages(self.mm, 0, header)
+        for v in self.metadata.values():
+            if isinstance(v, _LazyArray):
+                v.header_end = header
 
 
 class GGUFFile:
@@ -255,19 +357,24 @@ class GGUFFile:
 
     Attributes:
         paths: the files, in split order.
-        metadata: key -> plain Python value (str, int, float, bool, or list of those).
+        metadata: key -> plain Python value (str, int, float, bool, or list of those). Arrays
+            of LAZY_ARRAY_MIN or more elements are read from the file when first used: through
+            get()/require() one key at a time, through `metadata` all at once.
         tensors: name -> TensorInfo, across all parts.
     """
 
+    _lazy = False              # whether _md may still hold unread arrays
+
     def __init__(self, path: str | os.PathLike):
-        type_sizes = _ggml_type_sizes()
+        type_sizes = _TypeSizes()
         self.paths = split_paths(path)
         parts = [_GGUFPart(p, type_sizes) for p in self.paths]
         self._parts = parts
-        self.metadata = dict(parts[0].metadata)
+        self._md = dict(parts[0].metadata)
+        self._lazy = True
         self.value_types = dict(parts[0].value_types)
         self.version = parts[0].version
-        n_split = self.metadata.get("split.count", 1)
+        n_split = self._md.get("split.count", 1)
         if len(parts) > 1 or n_split != 1:
             if n_split != len(parts):
                 raise GGUFFormatError(f"{self.paths[0]}: split.count = {n_split} but "
@@ -283,10 +390,37 @@ class GGUFFile:
                     raise GGUFFormatError(f"{part.path}: tensor {name!r} also appears in "
                                           f"{self.tensors[name].path}")
                 self.tensors[name] = t
-        want = self.metadata.get("split.tensors.count")
+        want = self._md.get("split.tensors.count")
         if want is not None and want != len(self.tensors):
             raise GGUFFormatError(f"{self.paths[0]}: split.tensors.count = {want} but the parts "
                                   f"hold {len(self.tensors)} tensors")
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        self._read_arrays()
+        return self._md
+
+    @metadata.setter
+    def metadata(self, md: dict[str, Any]) -> None:
+        self._md, self._lazy = md, False
+
+    def _read_arrays(self) -> None:
+        if self._lazy:
+            for k, v in list(self._md.items()):
+                if isinstance(v, _LazyArray):
+                    self._md[k] = v.read()
+            self._lazy = False
+
+    def _value(self, key: str):
+        v = self._md[key]
+        if isinstance(v, _LazyArray):
+            v = self._md[key] = v.read()
+        return v
+
+    def array_len(self, key: str) -> int | None:
+        """Length of the array under `key` without reading it (None: absent or not an array)."""
+        v = self._md.get(key)
+        return len(v) if isinstance(v, (list, _LazyArray)) else None
 
     @property
     def path(self) -> str:
@@ -302,9 +436,9 @@ class GGUFFile:
 
     def require(self, key: str, kind: type | tuple = (int, float, str, bool, list)):
         """Metadata value for `key`, checked to be of `kind`; MissingKeyError names the key."""
-        if key not in self.metadata:
+        if key not in self._md:
             raise MissingKeyError(f"{self.path}: required metadata key {key!r} is missing")
-        v = self.metadata[key]
+        v = self._value(key)
         if kind is float and isinstance(v, int) and not isinstance(v, bool):
             v = float(v)
         if kind is int and isinstance(v, bool):
@@ -316,9 +450,9 @@ class GGUFFile:
 
     def get(self, key: str, default=None, kind: type | tuple | None = None):
         """Metadata value for `key` or `default`; type-checked like `require` when present."""
-        if key not in self.metadata:
+        if key not in self._md:
             return default
-        return self.require(key, kind) if kind is not None else self.metadata[key]
+        return self.require(key, kind) if kind is not None else self._value(key)
 
     def tensor(self, name: str) -> TensorInfo:
         from .errors import MissingTensorError
@@ -331,6 +465,7 @@ class GGUFFile:
         return iter(self.tensors.values())
 
     def close(self) -> None:
+        self._read_arrays()      # while the maps are open: the metadata outlives them
         for p in self._parts:
             try:
                 p.mm.close()
@@ -338,7 +473,7 @@ class GGUFFile:
                 pass  # numpy views still alive; the mapping goes when they do
 
     def __repr__(self) -> str:
-        return (f"GGUFFile({self.path!r}, arch={self.metadata.get('general.architecture')!r}, "
+        return (f"GGUFFile({self.path!r}, arch={self._md.get('general.architecture')!r}, "
                 f"tensors={len(self.tensors)}, files={len(self.paths)})")
 
 

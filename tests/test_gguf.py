@@ -224,3 +224,69 @@ def test_repr_and_config(tiny):
     m = hetero_moe.load(tiny)
     assert "arch=llama" in repr(m) and "layers=2" in repr(m)
     assert m.config.n_embd == D and m.config.rope_type == "norm"
+
+
+def _with_vocab(path, n: int) -> tuple[str, list[str], list[float]]:
+    """A tiny llama with an n-token vocabulary (strings, scores, types) in its metadata."""
+    import gguf
+    tokens = [f"tok{i}\u00e9" for i in range(n)]
+    scores = [float(i) / 4 for i in range(n)]
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(128)
+    w.add_embedding_length(D)
+    w.add_block_count(2)
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types([1] * n)
+    w.add_array("test.small", [1, 2, 3])
+    w.add_tensor("t.weight", np.zeros(8, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(path), tokens, scores
+
+
+def test_large_arrays_read_on_first_use(tmp_path):
+    """The vocabulary is read when asked for (get, require, metadata), not at open."""
+    from hetero_moe import gguf as G
+    n = G.LAZY_ARRAY_MIN + 5
+    path, tokens, scores = _with_vocab(tmp_path / "vocab.gguf", n)
+    g = GGUFFile(path)
+    assert isinstance(g._md["tokenizer.ggml.tokens"], G._LazyArray)     # not read at open
+    assert g._md["test.small"] == [1, 2, 3]                               # small: read at open
+    assert g.array_len("tokenizer.ggml.tokens") == n
+    assert g.array_len("test.small") == 3 and g.array_len("general.architecture") is None
+    assert g.get("tokenizer.ggml.tokens") == tokens
+    assert g.require("tokenizer.ggml.scores", list) == scores
+    assert isinstance(g._md["tokenizer.ggml.token_type"], G._LazyArray)   # one key at a time
+    md = g.metadata
+    assert md["tokenizer.ggml.token_type"] == [1] * n
+    assert not any(isinstance(v, G._LazyArray) for v in md.values())
+    g2 = GGUFFile(path)
+    g2.close()                                     # the metadata outlives the maps
+    assert g2.metadata["tokenizer.ggml.tokens"] == tokens
+
+
+def test_truncated_large_array_fails_at_open(tmp_path):
+    from hetero_moe import gguf as G
+    path, tokens, _ = _with_vocab(tmp_path / "vocab.gguf", G.LAZY_ARRAY_MIN + 5)
+    data = open(path, "rb").read()
+    cut = data.index(tokens[G.LAZY_ARRAY_MIN].encode()) + 2       # inside a late token
+    bad = tmp_path / "cut.gguf"
+    bad.write_bytes(data[:cut])
+    with pytest.raises(GGUFFormatError, match="truncated or corrupt"):
+        GGUFFile(bad)
+
+
+def test_builtin_type_table_matches_gguf_constants():
+    """The loader's own table of ggml type sizes agrees with gguf.constants (which it falls back
+    to for ids it does not list)."""
+    from hetero_moe import gguf as G
+    ref = G._ggml_type_sizes()
+    for tid, v in G._GGML_TYPES.items():
+        assert ref.get(tid, v) == v, (tid, v, ref.get(tid))     # (an older gguf lacks new ids)
+    sizes = G._TypeSizes()
+    for tid, v in ref.items():
+        assert sizes.get(tid) == v
+    assert sizes.get(10_000) is None

@@ -138,8 +138,7 @@ def common_config(g: GGUFFile, arch: str, rope_type: str) -> tuple[MetaReader, d
     elif scaling not in ("none", ""):
         raise UnsupportedError(f"{g.path}: rope scaling {scaling!r} is not supported for "
                                f"architecture {arch!r} (supported: none, linear, yarn)")
-    tok = g.get("tokenizer.ggml.tokens")
-    n_vocab = m.int("{arch}.vocab_size", len(tok) if isinstance(tok, list) else 0)
+    n_vocab = m.int("{arch}.vocab_size", g.array_len("tokenizer.ggml.tokens") or 0)
     if n_vocab == 0:
         n_vocab = g.tensor("token_embd.weight").ne[1]
     kw = dict(
