@@ -104,6 +104,53 @@ async def run_level(url: str, model: str, n: int, seconds: float, max_tokens: in
             "chunk_gap_p99_ms": 1000 * pct(out["chunk_gap"], 99)}
 
 
+async def long_prompt_probe(url: str, model: str, n_words: int, headers: dict) -> dict:
+    """One stream generating; meanwhile a completion with a long prompt (about n_words tokens)
+    arrives. Returns the long prompt's time to its answer and the running stream's largest gap
+    between content chunks while the long prompt was being evaluated (its stall)."""
+    import httpx
+    stamps: list[float] = []
+    stop = asyncio.Event()
+
+    async def streamer(http):
+        body = {"model": model, "max_tokens": 4000, "temperature": 0.8, "seed": 1, "stream": True,
+                "messages": [{"role": "user", "content": "Tell a very long story about a fox."}]}
+        async with http.stream("POST", url + "/v1/chat/completions", json=body) as r:
+            async for line in r.aiter_lines():
+                if stop.is_set():
+                    break
+                if line.startswith("data: {") and '"content"' in line:
+                    stamps.append(time.perf_counter())
+
+    words = " ".join(f"river{i % 97} stone" for i in range(n_words // 3))
+    async with httpx.AsyncClient(timeout=600, headers=headers) as http:
+        task = asyncio.create_task(streamer(http))
+        while len(stamps) < 8:                      # the stream runs
+            await asyncio.sleep(0.05)
+            if task.done():
+                raise SystemExit("the generating stream ended before the long prompt was sent")
+        t0 = time.perf_counter()
+        r = await http.post(url + "/v1/completions", json={
+            "model": model, "prompt": words, "max_tokens": 1, "temperature": 0,
+            "cache_prompt": False})
+        t1 = time.perf_counter()
+        stop.set()
+        await asyncio.sleep(0.3)
+        task.cancel()
+        try:
+            await task
+        except (asyncio.CancelledError, httpx.HTTPError):
+            pass
+    r.raise_for_status()
+    n_prompt = r.json()["usage"]["prompt_tokens"]
+    inside = [b - a for a, b in zip(stamps, stamps[1:]) if b > t0 and a < t1]
+    before = [b - a for a, b in zip(stamps, stamps[1:]) if b <= t0]
+    return {"prompt_tokens": n_prompt, "answer_ms": 1000 * (t1 - t0),
+            "stall_max_ms": 1000 * max(inside, default=float("nan")),
+            "gap_p50_ms_during": 1000 * pct(inside, 50),
+            "gap_p50_ms_before": 1000 * pct(before, 50)}
+
+
 def start_server(model: str | None, parallel: int, extra: list[str]):
     log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
     cmd = [sys.executable, "-m", "hetero_moe.cli", "serve"] + ([model] if model else []) + [
@@ -147,19 +194,27 @@ def main(argv=None) -> int:
     ap.add_argument("model", nargs="?", help="GGUF file (default: the demo model)")
     ap.add_argument("--url", help="benchmark a running server instead of starting one")
     ap.add_argument("--api-key", help="the running server's API key")
-    ap.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4, 8])
+    ap.add_argument("--clients", type=int, nargs="*", default=[1, 2, 4, 8],
+                    help="client counts (1 2 4 8; none: only --long-prompt)")
     ap.add_argument("--seconds", type=float, default=20.0, help="per client count (20)")
     ap.add_argument("--max-tokens", type=int, default=128, help="per request (128)")
     ap.add_argument("--server-args", default="",
                     help="extra arguments for hetero-moe serve, e.g. '--batch on --ctx 2048'")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    ap.add_argument("--long-prompt", type=int, default=0, metavar="N",
+                    help="then, while one stream generates, send a completion with a prompt of "
+                         "about N tokens, --long-repeats times: its answer time and the stream's "
+                         "worst stall (needs a context of N tokens per slot and 2 slots)")
+    ap.add_argument("--long-repeats", type=int, default=3)
     args = ap.parse_args(argv)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     proc = log = None
     if args.url:
         url = args.url.rstrip("/")
     else:
-        proc, url, log = start_server(args.model, max(args.clients), args.server_args.split())
+        proc, url, log = start_server(args.model, max(args.clients + [2 if args.long_prompt
+                                                                      else 1]),
+                                      args.server_args.split())
     import httpx
     try:
         info = httpx.get(url + "/v1/models", headers=headers, timeout=10).json()["data"][0]
@@ -181,6 +236,14 @@ def main(argv=None) -> int:
                   f"{r['tpot_p99_ms']:6.1f} ms | between chunks p50 {r['chunk_gap_p50_ms']:6.1f} "
                   f"p99 {r['chunk_gap_p99_ms']:6.1f} ms | {r['requests']} requests, "
                   f"{r['errors']} errors", file=sys.stderr, flush=True)
+        longs = []
+        for k in range(args.long_prompt and args.long_repeats):
+            lp = asyncio.run(long_prompt_probe(url, model, args.long_prompt, headers))
+            longs.append(lp)
+            print(f"long prompt {k + 1}: {lp['prompt_tokens']} tokens answered in "
+                  f"{lp['answer_ms']:.0f} ms; the running stream's worst gap meanwhile "
+                  f"{lp['stall_max_ms']:.0f} ms (p50 {lp['gap_p50_ms_during']:.1f} ms; before "
+                  f"it: {lp['gap_p50_ms_before']:.1f} ms)", file=sys.stderr, flush=True)
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)
@@ -189,6 +252,11 @@ def main(argv=None) -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
             os.unlink(log)
+    if longs:
+        print(f"\nlong prompt ({longs[0]['prompt_tokens']} tokens) while one stream generates, "
+              f"{len(longs)} times: answered in {pct([x['answer_ms'] for x in longs], 50):.0f} ms "
+              f"(median); the stream's worst gap {max(x['stall_max_ms'] for x in longs):.0f} ms "
+              f"(median of the worst: {pct([x['stall_max_ms'] for x in longs], 50):.0f} ms)")
     base = rows[0]["tok_s"] if rows and rows[0]["clients"] == 1 else None
     print(f"\nmodel: {model} ({info['meta'].get('arch')}, {info['meta'].get('size', 0) / 2**20:.1f}"
           f" MiB); {info['meta'].get('placement')}; {os.cpu_count()} CPUs")
@@ -204,7 +272,8 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump({"model": model, "meta": info["meta"], "url": url,
                        "seconds": args.seconds, "max_tokens": args.max_tokens,
-                       "server_args": args.server_args, "results": rows}, f, indent=2)
+                       "server_args": args.server_args, "results": rows,
+                       "long_prompt": longs}, f, indent=2)
     return 0
 
 

@@ -160,7 +160,7 @@ def _check_matmul(name, n_rows, n_cols, T, variant, seed=0):
 
 @needs_ext
 @pytest.mark.parametrize("name", list(TYPES))
-@pytest.mark.parametrize("T", [1, 2, 3, 4, 17])  # 2-4: the small-batch GEMV of the 32-blocks
+@pytest.mark.parametrize("T", [1, 2, 3, 4, 6, 8, 17])  # 2-8: the small-batch GEMV of 32-blocks
 def test_matmul_all_variants(name, T, variant_scope):
     n_cols = 512 if TYPES[name] >= 12 else 96  # 2 super-blocks / 3 blocks: not a multiple of any tile
     ys = {v: _check_matmul(name, 37, n_cols, T, v) for v in _variants()}
