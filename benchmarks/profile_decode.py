@@ -2,12 +2,17 @@
 cache, routing, lm_head and everything else, in ms per token.
 
     python benchmarks/profile_decode.py [--model qwen3moe-a3b] [--threads 2] [--ctx 512] [--json]
-        [--per-op]
+        [--per-op] [--batch 1,2,4,8]
 
 By default decode runs as one C++ step per token (runtime/fused_decode.py), which times its parts
 itself; "Python" is the token's total minus the step (embedding row, call, sampling). --per-op
 profiles the per-op path instead (HETERO_MOE_FUSED_DECODE=0): wall time around each op's call on
 the decoding thread, "glue" being the total minus the parts.
+
+--batch B1,B2,..: batched decode instead (what a server with B generating slots runs: one
+forward_batch of B sequences, each at --ctx cached positions of its own cache), per B: ms per step,
+aggregate tok/s and its ratio to B = 1, and the fused step's parts per step. Counts alternate
+(B1, B2, .., B1, B2, ..) for --rounds rounds; the best round of each is reported.
 """
 from __future__ import annotations
 
@@ -30,6 +35,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=48, help="decoded tokens measured (48)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--per-op", action="store_true", help="profile the per-op path")
+    ap.add_argument("--batch", help="batched decode: comma-separated sequence counts, e.g. 1,2,4,8")
+    ap.add_argument("--rounds", type=int, default=3, help="--batch rounds (3)")
     args = ap.parse_args(argv)
     if args.per_op:
         os.environ["HETERO_MOE_FUSED_DECODE"] = "0"
@@ -70,6 +77,8 @@ def main(argv=None) -> int:
                                        attention.decode_attention)
 
     ids = list(range(10, 10 + args.ctx))
+    if args.batch:
+        return _batched(m, path, ids, args)
     m.eval(ids, 0)
     tok = 5
     for i in range(4):                                   # warm-up
@@ -98,6 +107,49 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps({"model": path, "ms_per_token": total * 1e3, "fused": fused,
                           "parts_ms": {k: v * 1e3 for k, v in parts.items()}}))
+    return 0
+
+
+def _batched(m, path, ids, args) -> int:
+    import torch
+    counts = [int(b) for b in args.batch.split(",")]
+    if not counts or min(counts) < 1:
+        raise SystemExit(f"--batch: positive sequence counts, got {args.batch!r}")
+    net = m.net
+    caches = [net.cache] + [net.new_cache() for _ in range(max(counts) - 1)]
+    for c in caches:
+        net.forward(torch.tensor(ids), 0, all_logits=False, cache=c)
+    L = len(ids)
+    fused = bool(net.fused) if net.fused is not None else net._fused_ready()
+    lib = net.fused._lib if fused else None
+    best: dict[int, tuple[float, dict]] = {}
+    for _ in range(max(1, args.rounds)):
+        for B in counts:
+            tok = [5 + b for b in range(B)]
+            net.forward_batch(tok, [L] * B, caches[:B])           # warm-up
+            if lib is not None:
+                lib.decode_profile(True)
+            t0 = time.perf_counter()
+            for _ in range(args.tokens):
+                net.forward_batch(tok, [L] * B, caches[:B])       # the same position again
+            dt = (time.perf_counter() - t0) / args.tokens
+            parts = lib.decode_profile(False) if lib is not None else {}
+            if B not in best or dt < best[B][0]:
+                best[B] = (dt, {k: v / args.tokens for k, v in parts.items() if v > 0})
+    print(f"batched decode, {args.threads} threads, {L} cached positions each, "
+          f"{os.path.basename(path)}, {'one C++ call per step' if fused else 'per-op path'}, "
+          f"best of {args.rounds} rounds")
+    one = best[counts[0]][0] / counts[0] if 1 not in best else best[1][0]
+    rows = []
+    for B in counts:
+        dt, parts = best[B]
+        rows.append({"B": B, "ms_per_step": dt * 1e3, "tok_s": B / dt,
+                     "vs_1": (B / dt) * one, "parts_ms": {k: v * 1e3 for k, v in parts.items()}})
+        print(f"  B={B}: {dt * 1e3:7.2f} ms/step, {B / dt:7.1f} tok/s ({(B / dt) * one:.2f}x)  " +
+              ", ".join(f"{k.split(' (')[0]} {v * 1e3:.2f}" for k, v in
+                        sorted(parts.items(), key=lambda kv: -kv[1])))
+    if args.json:
+        print(json.dumps({"model": path, "batched": rows}))
     return 0
 
 

@@ -700,3 +700,25 @@ def test_gelu_mul_equals_ggml_rounding():
     assert torch.equal(same, got)
     with pytest.raises(ValueError, match="gelu_mul"):
         cb.gelu_mul(g, u[:-1])
+
+
+# Token counts that take the small-batch GEMV per type (kernels_simd.inc SmallGemv): each row is
+# that token's one-token GEMV bit for bit, so a batched decode step of this many rows changes no
+# row's rounding.
+SMALL_BATCH = {"Q4_0": 8, "Q5_0": 8, "Q8_0": 8, "Q4_1": 8, "Q5_1": 8, "Q4_K": 3, "Q6_K": 2}
+
+
+@needs_ext
+@pytest.mark.parametrize("name", [n for n in TYPES if n in SMALL_BATCH])
+@pytest.mark.parametrize("n_cols", [256 * 3, 256 * 8])   # an odd and an even number of blocks
+def test_small_batch_rows_equal_one_token_gemv(name, n_cols, variant_scope):
+    w = make_weights(name, 40, n_cols, 5)
+    x = gaussian(SMALL_BATCH[name], n_cols, 6)
+    for v in _variants():
+        if v == "scalar":
+            continue
+        variant_scope(v)
+        for T in range(2, SMALL_BATCH[name] + 1):
+            y = cb.matmul(w, TYPES[name], 40, n_cols, x[:T])
+            alone = torch.cat([cb.matmul(w, TYPES[name], 40, n_cols, x[t:t + 1]) for t in range(T)])
+            assert torch.equal(y, alone), f"{name} {v} T={T}: rows differ from the one-token GEMV"
