@@ -237,3 +237,25 @@ def test_deepseek_config_matches_the_gguf_twin(preset, tmp_path):
     _edit_json(d / "config.json", moe_layer_freq=1, scoring_func="sqrtsoftplus")
     with pytest.raises(UnsupportedError, match="sqrtsoftplus"):
         HFCheckpoint(d)
+
+
+def test_act_order_folder_is_compact():
+    """Act-order (desc_act, groups scattered): the experts' down_proj is sorted into exact Q5_0
+    blocks (gate/up rows permuted alike), gate/up re-quantized to Q8_0, attention to F16; nothing
+    stays F32, and each down_proj's blocks hold the twin's weights exactly, columns permuted."""
+    from hetero_moe import quant
+    folder, twin = cached_hf_test_model("llama-moe", QuantOptions("gptq", 64, sym=False,
+                                                                  desc_act=True))
+    g, t = open_model(folder), GGUFFile(twin)
+    types = {n: ti.type_name for n, ti in g.tensors.items() if n.startswith("blk.0.")}
+    assert types["blk.0.ffn_down_exps.weight"] == "Q5_0"
+    assert types["blk.0.ffn_gate_exps.weight"] == types["blk.0.ffn_up_exps.weight"] == "Q8_0"
+    assert types["blk.0.attn_q.weight"] == types["blk.0.attn_output.weight"] == "F16"
+    assert "F32" not in {ti.type_name for n, ti in g.tensors.items() if len(ti.shape) > 1}
+    mine = g.tensors["blk.0.ffn_down_exps.weight"]
+    down = quant.dequantize(mine.data, mine.ggml_type, mine.shape).numpy()
+    ref = t.tensors["blk.0.ffn_down_exps.weight"]
+    want = quant.dequantize(ref.data, ref.ggml_type, ref.shape).numpy()
+    for e in range(down.shape[0]):
+        perm = g._col_perm[f"model.layers.0.block_sparse_moe.experts.{e}.w2"]
+        assert np.array_equal(down[e], want[e][:, perm])
