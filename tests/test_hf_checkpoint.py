@@ -259,3 +259,27 @@ def test_act_order_folder_is_compact():
     for e in range(down.shape[0]):
         perm = g._col_perm[f"model.layers.0.block_sparse_moe.experts.{e}.w2"]
         assert np.array_equal(down[e], want[e][:, perm])
+
+
+def test_lm_head_q8_0_option(q3_gptq):
+    """load(folder, lm_head="q8_0"): the fp16 lm_head becomes Q8_0 blocks (ggml's layout) in
+    memory; the logits stay within Q8_0's rounding of the float result and pick the same tokens."""
+    import hetero_moe
+    from hetero_moe.hf import quant as hq
+    folder = q3_gptq[0]
+    ids = list(range(100, 164))
+    base = hetero_moe.load(str(folder), threads=2, n_ctx=128, gpu="none")
+    q8 = hetero_moe.load(str(folder), threads=2, n_ctx=128, gpu="none", lm_head="q8_0")
+    t, t0 = q8.gguf.tensors["output.weight"], base.gguf.tensors["output.weight"]
+    assert (t0.type_name, t.type_name) == ("F16", "Q8_0")
+    assert t.nbytes == t0.nbytes * 34 // 64
+    from gguf import GGMLQuantizationType, quants
+    w = np.asarray(t0.data).view(np.float16).reshape(t0.shape).astype(np.float32)
+    assert np.array_equal(np.asarray(t.data), quants.quantize(w, GGMLQuantizationType.Q8_0)
+                          .reshape(-1))
+    a, b = base.logits(ids).numpy(), q8.logits(ids).numpy()
+    rel = np.linalg.norm(a - b, axis=1) / np.linalg.norm(a, axis=1)
+    assert np.median(rel) < 0.01, np.median(rel)
+    assert (a.argmax(1) == b.argmax(1)).mean() >= 0.95
+    with pytest.raises(ValueError, match="lm_head"):
+        hq.quantize_lm_head(open_model(folder), "q4_0")

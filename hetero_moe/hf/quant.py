@@ -283,3 +283,42 @@ def to_blocks(u: Unpacked, ggml_type: int) -> np.ndarray:
     out[..., 2:6] = qh.astype("<u4").view(np.uint8).reshape(n_out, nb, 4)
     out[..., 6:] = lo[..., :16] | (lo[..., 16:] << 4)
     return out.reshape(n_out, nb * 22)
+
+
+# ---------------------------------------------------------------------------------- lm_head
+
+LM_HEAD_TYPES = ("q8_0",)
+
+
+def quantize_lm_head(g, kind: str | None) -> str | None:
+    """Opt-in: re-quantize a float (F32/F16/BF16) lm_head (`output.weight`, or the tied embedding
+    table when there is none) into Q8_0 blocks held in memory, in place of the mapped tensor.
+    GPTQ/AWQ tools leave the lm_head in fp16: read once per token, it can cost more than the
+    layers' experts (Qwen3-30B-A3B: 151936 x 2048 fp16 = 622 MB per token). Q8_0 halves that;
+    each weight moves by at most half a step of 1/127 of its block's largest. Returns a note of
+    what changed, or None (kind None, no float lm_head, or a width not a multiple of 32)."""
+    if kind is None:
+        return None
+    if kind not in LM_HEAD_TYPES:
+        raise ValueError(f"lm_head must be None or one of {LM_HEAD_TYPES}, got {kind!r}")
+    from ..gguf import TensorInfo
+    from ..quant import dequantize_rows
+    from ..runtime.memory import release
+    name = "output.weight" if "output.weight" in g.tensors else "token_embd.weight"
+    t = g.tensors.get(name)
+    if t is None or t.ggml_type not in (GGML_F32, GGML_F16, 30) or len(t.shape) != 2 \
+            or t.shape[1] % QK:
+        return None
+    n_out, n_in = t.shape
+    out = np.empty((n_out, n_in // QK * 34), dtype=np.uint8)
+    step = 4096
+    for r in range(0, n_out, step):           # in row chunks: no full float32 copy
+        e = min(n_out, r + step)
+        w = dequantize_rows(t.data, t.ggml_type, n_in, r, e).float().numpy()
+        out[r:e] = q8_0_blocks(w)
+    release(g, [name])                        # the float pages leave the process
+    g.tensors[name] = TensorInfo(name, t.ne, GGML_Q8_0, "Q8_0", 0, out.nbytes,
+                                 f"{t.path} ({name} -> Q8_0 at load)", out.reshape(-1))
+    if hasattr(g, "repacked"):
+        g.repacked[name] = f"{t.type_name} -> Q8_0 (lm_head='q8_0')"
+    return f"{name}: {t.type_name} {t.nbytes / 2**20:.1f} MiB -> Q8_0 {out.nbytes / 2**20:.1f} MiB"
