@@ -549,7 +549,7 @@ def load(path: str | os.PathLike, threads: int | None = None, *, n_ctx: int | No
          sparse_attn: str | SparseAttnConfig | None = None, plan=None,
          vram: str | int | None = None, stream_min_tokens: int | None = None,
          stages: int | None = None, cluster: str | None = None, repack: bool = False,
-         **options) -> Model:
+         lm_head: str | None = None, **options) -> Model:
     """Open a GGUF model (single file, or the first part of a split model), or a Hugging Face
     folder (config.json, safetensors shards, tokenizer.json; float or GPTQ/AWQ int4 weights).
 
@@ -571,6 +571,10 @@ def load(path: str | os.PathLike, threads: int | None = None, *, n_ctx: int | No
             it at load (the copy replaces the mapped pages, so memory stays ~the file size; 2.8%
             more bytes per Q4_K weight). Off by default: on a Zen 4 (double-pumped AVX-512) it
             measured +2% prompts and -9% decode; it is for CPUs with full-width 512-bit units.
+        lm_head: None (default: as stored) or "q8_0": re-quantize a float (F32/F16/BF16)
+            lm_head (or the tied embedding table) into Q8_0 at load. GPTQ/AWQ folders usually
+            keep it in fp16, and decode reads it whole every token; Q8_0 halves those bytes
+            (its effect on the logits: README, Hugging Face folders).
         progress: show a progress bar on stderr while loading.
         sparse_attn: default attention for every call: "off" (dense, the default), "approx"
             (training-free block selection over mean-pooled keys), "nsa" (learned NSA weights
@@ -591,10 +595,10 @@ def load(path: str | os.PathLike, threads: int | None = None, *, n_ctx: int | No
     if stages is not None or cluster is not None:
         from .distributed import load_staged
         if gpu not in ("auto", "none", False, None) or plan is not None or sparse_attn not in (
-                None, "off") or repack:
+                None, "off") or repack or lm_head is not None:
             raise UnsupportedError("pipeline stages run on the CPU with dense attention and "
-                                   "the mapped weights: drop gpu=, plan=, sparse_attn= and "
-                                   "repack= (or stages=)")
+                                   "the mapped weights: drop gpu=, plan=, sparse_attn=, "
+                                   "repack= and lm_head= (or stages=)")
         return load_staged(path, stages=1 if stages is None else stages, cluster=cluster,
                            threads=threads, n_ctx=n_ctx, cpu_kernels=cpu_kernels,
                            progress=progress, **options)
@@ -618,6 +622,8 @@ def load(path: str | os.PathLike, threads: int | None = None, *, n_ctx: int | No
     sparse = resolve_sparse(sparse_attn)
     from .hf import open_model          # a .gguf file, or a Hugging Face folder (GPTQ/AWQ int4)
     g = open_model(path)
+    from .hf.quant import quantize_lm_head
+    quantize_lm_head(g, lm_head)
     cfg = config_from_gguf(g)
     if sparse.mode == "nsa" and getattr(cfg, "mla", None) is not None:
         raise UnsupportedError(f"{path}: sparse_attn mode 'nsa' has no learned weights for "

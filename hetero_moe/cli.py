@@ -24,6 +24,9 @@ def _add_model_opts(ap: argparse.ArgumentParser) -> None:
                     help="convert Q4_K weights to the kernels' four-row interleaved layout at load "
                          "(for CPUs with full-width AVX-512; on a Zen 4 it measured +2%% prompts, "
                          "-9%% decode)")
+    ap.add_argument("--lm-head", choices=["q8_0"], default=None,
+                    help="re-quantize a float (fp16/bf16/f32) lm_head into Q8_0 at load: GPTQ/AWQ "
+                         "folders keep it in fp16 and decode reads it whole every token")
 
 
 def _add_gpu_opts(ap: argparse.ArgumentParser) -> None:
@@ -163,6 +166,7 @@ def _load(args, path: str):
     model = hetero_moe.load(path, threads=args.threads, n_ctx=args.ctx_size,
                             cpu_kernels=args.cpu_kernels, progress=True,
                             repack=getattr(args, "repack", False), sparse_attn=args.sparse, gpu=getattr(args, "gpu", "none"),
+                            lm_head=getattr(args, "lm_head", None),
                             plan=getattr(args, "plan", None), vram=getattr(args, "vram", None),
                             stream_min_tokens=getattr(args, "stream_min_tokens", None))
     if model.executor is not None:
@@ -288,7 +292,8 @@ def cmd_serve(args) -> int:
     path = _model_path(args)
     load_options = dict(threads=args.threads, n_ctx=args.ctx_size, cpu_kernels=args.cpu_kernels,
                         repack=args.repack, progress=True, sparse_attn=args.sparse, gpu=args.gpu, plan=args.plan,
-                        vram=args.vram, stream_min_tokens=args.stream_min_tokens)
+                        vram=args.vram, stream_min_tokens=args.stream_min_tokens,
+                        lm_head=args.lm_head)
     staged = _stage_options(args)
     if staged:
         load_options = dict(threads=args.threads, n_ctx=args.ctx_size, progress=True,
@@ -449,7 +454,8 @@ def cmd_inspect(args) -> int:
 
 def run_bench(path: str, n_prompt: int = 512, n_gen: int = 64, threads=None, repeats: int = 1,
               cpu_kernels: str = "auto", seed: int = 0, sparse_attn=None, gpu="none", plan=None,
-              vram=None, stream_min_tokens=None, repack: bool = False) -> dict:
+              vram=None, stream_min_tokens=None, repack: bool = False,
+              lm_head: str | None = None) -> dict:
     """Prefill tokens/s on an n_prompt-token prompt and decode tokens/s over n_gen tokens."""
     import numpy as np
     import psutil
@@ -458,7 +464,8 @@ def run_bench(path: str, n_prompt: int = 512, n_gen: int = 64, threads=None, rep
     t0 = time.perf_counter()
     model = hetero_moe.load(path, threads=threads, n_ctx=None if plan else n_prompt + n_gen + 8,
                             cpu_kernels=cpu_kernels, sparse_attn=sparse_attn, gpu=gpu, plan=plan,
-                            vram=vram, stream_min_tokens=stream_min_tokens, repack=repack)
+                            vram=vram, stream_min_tokens=stream_min_tokens, repack=repack,
+                            lm_head=lm_head)
     load_s = time.perf_counter() - t0
     rng = np.random.default_rng(seed)
     ids = rng.integers(10, model.config.n_vocab, size=n_prompt).tolist()
@@ -487,7 +494,7 @@ def run_bench(path: str, n_prompt: int = 512, n_gen: int = 64, threads=None, rep
         "load_seconds": load_s, "prefill_seconds": pre_s, "prefill_tps": n_prompt / pre_s,
         "decode_seconds": dec_s, "decode_tps": n_gen / dec_s, "peak_rss_bytes": peak,
         "rss_over_file": peak / model.gguf.file_size if peak else None,
-        "cpu_kernels": cpu_kernels, "repack": repack, "sparse_attn": model.sparse_attn.mode,
+        "cpu_kernels": cpu_kernels, "repack": repack, "lm_head": lm_head, "sparse_attn": model.sparse_attn.mode,
         "gpu": model.memory(),
     }
 
@@ -497,7 +504,8 @@ def cmd_bench(args) -> int:
         raise FileNotFoundError(f"model file not found: {args.model}")
     r = run_bench(args.model, args.n_prompt, args.n_gen, args.threads, args.repeats,
                   args.cpu_kernels, sparse_attn=args.sparse, gpu=args.gpu, plan=args.plan,
-                  vram=args.vram, stream_min_tokens=args.stream_min_tokens, repack=args.repack)
+                  vram=args.vram, stream_min_tokens=args.stream_min_tokens, repack=args.repack,
+                  lm_head=args.lm_head)
     if args.json:
         print(json.dumps(r, indent=2))
     else:

@@ -6,7 +6,12 @@ Two GGUF tokenizer models are supported:
   "llama" SentencePiece-style BPE (Llama 1/2, Gemma, ...): spaces become U+2581, then adjacent
           pieces merge highest-score first, unknown characters fall back to <0xXX> byte tokens.
 The merge loops run in HF `tokenizers` (BPE model). For "llama" the merge list is derived from the
-vocabulary: every split of a token into two tokens is a merge, ranked by the merged token's score.
+vocabulary: every split of a token into two tokens is a merge, ranked by the merged token's score;
+or, for a Hugging Face tokenizer.json (hf/tokenizer.py), its own merges are given as
+`tokenizer.ggml.merges` and its space prefix rule as `tokenizer.hf.prepend_scheme` ("prepend": the
+legacy Prepend("▁") normalizer, on every fragment between added tokens, as llama.cpp does;
+"always" / "first": Metaspace's, which skip a fragment that already starts with a space, "first"
+only at the start of the text; "never").
 
 Around the merges we follow llama.cpp's rules (src/llama-vocab.cpp): token attributes from
 `token_type` plus the tokens it recognises by text (EOG, FIM, "unused"), the special-token
@@ -237,8 +242,10 @@ class Tokenizer:
 
     def __init__(self, *, model: str, pre: str, tokens: list[str], attrs: list[int],
                  special_ids: dict[str, int | None], eog_ids: frozenset[int], add_bos: bool,
-                 add_eos: bool, add_space_prefix: bool, clean_spaces: bool, hf: Any, source: str):
+                 add_eos: bool, add_space_prefix: bool, clean_spaces: bool, hf: Any, source: str,
+                 prepend_scheme: str = "prepend"):
         self.model = model
+        self.prepend_scheme = prepend_scheme
         self.pre = pre
         self.source = source
         self.tokens = tokens
@@ -343,13 +350,13 @@ class Tokenizer:
         raw: list[str] = []
         slots: list[int] = []   # index in `out` where each raw fragment's ids go
         prev_special = True
-        for f in frags:
+        for k, f in enumerate(frags):
             if isinstance(f, int):
                 out.append(f)
                 prev_special = True
                 continue
             if self.model == "llama":
-                if self.add_space_prefix and prev_special:
+                if self.add_space_prefix and prev_special and self._prefix(f, k == 0):
                     f = " " + f
                 f = f.replace(" ", _SPM_SPACE)
             slots.append(len(out))
@@ -365,6 +372,16 @@ class Tokenizer:
                                        f"vocabulary has no EOS token")
             out.append(self.eos_id)
         return out
+
+    def _prefix(self, f: str, at_start: bool) -> bool:
+        """Whether a fragment following a special token (or starting the text) gets the SPM
+        space prefix."""
+        scheme = self.prepend_scheme
+        if scheme == "prepend":
+            return True
+        if scheme == "never" or f.startswith(" "):
+            return False
+        return scheme == "always" or at_start
 
     def _partition(self, text: str, parse_special: bool) -> list[str | int]:
         """Split out special tokens: each one, longest first, splits every remaining text fragment."""
@@ -529,11 +546,20 @@ def _build(md: dict, source: str) -> Tokenizer:
     eog = _eog_ids(text_to_id, attrs, ids, tokens)
     _name_rules(md, text_to_id, attrs)
 
-    hf = _hf_spm(tokens, scores) if spm else _hf_bpe(md, tokens, text_to_id, pre, source)
+    scheme = _key(md, "tokenizer.hf.prepend_scheme", str, source, "prepend")
+    if scheme not in ("prepend", "always", "first", "never"):
+        raise UnsupportedError(f"{source}: tokenizer.hf.prepend_scheme={scheme!r} is not "
+                               f"supported (prepend, always, first, never)")
+    if spm and _key(md, "tokenizer.ggml.merges", list, source) is not None:
+        hf = _hf_merges(md, tokens, source, byte_fallback=True)
+    elif spm:
+        hf = _hf_spm(tokens, scores)
+    else:
+        hf = _hf_bpe(md, tokens, text_to_id, pre, source)
     return Tokenizer(model=model, pre=pre_name, tokens=tokens, attrs=attrs, special_ids=ids,
                      eog_ids=frozenset(eog), add_bos=add_bos, add_eos=add_eos,
                      add_space_prefix=add_space_prefix, clean_spaces=clean_spaces, hf=hf,
-                     source=source)
+                     source=source, prepend_scheme=scheme)
 
 
 def _mark_by_text(tokens, text_to_id, attrs, ids) -> None:
@@ -602,9 +628,10 @@ def _hf_vocab(tokens: list[str]) -> dict[str, int]:
     return {t: i for i, t in enumerate(tokens) if not _has_surrogates(t)}
 
 
-def _hf_bpe(md, tokens, text_to_id, pre: PreTokenizer, source: str):
-    from tokenizers import Regex, models, pre_tokenizers
+def _hf_merges(md, tokens, source: str, **bpe_options):
+    """A `tokenizers` BPE of the vocabulary and the ranked merges of tokenizer.ggml.merges."""
     from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models
     merges_md = _key(md, "tokenizer.ggml.merges", list, source)
     if merges_md is None:
         raise MissingKeyError(f"{source}: tokenizer.ggml.model='gpt2' needs tokenizer.ggml.merges")
@@ -621,8 +648,12 @@ def _hf_bpe(md, tokens, text_to_id, pre: PreTokenizer, source: str):
             continue
         seen.add((a, b))
         merges.append((a, b))
-    bpe = models.BPE(vocab=vocab, merges=merges, ignore_merges=pre.ignore_merges)
-    hf = HFTokenizer(bpe)
+    return HFTokenizer(models.BPE(vocab=vocab, merges=merges, **bpe_options))
+
+
+def _hf_bpe(md, tokens, text_to_id, pre: PreTokenizer, source: str):
+    from tokenizers import Regex, pre_tokenizers
+    hf = _hf_merges(md, tokens, source, ignore_merges=pre.ignore_merges)
     hf.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in _SPLITS[pre.split]]
         + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])

@@ -237,3 +237,114 @@ def test_deepseek_config_matches_the_gguf_twin(preset, tmp_path):
     _edit_json(d / "config.json", moe_layer_freq=1, scoring_func="sqrtsoftplus")
     with pytest.raises(UnsupportedError, match="sqrtsoftplus"):
         HFCheckpoint(d)
+
+
+def test_act_order_folder_is_compact():
+    """Act-order (desc_act, groups scattered): the experts' down_proj is sorted into exact Q5_0
+    blocks (gate/up rows permuted alike), gate/up re-quantized to Q8_0, attention to F16; nothing
+    stays F32, and each down_proj's blocks hold the twin's weights exactly, columns permuted."""
+    from hetero_moe import quant
+    folder, twin = cached_hf_test_model("llama-moe", QuantOptions("gptq", 64, sym=False,
+                                                                  desc_act=True))
+    g, t = open_model(folder), GGUFFile(twin)
+    types = {n: ti.type_name for n, ti in g.tensors.items() if n.startswith("blk.0.")}
+    assert types["blk.0.ffn_down_exps.weight"] == "Q5_0"
+    assert types["blk.0.ffn_gate_exps.weight"] == types["blk.0.ffn_up_exps.weight"] == "Q8_0"
+    assert types["blk.0.attn_q.weight"] == types["blk.0.attn_output.weight"] == "F16"
+    assert "F32" not in {ti.type_name for n, ti in g.tensors.items() if len(ti.shape) > 1}
+    mine = g.tensors["blk.0.ffn_down_exps.weight"]
+    down = quant.dequantize(mine.data, mine.ggml_type, mine.shape).numpy()
+    ref = t.tensors["blk.0.ffn_down_exps.weight"]
+    want = quant.dequantize(ref.data, ref.ggml_type, ref.shape).numpy()
+    for e in range(down.shape[0]):
+        perm = g._col_perm[f"model.layers.0.block_sparse_moe.experts.{e}.w2"]
+        assert np.array_equal(down[e], want[e][:, perm])
+
+
+def test_lm_head_q8_0_option(q3_gptq):
+    """load(folder, lm_head="q8_0"): the fp16 lm_head becomes Q8_0 blocks (ggml's layout) in
+    memory; the logits stay within Q8_0's rounding of the float result and pick the same tokens."""
+    import hetero_moe
+    from hetero_moe.hf import quant as hq
+    folder = q3_gptq[0]
+    ids = list(range(100, 164))
+    base = hetero_moe.load(str(folder), threads=2, n_ctx=128, gpu="none")
+    q8 = hetero_moe.load(str(folder), threads=2, n_ctx=128, gpu="none", lm_head="q8_0")
+    t, t0 = q8.gguf.tensors["output.weight"], base.gguf.tensors["output.weight"]
+    assert (t0.type_name, t.type_name) == ("F16", "Q8_0")
+    assert t.nbytes == t0.nbytes * 34 // 64
+    from gguf import GGMLQuantizationType, quants
+    w = np.asarray(t0.data).view(np.float16).reshape(t0.shape).astype(np.float32)
+    assert np.array_equal(np.asarray(t.data), quants.quantize(w, GGMLQuantizationType.Q8_0)
+                          .reshape(-1))
+    a, b = base.logits(ids).numpy(), q8.logits(ids).numpy()
+    rel = np.linalg.norm(a - b, axis=1) / np.linalg.norm(a, axis=1)
+    assert np.median(rel) < 0.01, np.median(rel)
+    assert (a.argmax(1) == b.argmax(1)).mean() >= 0.95
+    with pytest.raises(ValueError, match="lm_head"):
+        hq.quantize_lm_head(open_model(folder), "q4_0")
+
+
+SPM_TEXTS = [
+    "Hello world", " Hello world", "  two leading spaces", "trailing space ", "a  b   c",
+    "\tTab and\nnewline\n\n", "digits 0123456789 and 3.14159, 2024", "café naïve über straße",
+    "日本語のテキスト", "Ελληνικά и русский", "emoji 🙂🚀 here",
+    "byte fallback: € 한국어 ☃ \u00a0nbsp \u2581 literal",
+    "<s>after bos", "one</s>two", "x <s> y </s> z", "<unk> literal", "</s>", " ", "",
+    "def f(x):\n    return x * 2\n", "The quick brown fox jumps over the lazy dog.",
+]
+
+
+@pytest.mark.parametrize("scheme", ["spm", "spm-first", "spm-always"])
+def test_spm_tokenizer_json_matches_tokenizers(tmp_path, scheme):
+    """A SentencePiece-style tokenizer.json (BPE with byte_fallback; the Llama-2/Mixtral Prepend
+    normalizer, or a Metaspace pre-tokenizer with prepend_scheme first/always): our ids equal the
+    `tokenizers` library's on spaces, leading spaces, unicode, digits, byte-fallback characters
+    and special tokens, with and without the BOS the post-processor adds."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from hetero_moe.hf.tokenizer import tokenizer_metadata
+    from hetero_moe.testing.make_hf_model import spm_tokenizer_files
+    from hetero_moe.tokenizer import Tokenizer
+    tj, tc = spm_tokenizer_files(scheme={"spm": "prepend", "spm-first": "first",
+                                         "spm-always": "always"}[scheme])
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(tc, ensure_ascii=False))
+    md = tokenizer_metadata(tmp_path, {"vocab_size": 640})
+    assert md["tokenizer.ggml.model"] == "llama"
+    ours = Tokenizer.from_gguf_metadata(md, source="t")
+    ref = HFTokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    assert ours.token_attr(3 + 0x41) & ours.token_attr(3 + 0x41).BYTE
+    for text in SPM_TEXTS:
+        assert ours.encode(text, add_special=False) == \
+            ref.encode(text, add_special_tokens=False).ids, text
+        assert ours.encode(text) == ref.encode(text).ids, text
+    byte_ids = ours.encode("€", add_special=False)
+    assert all(3 <= i < 259 for i in byte_ids[-3:])                       # <0xE2> <0x82> <0xAC>
+    assert ours.decode(ours.encode("x café € 🙂", add_special=False)).strip() == "x café € 🙂"
+
+
+def test_spm_folder_runs(tmp_path):
+    """make_hf_test_model(tokenizer="spm") writes a Mixtral folder that loads and whose
+    tokenizer is the tokenizer.json's."""
+    import hetero_moe
+    from hetero_moe.testing.make_hf_model import make_hf_test_model
+    from tokenizers import Tokenizer as HFTokenizer
+    folder, _ = make_hf_test_model("llama-moe", tmp_path / "m", GPTQ, write_twin=False,
+                                   tokenizer="spm")
+    m = hetero_moe.load(str(folder), threads=2, n_ctx=128, gpu="none")
+    ref = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+    for text in SPM_TEXTS:
+        assert m.tokenizer.encode(text) == ref.encode(text).ids, text
+    out = m.generate(m.tokenizer.encode("Hello world"), max_tokens=4, temperature=0)
+    assert len(out.tokens) == 4 or out.finish_reason == "stop"
+
+
+def test_spm_unsupported_spelled_out(tmp_path):
+    from hetero_moe.hf.tokenizer import tokenizer_metadata
+    from hetero_moe.testing.make_hf_model import spm_tokenizer_files
+    tj, tc = spm_tokenizer_files(scheme="first")
+    tj["pre_tokenizer"]["split"] = True
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False))
+    with pytest.raises(UnsupportedError, match="split = true"):
+        tokenizer_metadata(tmp_path, {"vocab_size": 640})

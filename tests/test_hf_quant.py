@@ -87,7 +87,7 @@ CASES = [  # (fmt, group size, zero range, desc_act, v1)
     ("gptq", 32, (8, 9), False, True),        # symmetric: z = 8 -> Q4_0
     ("gptq", 64, (1, 17), False, True),       # asymmetric v1 (z - 1 in 0..15) -> Q5_0
     ("gptq", 32, (0, 16), False, False),      # gptq_v2: z stored as is
-    ("gptq", 32, (1, 17), True, True),        # desc_act: groups scattered -> F32
+    ("gptq", 32, (1, 17), True, True),        # desc_act: groups scattered -> Q8_0 (rounded)
     ("awq", 32, (0, 16), False, False),
     ("awq", 64, (0, 16), False, False),
 ]
@@ -127,14 +127,68 @@ def test_repack_is_exact(fmt, gs, zr, desc_act, v1):
     u = hq.unpack(spec, "layer", n_out, n_in, t["qweight"], t["qzeros"], t["scales"],
                   t.get("g_idx"))
     gt = hq.block_type([u])
-    want_type = hq.GGML_F32 if desc_act else hq.GGML_Q4_0 if zr == (8, 9) else hq.GGML_Q5_0
+    want_type = hq.GGML_Q8_0 if desc_act else hq.GGML_Q4_0 if zr == (8, 9) else hq.GGML_Q5_0
     assert gt == want_type
     blocks = hq.to_blocks(u, gt)
-    if gt == hq.GGML_F32:
-        got = blocks.view(np.float32).reshape(n_out, n_in)
-    else:
-        got = quants.dequantize(blocks, GGMLQuantizationType(gt)).reshape(n_out, n_in)
-    assert np.array_equal(got.astype(np.float32), _loop_dequant(fmt, t, n_out, n_in, gs, v1))
+    got = quants.dequantize(blocks, GGMLQuantizationType(gt)).reshape(n_out, n_in)
+    want = _loop_dequant(fmt, t, n_out, n_in, gs, v1)
+    if gt != hq.GGML_Q8_0:
+        assert np.array_equal(got.astype(np.float32), want)
+        return
+    # re-quantized: llama.cpp's own Q8_0 of the exact weights, each within half a step (plus
+    # d's own fp16 rounding: up to 127 * 2^-11 steps)
+    assert np.array_equal(blocks.reshape(-1), quants.quantize(want, GGMLQuantizationType.Q8_0)
+                          .reshape(-1))
+    step = np.abs(want.reshape(n_out, -1, 32)).max(-1, keepdims=True) / 127
+    assert (np.abs(got - want).reshape(n_out, -1, 32) <= (0.5 + 127 / 2048) * step + 1e-9).all()
+
+
+def test_q8_0_blocks_match_ggml():
+    """Our Q8_0 rows equal gguf-py's transcription of ggml's quantize_row_q8_0_ref and the C++
+    activation quantizer's (the same block layout: fp16 d, 32 int8), zeros and ties included."""
+    from gguf import GGMLQuantizationType, quants
+
+    from hetero_moe import cpu_backend
+    rng = np.random.default_rng(5)
+    w = (rng.standard_normal((12, 256)) * rng.uniform(1e-3, 10, (12, 1))).astype(np.float32)
+    w[2, :32] = 0
+    w[3, :32] = np.arange(32) - 16.0          # d = 16/127: exact halves round away from zero
+    mine = hq.q8_0_blocks(w)
+    assert np.array_equal(mine.reshape(-1), quants.quantize(w, GGMLQuantizationType.Q8_0)
+                          .reshape(-1))
+    if cpu_backend.available():
+        assert np.array_equal(mine, cpu_backend.quantize_act(torch.from_numpy(w),
+                                                             hq.GGML_Q8_0))
+
+
+def test_act_order_down_proj_sorted_exactly():
+    """A gated FFN whose down_proj scatters its groups: sorting down's columns by group and
+    permuting gate/up rows alike gives blockable (exact Q5_0) blocks and the same output."""
+    from gguf import GGMLQuantizationType, quants
+    rng = np.random.default_rng(11)
+    D, F, gs = 64, 128, 32
+    spec = hq.QuantSpec("gptq", gs, desc_act=True)
+
+    def layer(n_out, n_in):
+        q, z, s, g = _rand_layer(rng, n_out, n_in, gs, 1, 17, desc_act=True)
+        t = _loop_pack_gptq(q, z, s, g)
+        return hq.unpack(spec, "x", n_out, n_in, t["qweight"], t["qzeros"], t["scales"],
+                         t["g_idx"])
+    gate, up, down = layer(F, D), layer(F, D), layer(D, F)
+    assert not hq.blockable(down)
+    perm = hq.contiguous_perm(down.g_idx)
+    assert perm is not None and hq.contiguous_perm(np.arange(F) // gs) is None
+    d2 = hq.permute(down, cols=perm)
+    assert hq.blockable(d2) and hq.block_type([d2]) == hq.GGML_Q5_0
+    wd = quants.dequantize(hq.to_blocks(d2, hq.GGML_Q5_0), GGMLQuantizationType.Q5_0)
+    assert np.array_equal(wd.reshape(D, F), hq.dequantize(down).numpy()[:, perm])
+    x = torch.from_numpy(rng.standard_normal((3, D)).astype(np.float32)).double()
+
+    def ffn(g, u, d):
+        g, u, d = (hq.dequantize(m).double() for m in (g, u, d))
+        return (torch.nn.functional.silu(x @ g.T) * (x @ u.T)) @ d.T
+    got = ffn(hq.permute(gate, rows=perm), hq.permute(up, rows=perm), d2)
+    assert torch.allclose(got, ffn(gate, up, down), rtol=1e-12, atol=1e-12)
 
 
 def test_q5_0_covers_zero_extremes():

@@ -5,6 +5,9 @@ llama.cpp's shapes and row order), so the registry, the decoder and the planner 
 Float tensors (F32/F16/BF16) are zero-copy views of the mapped shards. GPTQ/AWQ layers are repacked
 once at load into Q4_0/Q5_0 blocks (exact, see hf/quant.py); per-expert tensors are stacked into
 one [E, rows, cols] tensor, as GGUF stores them. Those tensors live in memory, not in the map.
+Act-order layers: a gated FFN's down_proj gets its columns sorted by group and its gate/up rows
+permuted alike (exact Q4_0/Q5_0); other scattered layers are re-quantized (FFN: Q8_0, attention:
+F16).
 
 Dimension key: E experts, D hidden, F ffn width, H heads, Dh head dim.
 """
@@ -275,6 +278,7 @@ class HFCheckpoint(GGUFFile):
                 continue
             base, _, suffix = name.rpartition(".")
             groups.setdefault(base, {})[suffix] = t
+        self._row_perm, self._col_perm = self._act_order_perms(groups)
         out: dict[str, TensorInfo] = {}
         experts: dict[str, dict[int, dict[str, STensor]]] = {}
         for base, parts in groups.items():
@@ -310,6 +314,36 @@ class HFCheckpoint(GGUFFile):
                                       f"missing {missing[:4] or sorted(set(by_e) - set(range(n_exp)))}")
             out[gname + ".weight"] = self._stack(gname + ".weight", [by_e[e] for e in range(n_exp)])
         return out
+
+    def _act_order_perms(self, groups: dict[str, dict[str, STensor]]) -> tuple[dict, dict]:
+        """For each act-order down_proj whose g_idx scatters inside 32-column blocks: the column
+        order that makes its groups contiguous (as `_col_perm[down]`) and the same order for the
+        rows of its gate and up projections (`_row_perm[gate]`, `_row_perm[up]`). The FFN's
+        output is unchanged: down[:, p] @ (act(gate[p] x) * up[p] x) == down @ (act(gate x) *
+        up x). Only where gate and up are GPTQ layers of the same module (their rows are
+        repacked here anyway)."""
+        rows: dict[str, np.ndarray] = {}
+        cols: dict[str, np.ndarray] = {}
+        if self.qspec is None or self.qspec.method != "gptq":
+            return rows, cols
+        gate, up, down = self.layout.experts if self.layout.moe else ("gate_proj", "up_proj",
+                                                                      "down_proj")
+        names = {(gate, up, down), ("gate_proj", "up_proj", "down_proj")}
+        for base, parts in groups.items():
+            head, _, leaf = base.rpartition(".")
+            trio = next((t for t in names if t[2] == leaf), None)
+            if trio is None or "g_idx" not in parts or "qweight" not in parts:
+                continue
+            sib = [f"{head}.{trio[0]}", f"{head}.{trio[1]}"]
+            if not all("qweight" in groups.get(b, {}) for b in sib):
+                continue
+            perm = hq.contiguous_perm(np.asarray(parts["g_idx"].array()).astype(np.int64))
+            if perm is None:
+                continue
+            cols[base] = perm
+            for b in sib:
+                rows[b] = perm
+        return rows, cols
 
     def _info(self, name: str, shape, ggml_type: int, tname: str, data: np.ndarray, path: str,
               offset: int = 0) -> TensorInfo:
@@ -362,16 +396,31 @@ class HFCheckpoint(GGUFFile):
         perm = self._qk_perm(name, n_out)
         if perm is not None:
             u = hq.Unpacked(u.q[perm], u.zeros[perm], u.scales[perm], u.g_idx)
+        rows, cols = self._row_perm.get(hf), self._col_perm.get(hf)
+        if rows is not None or cols is not None:
+            u = hq.permute(u, rows, cols)
         return u
 
     def _quantized(self, name: str, hf: str, parts: dict[str, STensor]) -> TensorInfo:
         u = self._unpack(name, hf, parts)
-        gt = hq.block_type([u])
+        gt = hq.block_type([u], self._fallback(name))
         blocks = hq.to_blocks(u, gt)
-        tname = {0: "F32", 2: "Q4_0", 6: "Q5_0"}[gt]
-        self.repacked[name] = f"{hf} ({self.qspec.method} -> {tname})"
+        tname = hq.TYPE_NAMES[gt]
+        self.repacked[name] = f"{hf} ({self.qspec.method} -> {tname}{self._how(hf)})"
         return self._info(name, u.q.shape, gt, tname, blocks,
                           f"{parts['qweight'].path}:{hf}.qweight")
+
+    @staticmethod
+    def _fallback(name: str) -> int:
+        """The type of a layer whose groups cannot be blocked (see hf/quant.py)."""
+        return hq.GGML_F16 if ".attn_" in name else hq.GGML_Q8_0
+
+    def _how(self, hf: str) -> str:
+        if hf in self._col_perm:
+            return ", act-order columns sorted by group"
+        if hf in self._row_perm:
+            return ", rows permuted like its down_proj's columns"
+        return ""
 
     def _stack(self, name: str, per_expert: list[dict[str, STensor]]) -> TensorInfo:
         """Per-expert tensors -> one [E, rows, cols] tensor (GGUF's ffn_*_exps)."""
@@ -384,11 +433,12 @@ class HFCheckpoint(GGUFFile):
             shapes = {u.q.shape for u in us}
             if len(shapes) != 1:
                 raise GGUFFormatError(f"{src}: experts of {name} differ in shape: {sorted(shapes)}")
-            gt = hq.block_type(us)
+            gt = hq.block_type(us, self._fallback(name))
             rows = [hq.to_blocks(u, gt) for u in us]
             shape = (len(us),) + us[0].q.shape
-            tname = {0: "F32", 2: "Q4_0", 6: "Q5_0"}[gt]
-            self.repacked[name] = f"{len(us)} experts ({self.qspec.method} -> {tname})"
+            tname = hq.TYPE_NAMES[gt]
+            self.repacked[name] = f"{len(us)} experts ({self.qspec.method} -> {tname}" \
+                                  f"{self._how(hfs[0])})"
         else:
             ws = []
             for p in per_expert:

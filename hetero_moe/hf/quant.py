@@ -20,8 +20,21 @@ Repack: with s exactly representable in fp16 and every aligned 32-column block i
     otherwise         -> Q5_0 (d = s, code q-z+16):  d * (q - z + 16 - 16), q - z in [-16, 15]
 Both are exact (the product of an fp16 and an integer of at most 5 bits fits float32), so our
 kernels multiply the checkpoint's own weights; only the activations are quantized (q8_0), as for
-every GGUF type. Act-order checkpoints whose groups scatter inside a 32-column block cannot be
-blocked without permuting the activations: they load as F32 (see `repack`).
+every GGUF type.
+
+Act-order (desc_act) checkpoints: g_idx scatters the groups over the input columns, so a 32-column
+block mixes scales. Two ways out (see `contiguous_perm` and checkpoint.py):
+  * a layer whose input vector is produced in one place by rows we own (a gated FFN's down_proj:
+    its input is act(gate x) * (up x), row by row) has its columns sorted by group and the
+    producing rows (gate and up) permuted alike; the product is unchanged and the layer is again
+    an exact Q4_0/Q5_0;
+  * any other layer (q/k/v/o, gate/up: their input is the normed residual stream, or the
+    attention heads, shared by layers whose g_idx differ) is dequantized exactly and stored
+    compactly instead of as F32: FFN layers (the bulk of an MoE) re-quantized into Q8_0 blocks
+    (8.5 bits per weight; each weight moves by at most half a step of 1/127 of its block's
+    largest, i.e. at most ~1/16 of the int4 step the checkpoint already rounded to), attention
+    projections (a few percent of an MoE's weights, and where Q8_0's error showed most) as F16
+    (16 bits; s * (q - z) rounded to 11 significant bits).
 """
 from __future__ import annotations
 
@@ -36,7 +49,9 @@ from ..errors import GGUFFormatError, UnsupportedError
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)          # nibble k of a packed int32 holds column ORDER[k]
 AWQ_UNORDER = tuple(int(i) for i in np.argsort(AWQ_ORDER))   # column j sits in nibble UNORDER[j]
-GGML_F32, GGML_Q4_0, GGML_Q5_0 = 0, 2, 6
+GGML_F32, GGML_F16, GGML_Q4_0, GGML_Q5_0, GGML_Q8_0 = 0, 1, 2, 6, 8
+TYPE_NAMES = {GGML_F32: "F32", GGML_F16: "F16", GGML_Q4_0: "Q4_0", GGML_Q5_0: "Q5_0",
+              GGML_Q8_0: "Q8_0"}
 QK = 32                                        # GGUF block width of Q4_0 / Q5_0
 
 
@@ -192,18 +207,62 @@ def blockable(u: Unpacked) -> bool:
         and np.isfinite(s).all())
 
 
-def block_type(us: list[Unpacked]) -> int:
-    """Q4_0 when every zero point is 8, else Q5_0; F32 when some layer is not blockable."""
+def block_type(us: list[Unpacked], fallback: int = GGML_Q8_0) -> int:
+    """Q4_0 when every zero point is 8, else Q5_0; `fallback` (Q8_0 or F16, re-quantized) when
+    some layer is not blockable (F16 when its width is not a multiple of 32 either)."""
     if not all(blockable(u) for u in us):
-        return GGML_F32
+        return fallback if us[0].q.shape[1] % QK == 0 else GGML_F16
     return GGML_Q4_0 if all((u.zeros == 8).all() for u in us) else GGML_Q5_0
 
 
+def contiguous_perm(g_idx: np.ndarray) -> np.ndarray | None:
+    """A column order that makes every aligned 32-column block lie in one group (columns sorted by
+    group, stably), or None when g_idx already does or no order can (a group whose size is not a
+    multiple of 32)."""
+    n = g_idx.size
+    if n % QK or (g_idx.reshape(-1, QK) == g_idx.reshape(-1, QK)[:, :1]).all():
+        return None
+    perm = np.argsort(g_idx, kind="stable")
+    gb = g_idx[perm].reshape(-1, QK)
+    return perm if (gb == gb[:, :1]).all() else None
+
+
+def permute(u: Unpacked, rows: np.ndarray | None = None, cols: np.ndarray | None = None) -> Unpacked:
+    """The layer with its output rows and/or input columns reordered (W[rows][:, cols])."""
+    q, z, s, gi = u.q, u.zeros, u.scales, u.g_idx
+    if rows is not None:
+        q, z, s = q[rows], z[rows], s[rows]
+    if cols is not None:
+        q, gi = q[:, cols], gi[cols]
+    return Unpacked(np.ascontiguousarray(q), np.ascontiguousarray(z), np.ascontiguousarray(s), gi)
+
+
+def q8_0_blocks(w: np.ndarray) -> np.ndarray:
+    """float32 [out, in] (in % 32 == 0) -> uint8 [out, in/32 * 34]: ggml's quantize_row_q8_0_ref
+    (d = amax / 127 stored as fp16, q = round(x / d) with the float32 d, half away from zero)."""
+    n_out, n_in = w.shape
+    x = np.ascontiguousarray(w, dtype=np.float32).reshape(n_out, n_in // QK, QK)
+    d = np.abs(x).max(-1) / np.float32(127)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d > 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+    v = x * inv[..., None]
+    q = (np.sign(v) * np.floor(np.abs(v) + np.float32(0.5))).astype(np.int8)   # C's roundf
+    out = np.empty((n_out, n_in // QK, 34), dtype=np.uint8)
+    out[..., 0:2] = d.astype(np.float16).view(np.uint8).reshape(n_out, n_in // QK, 2)
+    out[..., 2:] = q.view(np.uint8)
+    return out.reshape(n_out, -1)
+
+
 def to_blocks(u: Unpacked, ggml_type: int) -> np.ndarray:
-    """uint8 [out, row bytes] of `ggml_type` (Q4_0, Q5_0 or F32) holding exactly W."""
+    """uint8 [out, row bytes] of `ggml_type` holding W: exactly for Q4_0, Q5_0 and F32,
+    rounded for F16 and Q8_0."""
     n_out, n_in = u.q.shape
     if ggml_type == GGML_F32:
         return dequantize(u).numpy().view(np.uint8).reshape(n_out, n_in * 4)
+    if ggml_type == GGML_F16:
+        return dequantize(u).half().numpy().view(np.uint8).reshape(n_out, n_in * 2)
+    if ggml_type == GGML_Q8_0:
+        return q8_0_blocks(dequantize(u).numpy())
     nb = n_in // QK
     gb = u.g_idx[::QK]                                           # group of each block [nb]
     d = np.ascontiguousarray(u.scales[:, gb].astype(np.float16))  # [out, nb]
@@ -224,3 +283,42 @@ def to_blocks(u: Unpacked, ggml_type: int) -> np.ndarray:
     out[..., 2:6] = qh.astype("<u4").view(np.uint8).reshape(n_out, nb, 4)
     out[..., 6:] = lo[..., :16] | (lo[..., 16:] << 4)
     return out.reshape(n_out, nb * 22)
+
+
+# ---------------------------------------------------------------------------------- lm_head
+
+LM_HEAD_TYPES = ("q8_0",)
+
+
+def quantize_lm_head(g, kind: str | None) -> str | None:
+    """Opt-in: re-quantize a float (F32/F16/BF16) lm_head (`output.weight`, or the tied embedding
+    table when there is none) into Q8_0 blocks held in memory, in place of the mapped tensor.
+    GPTQ/AWQ tools leave the lm_head in fp16: read once per token, it can cost more than the
+    layers' experts (Qwen3-30B-A3B: 151936 x 2048 fp16 = 622 MB per token). Q8_0 halves that;
+    each weight moves by at most half a step of 1/127 of its block's largest. Returns a note of
+    what changed, or None (kind None, no float lm_head, or a width not a multiple of 32)."""
+    if kind is None:
+        return None
+    if kind not in LM_HEAD_TYPES:
+        raise ValueError(f"lm_head must be None or one of {LM_HEAD_TYPES}, got {kind!r}")
+    from ..gguf import TensorInfo
+    from ..quant import dequantize_rows
+    from ..runtime.memory import release
+    name = "output.weight" if "output.weight" in g.tensors else "token_embd.weight"
+    t = g.tensors.get(name)
+    if t is None or t.ggml_type not in (GGML_F32, GGML_F16, 30) or len(t.shape) != 2 \
+            or t.shape[1] % QK:
+        return None
+    n_out, n_in = t.shape
+    out = np.empty((n_out, n_in // QK * 34), dtype=np.uint8)
+    step = 4096
+    for r in range(0, n_out, step):           # in row chunks: no full float32 copy
+        e = min(n_out, r + step)
+        w = dequantize_rows(t.data, t.ggml_type, n_in, r, e).float().numpy()
+        out[r:e] = q8_0_blocks(w)
+    release(g, [name])                        # the float pages leave the process
+    g.tensors[name] = TensorInfo(name, t.ne, GGML_Q8_0, "Q8_0", 0, out.nbytes,
+                                 f"{t.path} ({name} -> Q8_0 at load)", out.reshape(-1))
+    if hasattr(g, "repacked"):
+        g.repacked[name] = f"{t.type_name} -> Q8_0 (lm_head='q8_0')"
+    return f"{name}: {t.type_name} {t.nbytes / 2**20:.1f} MiB -> Q8_0 {out.nbytes / 2**20:.1f} MiB"

@@ -219,6 +219,69 @@ def tokenizer_files() -> tuple[dict, dict]:
     return tj, tc
 
 
+SPM_CORPUS = (
+    "The quick brown fox jumps over the lazy dog. A mixture of experts routes each token to a few "
+    "of many feed-forward networks; only those run, so a large model decodes like a small one. "
+    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 42 100 2024 3.14159. Code: def f(x):\n    return x * 2\n"
+    "Unicode: café naïve über straße, 日本語のテキスト, Ελληνικά, русский текст, emoji 🙂🚀. "
+    "Tabs\tand  double  spaces,   leading and trailing spaces.  "
+)
+
+
+def spm_tokenizer_files(vocab_size: int = 600, scheme: str = "prepend") -> tuple[dict, dict]:
+    """tokenizer.json / tokenizer_config.json in the SentencePiece style Llama-2, Mistral and
+    Mixtral ship: ids 0-2 <unk> <s> </s>, 3-258 the byte pieces <0x00>..<0xFF>, then BPE pieces
+    over "\u2581"-joined words (trained by `tokenizers`' BpeTrainer on a small built-in corpus),
+    byte_fallback; spaces by the legacy normalizer Prepend("\u2581") + Replace(" ", "\u2581")
+    (scheme "prepend"), or by a Metaspace pre-tokenizer with prepend_scheme "first"/"always"."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers.trainers import BpeTrainer
+    sp = "\u2581"
+    base = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    # pieces within words, "\u2581" leading, as SentencePiece learns them
+    base.pre_tokenizer = pre_tokenizers.Metaspace(sp, prepend_scheme="always", split=True)
+    trainer = BpeTrainer(vocab_size=vocab_size - 259, special_tokens=[], show_progress=False,
+                         min_frequency=1)
+    base.train_from_iterator([SPM_CORPUS] * 4, trainer)
+    trained = json.loads(base.to_str())["model"]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({f"<0x{b:02X}>": 3 + b for b in range(256)})
+    for t, _ in sorted(trained["vocab"].items(), key=lambda kv: kv[1]):
+        vocab.setdefault(t, len(vocab))
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m)
+              for m in trained["merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True,
+                               byte_fallback=True))
+    if scheme == "prepend":
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend(sp),
+                                               normalizers.Replace(" ", sp)])
+        tok.decoder = decoders.Sequence([decoders.Replace(sp, " "), decoders.ByteFallback(),
+                                         decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(sp, prepend_scheme=scheme, split=False)
+        tok.decoder = decoders.Sequence([decoders.Metaspace(sp, prepend_scheme=scheme,
+                                                            split=False),
+                                         decoders.ByteFallback(), decoders.Fuse()])
+    from tokenizers import AddedToken
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True)
+                            for t in ("<unk>", "<s>", "</s>")])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    tj = json.loads(tok.to_str())
+    tc = {"add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>",
+          "unk_token": "<unk>", "pad_token": None, "clean_up_tokenization_spaces": False,
+          "legacy": scheme == "prepend", "model_max_length": 32768,
+          "tokenizer_class": "LlamaTokenizer",
+          "chat_template": "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
+                           "{{ '[INST] ' + m['content'] + ' [/INST]' }}{% else %}"
+                           "{{ m['content'] + eos_token }}{% endif %}{% endfor %}",
+          "added_tokens_decoder": {str(i): {"content": t, "lstrip": False, "normalized": False,
+                                            "rstrip": False, "single_word": False,
+                                            "special": True}
+                                   for i, t in enumerate(("<unk>", "<s>", "</s>"))}}
+    return tj, tc
+
+
 def _hf_names(arch: str, gguf_name: str) -> list[str] | str | None:
     """GGUF tensor name -> HF module name (a list for ffn_*_exps: one per expert, filled later)."""
     _, _, moe, exp = HF_ARCH[arch]
@@ -255,10 +318,16 @@ def _hf_names(arch: str, gguf_name: str) -> list[str] | str | None:
 def make_hf_test_model(arch: str, out_dir: str | os.PathLike, quant: QuantOptions | None,
                        preset: str = "tiny", layers: int | None = None, seed: int = 0,
                        twin: str | os.PathLike | None = None, shards: int = 2,
-                       write_twin: bool = True) -> tuple[Path, Path | None]:
+                       write_twin: bool = True, tokenizer: str = "bpe") -> tuple[Path, Path | None]:
     """Write the checkpoint folder and its F32 GGUF twin (default: `<out_dir>.f32.gguf`; not
     written with write_twin=False, e.g. for benchmark-size models). quant None writes an
-    unquantized fp16 checkpoint. Returns (folder, twin path or None)."""
+    unquantized fp16 checkpoint. tokenizer: "bpe" (SmolLM2's byte-level BPE, the twin's) or
+    "spm" / "spm-first" (a small SentencePiece-style vocabulary, see spm_tokenizer_files; the
+    twin keeps the byte-level one: token ids, not text, are compared). Returns (folder, twin
+    path or None)."""
+    if tokenizer not in ("bpe", "spm", "spm-first", "spm-always"):
+        raise UnsupportedError(f"tokenizer {tokenizer!r}; choose bpe, spm, spm-first or "
+                               f"spm-always")
     import gguf
     from safetensors.numpy import save_file
 
@@ -339,7 +408,8 @@ def make_hf_test_model(arch: str, out_dir: str | os.PathLike, quant: QuantOption
         qc = quant_config(quant) if quant.fmt == "gptq" else {
             "zero_point": True, "q_group_size": quant.group_size, "w_bit": 4, "version": "GEMM"}
         (tmp / extra).write_text(json.dumps(qc, indent=2))
-    tj, tc = tokenizer_files()
+    tj, tc = tokenizer_files() if tokenizer == "bpe" else spm_tokenizer_files(
+        scheme={"spm": "prepend", "spm-first": "first", "spm-always": "always"}[tokenizer])
     (tmp / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False))
     (tmp / "tokenizer_config.json").write_text(json.dumps(tc, ensure_ascii=False, indent=2))
     shutil.rmtree(out, ignore_errors=True)

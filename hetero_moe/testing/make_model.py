@@ -717,6 +717,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--group-size", type=int, default=128, help="gptq/awq group size (default 128)")
     ap.add_argument("--asym", action="store_true", help="gptq: asymmetric zero points")
     ap.add_argument("--desc-act", action="store_true", help="gptq: act-order (g_idx scatter)")
+    ap.add_argument("--tokenizer", choices=("bpe", "spm", "spm-first", "spm-always"),
+                    default="bpe",
+                    help="gptq/awq/hf folders: bpe (byte-level, default) or a small "
+                         "SentencePiece-style tokenizer.json (byte_fallback, \u2581; spm: the "
+                         "Llama-2/Mixtral Prepend normalizer, spm-first/-always: Metaspace)")
     ap.add_argument("--shape-only", action="store_true",
                     help="a real model's metadata and Q4_K_M tensor table with a sparse, empty data "
                          "region (presets " + ", ".join(SHAPE_PRESETS) + ")")
@@ -748,7 +753,8 @@ def main(argv: list[str] | None = None) -> int:
             args.format, args.group_size, sym=not args.asym, desc_act=args.desc_act)
         try:
             folder, twin = make_hf_test_model(args.arch, args.out, q, preset=args.preset,
-                                              layers=args.layers, seed=args.seed)
+                                              layers=args.layers, seed=args.seed,
+                                              tokenizer=args.tokenizer)
         except HeteroMoEError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
