@@ -186,6 +186,12 @@ class Model:
 
     # -- logits ------------------------------------------------------------------------------
     def _check_ids(self, ids: Sequence[int]) -> torch.Tensor:
+        if isinstance(ids, list) and 0 < len(ids) <= 16 and all(type(v) is int for v in ids):
+            # a decode step's few ids: checked in Python (a handful of torch ops cost more)
+            if min(ids) < 0 or max(ids) >= self.config.n_vocab:
+                bad = [v for v in ids if not 0 <= v < self.config.n_vocab][0]
+                raise ValueError(f"token id {bad} is out of range [0, {self.config.n_vocab})")
+            return torch.tensor(ids, dtype=torch.long)
         t = torch.as_tensor(list(ids) if not isinstance(ids, torch.Tensor) else ids,
                             dtype=torch.long).flatten()
         if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.config.n_vocab):
@@ -221,12 +227,16 @@ class Model:
         with self._use():
             # the cache keeps what it held before pos0 (known if _cached reaches that far)
             sp = self._sparse(sparse_attn)
-            keep = self._cached[:pos0] if len(self._cached) >= pos0 and (
-                pos0 == 0 or sp == self._cached_sparse) else None
-            self._cached, self._cache_user = keep or [], None
+            keep = len(self._cached) >= pos0 and (pos0 == 0 or sp == self._cached_sparse)
+            if keep:
+                del self._cached[pos0:]         # in place: a decode step costs O(1), not O(pos)
+            else:
+                self._cached = []
+            self._cache_user = None
             out = self._eval(token_ids, pos0, all_logits, sp)
-            if keep is not None:
-                self._cached, self._cached_sparse = keep + [int(t) for t in token_ids], sp
+            if keep:
+                self._cached.extend(int(t) for t in token_ids)
+                self._cached_sparse = sp
             return out
 
     def _eval(self, token_ids: Sequence[int], pos0: int = 0, all_logits: bool = False,
