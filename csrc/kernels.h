@@ -48,7 +48,7 @@ inline size_t attn_prefill_scratch(int rows, int dk, int dv) {
 // y[i] = the f16 value h[i] as a float, i < n (an f16 cache read in blocks).
 using F16RowFn = void (*)(const uint16_t* h, float* y, size_t n);
 
-constexpr int MAX_TYPE_ID = 128;  // ggml ids (BF16 is 30) and the internal repacked ones (T_Q4_K_R4)
+constexpr int MAX_TYPE_ID = 128;  // ggml ids (BF16 is 30) and the internal repacked ones (T_Q4_K_R16)
 
 struct KernelSet {
     const char* name;
@@ -65,11 +65,11 @@ const KernelSet* kernels_scalar();
 // One row of n_cols values of a supported ggml type to floats (scalar; embedding lookups). False
 // for an unsupported type. The caller checked n_cols against the block size and the row's bytes.
 bool dequantize_row(int type, const uint8_t* w, int n_cols, float* out);
-// Repacking at load: rows [r0, r1) (multiples of 4) of a Q4_K matrix with n_cols columns (a multiple
-// of 256) into the Q4_K_R4 layout at dst (the same row offsets: 148 bytes per row and super-block),
+// Repacking at load: rows [r0, r1) (multiples of 16) of a Q4_K matrix with n_cols columns (a multiple
+// of 256) into the Q4_K_R16 layout at dst (the same row offsets: 148 bytes per row and super-block),
 // and back. The caller checked the sizes.
-void repack_q4_k_r4(const uint8_t* src, int n_cols, int r0, int r1, uint8_t* dst);
-void unpack_q4_k_r4(const uint8_t* src, int n_cols, int r0, int r1, uint8_t* dst);
+void repack_q4_k_r16(const uint8_t* src, int n_cols, int r0, int r1, uint8_t* dst);
+void unpack_q4_k_r16(const uint8_t* src, int n_cols, int r0, int r1, uint8_t* dst);
 const KernelSet* kernels_avx2();    // nullptr if the compiler could not build it
 const KernelSet* kernels_avx512();  // nullptr if the compiler could not build it
 

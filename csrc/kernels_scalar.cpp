@@ -523,35 +523,37 @@ void f16_row(const uint16_t* h, float* y, size_t n) {
     for (size_t i = 0; i < n; ++i) y[i] = fp16_to_fp32(h[i]);
 }
 
-// Q4_K_R4 (quant_blocks.h), row i of the group at g against one token's activation blocks.
-float dot_q4_k_r4(const uint8_t* g, int i, const uint8_t* a, int nb, size_t as) {
-    auto* x = reinterpret_cast<const BlockQ4_K_R4*>(g);
+// Q4_K_R16 (quant_blocks.h), row i of the group at g against one token's activation blocks.
+float dot_q4_k_r16(const uint8_t* g, int i, const uint8_t* a, int nb, size_t as) {
+    auto* x = reinterpret_cast<const BlockQ4_K_R16*>(g);
     CStrided<BlockQ8_K> y{a, as};
     float acc = 0.f;
     for (int b = 0; b < nb; ++b) {
         int sumi = 0, summ = 0;
-        for (int j = 0; j < 8; ++j) {
-            int s = 0;
-            for (int k = 0; k < 16; ++k) {
-                const uint8_t q = x[b].qs[j][i][k];
-                s += (q & 0xf) * y[b].qs[32 * j + k] + (q >> 4) * y[b].qs[32 * j + 16 + k];
-            }
-            sumi += x[b].scales[i][j] * s;
-            summ += x[b].mins[i][j] * (y[b].bsums[2 * j] + y[b].bsums[2 * j + 1]);
+        for (int k = 0; k < 4; ++k) {
+            int lo = 0, hi = 0;  // sub-blocks 2k (low nibbles) and 2k+1 (high nibbles)
+            for (int c = 0; c < 8; ++c)
+                for (int e = 0; e < 4; ++e) {
+                    const uint8_t q = x[b].qs[k][c][i][e];
+                    lo += (q & 0xf) * y[b].qs[64 * k + 4 * c + e];
+                    hi += (q >> 4) * y[b].qs[64 * k + 32 + 4 * c + e];
+                }
+            sumi += x[b].scales[2 * k][i] * lo + x[b].scales[2 * k + 1][i] * hi;
         }
+        for (int j = 0; j < 8; ++j) summ += x[b].mins[j][i] * (y[b].bsums[2 * j] + y[b].bsums[2 * j + 1]);
         acc += y[b].d * (half(x[b].d[i]) * (float)sumi - half(x[b].dmin[i]) * (float)summ);
     }
     return acc;
 }
 
-void gemm_q4_k_r4(const uint8_t* w, size_t rb, int nr, int n_cols, const uint8_t* act, int nt, float* out,
-                  size_t ldo) {
+void gemm_q4_k_r16(const uint8_t* w, size_t rb, int nr, int n_cols, const uint8_t* act, int nt, float* out,
+                   size_t ldo) {
     const int nb = n_cols / QK_K;
     for (int t = 0; t < nt; ++t)
-        for (int r = 0; r + 4 <= nr; r += 4)
-            for (int i = 0; i < 4; ++i)
+        for (int r = 0; r + 16 <= nr; r += 16)
+            for (int i = 0; i < 16; ++i)
                 out[t * ldo + r + i] =
-                    dot_q4_k_r4(w + r * rb, i, act + t * sizeof(BlockQ8_K), nb, nt * sizeof(BlockQ8_K));
+                    dot_q4_k_r16(w + r * rb, i, act + t * sizeof(BlockQ8_K), nb, nt * sizeof(BlockQ8_K));
 }
 
 template <float (*CVT)(uint16_t)>
@@ -644,7 +646,7 @@ KernelSet make_scalar() {
     k.gemm[T_IQ4_XS] = gemm<dot_iq4_xs, QK_K, BlockQ8_K>;
     k.gemm[T_F16] = gemm_float<fp16_to_fp32>;
     k.gemm[T_BF16] = gemm_float<bf16_to_fp32>;
-    k.gemm[T_Q4_K_R4] = gemm_q4_k_r4;
+    k.gemm[T_Q4_K_R16] = gemm_q4_k_r16;
     return k;
 }
 
@@ -691,7 +693,7 @@ static const TypeInfo kTypes[] = {
     {T_Q6_K, "Q6_K", QK_K, (int)sizeof(BlockQ6_K), ACT_Q8_K},
     {T_IQ4_NL, "IQ4_NL", QK32, (int)sizeof(BlockIQ4_NL), ACT_Q8_0},
     {T_IQ4_XS, "IQ4_XS", QK_K, (int)sizeof(BlockIQ4_XS), ACT_Q8_K},
-    {T_Q4_K_R4, "Q4_K_R4", QK_K, (int)sizeof(BlockQ4_K_R4) / 4, ACT_Q8_K, 4},
+    {T_Q4_K_R16, "Q4_K_R16", QK_K, (int)sizeof(BlockQ4_K_R16) / 16, ACT_Q8_K, 16},
 };
 
 const TypeInfo* type_info(int ggml_type) {
@@ -700,59 +702,49 @@ const TypeInfo* type_info(int ggml_type) {
     return nullptr;
 }
 
-void repack_q4_k_r4(const uint8_t* src, int n_cols, int r0, int r1, uint8_t* dst) {
+void repack_q4_k_r16(const uint8_t* src, int n_cols, int r0, int r1, uint8_t* dst) {
     const int nb = n_cols / QK_K;
     const size_t rb = (size_t)nb * sizeof(BlockQ4_K);
-    for (int r = r0; r < r1; r += 4) {
-        auto* out = reinterpret_cast<BlockQ4_K_R4*>(dst + (size_t)r * nb * (sizeof(BlockQ4_K_R4) / 4));
+    for (int r = r0; r < r1; r += 16) {
+        auto* out = reinterpret_cast<BlockQ4_K_R16*>(dst + (size_t)r * nb * (sizeof(BlockQ4_K_R16) / 16));
         for (int b = 0; b < nb; ++b) {
-            BlockQ4_K_R4& o = out[b];
-            for (int i = 0; i < 4; ++i) {
+            BlockQ4_K_R16& o = out[b];
+            for (int i = 0; i < 16; ++i) {
                 const BlockQ4_K& x = reinterpret_cast<const BlockQ4_K*>(src + (size_t)(r + i) * rb)[b];
                 o.d[i] = x.d;
                 o.dmin[i] = x.dmin;
                 for (int j = 0; j < 8; ++j) {
                     int sc, m;
                     scale_min_k4(j, x.scales, sc, m);
-                    o.scales[i][j] = (uint8_t)sc;
-                    o.mins[i][j] = (uint8_t)m;
-                    // sub-block j: low (j even) or high (j odd) nibbles of qs[32(j/2) .. +31]
-                    const uint8_t* qs = x.qs + 32 * (j / 2);
-                    const int sh = 4 * (j % 2);
-                    for (int k = 0; k < 16; ++k)
-                        o.qs[j][i][k] = (uint8_t)(((qs[k] >> sh) & 0xf) | ((qs[16 + k] >> sh) & 0xf) << 4);
+                    o.scales[j][i] = (uint8_t)sc;
+                    o.mins[j][i] = (uint8_t)m;
                 }
+                for (int k = 0; k < 4; ++k)
+                    for (int c = 0; c < 8; ++c) std::memcpy(o.qs[k][c][i], x.qs + 32 * k + 4 * c, 4);
             }
         }
     }
 }
 
-void unpack_q4_k_r4(const uint8_t* src, int n_cols, int r0, int r1, uint8_t* dst) {
+void unpack_q4_k_r16(const uint8_t* src, int n_cols, int r0, int r1, uint8_t* dst) {
     const int nb = n_cols / QK_K;
     const size_t rb = (size_t)nb * sizeof(BlockQ4_K);
-    for (int r = r0; r < r1; r += 4) {
-        auto* in = reinterpret_cast<const BlockQ4_K_R4*>(src + (size_t)r * nb * (sizeof(BlockQ4_K_R4) / 4));
+    for (int r = r0; r < r1; r += 16) {
+        auto* in = reinterpret_cast<const BlockQ4_K_R16*>(src + (size_t)r * nb * (sizeof(BlockQ4_K_R16) / 16));
         for (int b = 0; b < nb; ++b) {
-            const BlockQ4_K_R4& g = in[b];
-            for (int i = 0; i < 4; ++i) {
+            const BlockQ4_K_R16& g = in[b];
+            for (int i = 0; i < 16; ++i) {
                 BlockQ4_K& x = reinterpret_cast<BlockQ4_K*>(dst + (size_t)(r + i) * rb)[b];
                 x.d = g.d[i];
                 x.dmin = g.dmin[i];
                 // the 6-bit packing of scale_min_k4
                 for (int j = 0; j < 4; ++j) {
-                    x.scales[j] = (uint8_t)((g.scales[i][j] & 63) | (g.scales[i][j + 4] >> 4) << 6);
-                    x.scales[j + 4] = (uint8_t)((g.mins[i][j] & 63) | (g.mins[i][j + 4] >> 4) << 6);
-                    x.scales[j + 8] = (uint8_t)((g.scales[i][j + 4] & 0xf) | (g.mins[i][j + 4] & 0xf) << 4);
+                    x.scales[j] = (uint8_t)((g.scales[j][i] & 63) | (g.scales[j + 4][i] >> 4) << 6);
+                    x.scales[j + 4] = (uint8_t)((g.mins[j][i] & 63) | (g.mins[j + 4][i] >> 4) << 6);
+                    x.scales[j + 8] = (uint8_t)((g.scales[j + 4][i] & 0xf) | (g.mins[j + 4][i] & 0xf) << 4);
                 }
-                std::memset(x.qs, 0, sizeof x.qs);
-                for (int j = 0; j < 8; ++j) {
-                    uint8_t* qs = x.qs + 32 * (j / 2);
-                    const int sh = 4 * (j % 2);
-                    for (int k = 0; k < 16; ++k) {
-                        qs[k] |= (uint8_t)((g.qs[j][i][k] & 0xf) << sh);
-                        qs[16 + k] |= (uint8_t)((g.qs[j][i][k] >> 4) << sh);
-                    }
-                }
+                for (int k = 0; k < 4; ++k)
+                    for (int c = 0; c < 8; ++c) std::memcpy(x.qs + 32 * k + 4 * c, g.qs[k][c][i], 4);
             }
         }
     }

@@ -45,7 +45,7 @@ void quantize_rows(ActKind a, const float* x, int rows, int cols, uint8_t* out) 
 
 // ================================================================ repacking at load
 
-int repacked_type(int from) { return from == T_Q4_K ? T_Q4_K_R4 : -1; }
+int repacked_type(int from) { return from == T_Q4_K ? T_Q4_K_R16 : -1; }
 
 std::string check_repack(int from, long long n_rows, long long n_cols, size_t src_len, size_t dst_len, bool unpack) {
     const int to = repacked_type(from);
@@ -72,7 +72,7 @@ public:
     bool unpack = false;
     void run_task(int, int i) override {
         const int r0 = i * per, r1 = std::min(n_rows, r0 + per);
-        (unpack ? unpack_q4_k_r4 : repack_q4_k_r4)(src, n_cols, r0, r1, dst);
+        (unpack ? unpack_q4_k_r16 : repack_q4_k_r16)(src, n_cols, r0, r1, dst);
     }
 };
 }  // namespace
@@ -122,9 +122,9 @@ public:
         xq_.resize(arb_ * T);
         tq_ = std::max(1, ceil_div(T, 4 * threads));
         n_tt_ = ceil_div(T, GEMM_MAX_TOKENS);
-        // enough row chunks to balance the threads, each a multiple of 4 rows
-        const int want = std::max(1, 8 * threads / n_tt_);
-        rc_ = std::max(4, std::min(T > 1 ? 32 : 256, (ceil_div(nr, want) + 3) / 4 * 4));
+        // enough row chunks to balance the threads, each a multiple of 4 rows and of the row group
+        const int want = std::max(1, 8 * threads / n_tt_), g = std::max(4, ti->group);
+        rc_ = std::max(g, std::min(T > 1 ? 32 : 256, ceil_div(nr, want * g) * g));
         n_rc_ = ceil_div(nr, rc_);
         const int counts[2] = {ceil_div(T, tq_), n_rc_ * n_tt_};
         set_phases(counts, 2);
@@ -186,8 +186,10 @@ public:
         const KernelSet* ks = active_kernels();
         n_acts_ = 0;
         size_t total_rows = 0;
+        int g = 4;  // row chunks: multiples of 4 rows and of every matrix's row group
         for (int i = 0; i < a.n; ++i) {
             const TypeInfo* ti = type_info(a.type[i]);
+            g = std::max(g, ti->group);
             gemm_[i] = ks->gemm[a.type[i]];
             rb_[i] = (size_t)(a.n_cols / ti->block) * ti->bytes;
             int slot = -1;
@@ -206,7 +208,7 @@ public:
         }
         n_tt_ = ceil_div(a.T, GEMM_MAX_TOKENS);
         const int want = std::max(1, 8 * threads / n_tt_);
-        rc_ = std::max(4, std::min(a.T > 1 ? 32 : 256, (ceil_div((long long)total_rows, want) + 3) / 4 * 4));
+        rc_ = std::max(g, std::min(a.T > 1 ? 32 : 256, (int)ceil_div((long long)total_rows, (long long)want * g) * g));
         chunks_.clear();
         for (int i = 0; i < a.n; ++i)
             for (int r0 = 0; r0 < a.n_rows[i]; r0 += rc_)

@@ -16,7 +16,7 @@ enum GgmlType : int {
     T_Q8_1 = 9, T_Q2_K = 10, T_Q3_K = 11, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14, T_Q8_K = 15,
     T_IQ4_NL = 20, T_IQ4_XS = 23, T_BF16 = 30,
     // Internal layouts made at load (never in a file; ids no ggml type uses): see the blocks below.
-    T_Q4_K_R4 = 112,
+    T_Q4_K_R16 = 112,
 };
 
 // ---- weight blocks ----
@@ -47,14 +47,15 @@ struct BlockQ4_K { uint16_t d, dmin; uint8_t scales[12]; uint8_t qs[128]; };
 struct BlockQ5_K { uint16_t d, dmin; uint8_t scales[12]; uint8_t qh[32]; uint8_t qs[128]; };
 struct BlockQ6_K { uint8_t ql[128]; uint8_t qh[64]; int8_t scales[16]; uint16_t d; };
 
-// Q4_K_R4: one super-block (256 columns) of four consecutive Q4_K rows, interleaved so one SIMD
-// register holds the same sub-block of all four rows (16 bytes per row) and one activation broadcast
-// serves them all; scales and mins are unpacked from their 6-bit form. Row i, sub-block j (values
-// 32j..32j+31): scale scales[i][j], min mins[i][j]; byte qs[j][i][k] holds value 32j+k in its low
-// nibble and value 32j+16+k in its high nibble; x = d[i]*scale*q - dmin[i]*min, as Q4_K. A matrix of
-// R rows (R a multiple of 4) is R/4 groups, each its super-blocks in order: 148 bytes per row and
-// super-block (Q4_K: 144).
-struct BlockQ4_K_R4 { uint16_t d[4], dmin[4]; uint8_t scales[4][8], mins[4][8]; uint8_t qs[8][4][16]; };
+// Q4_K_R16: one super-block (256 columns) of sixteen consecutive Q4_K rows, interleaved so that one
+// int32 lane of a vector is one row: the same 4 quant bytes of all sixteen rows are 64 consecutive
+// bytes (one 512-bit register, two 256-bit ones), met by one 4-byte activation broadcast in a u8 x s8
+// dot. Row i: d[i], dmin[i]; sub-block j (values 32j..32j+31): scale scales[j][i], min mins[j][i]
+// (unpacked from the 6-bit form); qs[k][c][i][e] = byte 32k+4c+e of the row's Q4_K qs, whose low
+// nibble is value 64k+4c+e (sub-block 2k) and high nibble value 64k+32+4c+e (sub-block 2k+1);
+// x = d[i]*scale*q - dmin[i]*min, as Q4_K. A matrix of R rows (R a multiple of 16) is R/16 groups,
+// each its super-blocks in order: 148 bytes per row and super-block (Q4_K: 144).
+struct BlockQ4_K_R16 { uint16_t d[16], dmin[16]; uint8_t scales[8][16], mins[8][16]; uint8_t qs[4][8][16][4]; };
 
 // ---- activation blocks ----
 // Q8_K: per 256 values one f32 scale, int8 values, and int16 sums per 16 values (ggml's block), followed
@@ -75,7 +76,7 @@ static_assert(sizeof(BlockQ3_K) == 110, "Q3_K layout");
 static_assert(sizeof(BlockQ4_K) == 144, "Q4_K layout");
 static_assert(sizeof(BlockQ5_K) == 176, "Q5_K layout");
 static_assert(sizeof(BlockQ6_K) == 210, "Q6_K layout");
-static_assert(sizeof(BlockQ4_K_R4) == 592, "Q4_K_R4 layout");
+static_assert(sizeof(BlockQ4_K_R16) == 16 * 148, "Q4_K_R16 layout");
 static_assert(sizeof(BlockQ8_K) == 324, "Q8_K layout");
 static_assert(sizeof(BlockQ8_1) == 36, "Q8_1 layout");
 

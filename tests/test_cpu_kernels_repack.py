@@ -1,7 +1,7 @@
-"""Row-interleaved weights (Q4_K -> Q4_K_R4, csrc/quant_blocks.h), converted at load.
+"""Row-interleaved weights (Q4_K -> Q4_K_R16, csrc/quant_blocks.h), converted at load.
 
 The layout is checked three ways: repack then unpack gives back every byte (a transcription of
-Q4_K's 6-bit scale packing in both directions); the R4 kernels of every variant against the float
+Q4_K's 6-bit scale packing in both directions); the R16 kernels of every variant against the float
 product of gguf's dequantized weights and the int8 activations they consumed (ACC_TOL, as the
 other kernels); the SIMD variants against the scalar twin. End to end, a model loaded with and
 without repacking gives the same logits up to float32 summation order.
@@ -19,7 +19,7 @@ from .conftest import tiny_model
 from .test_cpu_kernels import (ACC_TOL, MOE_TOL, Q8_DOT_TOL, dequant, dequant_act, gaussian,
                                make_weights, moe_inputs, moe_reference)
 
-Q4_K, Q4_K_R4 = 12, 112
+Q4_K, Q4_K_R16 = 12, 112
 needs_ext = pytest.mark.skipif(not cb.available(), reason=f"extension not built: {cb.unavailable_reason()}")
 
 
@@ -40,54 +40,56 @@ def test_avx512_variant_present_or_said():
         pytest.skip("extension not built")
     f = cb.features()
     if not (f["avx512f"] and f["avx512bw"] and f["avx512vl"] and f["avx512dq"] and f["avx512vnni"]):
-        pytest.skip("this CPU lacks AVX-512 (F/BW/VL/DQ/VNNI): the 512-bit R4 kernels are not run here")
+        pytest.skip("this CPU lacks AVX-512 (F/BW/VL/DQ/VNNI): the 512-bit R16 kernels are not run here")
     assert "avx512" in _variants()
 
 
 @needs_ext
 def test_type_facts():
-    info = cb.type_info(Q4_K_R4)
+    info = cb.type_info(Q4_K_R16)
     assert (info["name"], info["block"], info["bytes"], info["group"], info["act"]) == \
-        ("Q4_K_R4", 256, 148, 4, "Q8_K")
-    assert cb.repacked_type(Q4_K) == Q4_K_R4
+        ("Q4_K_R16", 256, 148, 16, "Q8_K")
+    assert cb.repacked_type(Q4_K) == Q4_K_R16
     assert cb.repacked_type(14) is None          # Q6_K: no interleaved layout (yet)
 
 
 @needs_ext
-@pytest.mark.parametrize("rows,cols", [(4, 256), (40, 1024), (132, 512)])
+@pytest.mark.parametrize("rows,cols", [(16, 256), (48, 1024), (144, 512)])
 def test_repack_roundtrip_exact(rows, cols):
     w = make_weights("Q4_K", rows, cols, seed=rows).reshape(-1)
-    r4 = cb.repack(w, Q4_K, rows, cols)
-    assert r4.nbytes == rows * (cols // 256) * 148
-    assert np.array_equal(cb.repack(r4, Q4_K, rows, cols, unpack=True), w)
+    r16 = cb.repack(w, Q4_K, rows, cols)
+    assert r16.nbytes == rows * (cols // 256) * 148
+    assert not np.array_equal(r16, w)
+    assert np.array_equal(cb.repack(r16, Q4_K, rows, cols, unpack=True), w)
 
 
 @needs_ext
 def test_repack_layout_by_hand():
     """One group, one super-block: the bytes where quant_blocks.h says they are."""
-    w = make_weights("Q4_K", 4, 256, seed=5).reshape(4, 144)
-    r4 = cb.repack(w.reshape(-1), Q4_K, 4, 256)
-    assert np.array_equal(r4[0:8].view(np.uint16), w[:, 0:2].copy().view(np.uint16)[:, 0])   # d[4]
-    assert np.array_equal(r4[8:16].view(np.uint16), w[:, 2:4].copy().view(np.uint16)[:, 0])  # dmin[4]
+    w = make_weights("Q4_K", 16, 256, seed=5).reshape(16, 144)
+    r16 = cb.repack(w.reshape(-1), Q4_K, 16, 256)
+    assert np.array_equal(r16[0:32].view(np.uint16), w[:, 0:2].copy().view(np.uint16)[:, 0])    # d[16]
+    assert np.array_equal(r16[32:64].view(np.uint16), w[:, 2:4].copy().view(np.uint16)[:, 0])   # dmin[16]
     # values: gguf's dequantizer is the reference for which nibble is which value
-    W = dequant("Q4_K", w, 256)                                     # [4, 256]
-    scales, mins = r4[16:48].reshape(4, 8), r4[48:80].reshape(4, 8)
-    qs = r4[80:].reshape(8, 4, 16)
+    W = dequant("Q4_K", w, 256)                                     # [16, 256]
+    scales, mins = r16[64:192].reshape(8, 16), r16[192:320].reshape(8, 16)
+    qs = r16[320:].reshape(4, 8, 16, 4)                             # [k, c, row, byte]
     d = w[:, 0:2].copy().view(np.float16)[:, 0].astype(np.float64)
     dmin = w[:, 2:4].copy().view(np.float16)[:, 0].astype(np.float64)
-    for i in range(4):
+    for i in range(16):
         for j in range(8):
-            q = np.concatenate([qs[j, i] & 15, qs[j, i] >> 4]).astype(np.float64)
-            np.testing.assert_allclose(d[i] * scales[i, j] * q - dmin[i] * mins[i, j],
+            k, sh = j // 2, 4 * (j % 2)
+            q = ((qs[k, :, i, :].reshape(32) >> sh) & 15).astype(np.float64)   # values 32j..32j+31
+            np.testing.assert_allclose(d[i] * scales[j, i] * q - dmin[i] * mins[j, i],
                                        W[i, 32 * j:32 * j + 32], rtol=0, atol=1e-6)
 
 
 @needs_ext
 @pytest.mark.parametrize("T", [1, 2, 3, 5, 8, 9, 17, 70])
-def test_r4_matmul_all_variants(T, variant_scope):
-    rows, cols = 44, 768
+def test_r16_matmul_all_variants(T, variant_scope):
+    rows, cols = 48, 768
     w = make_weights("Q4_K", rows, cols, seed=T).reshape(-1)
-    r4 = cb.repack(w, Q4_K, rows, cols)
+    r16 = cb.repack(w, Q4_K, rows, cols)
     W = dequant("Q4_K", w, cols)
     x = gaussian(T, cols, seed=T + 1)
     xq = dequant_act("Q4_K", cb.quantize_act(x, Q4_K), cols)
@@ -97,7 +99,7 @@ def test_r4_matmul_all_variants(T, variant_scope):
     ys = {}
     for v in _variants():
         variant_scope(v)
-        y = cb.matmul(r4, Q4_K_R4, rows, cols, x).double().numpy()
+        y = cb.matmul(r16, Q4_K_R16, rows, cols, x).double().numpy()
         worst = float(np.max(np.abs(y - exact) / bound))
         assert worst <= 1.0, f"{v} T={T}: error {worst:.3g} x ACC_TOL bound"
         rel = np.linalg.norm(y - ref) / np.linalg.norm(ref)
@@ -111,59 +113,59 @@ def test_r4_matmul_all_variants(T, variant_scope):
 
 
 @needs_ext
-def test_r4_matmul_prefill_shape():
+def test_r16_matmul_prefill_shape():
     """512 tokens: several 64-token tiles and row chunks on the pool, best variant."""
     rows, cols = 96, 1024
     w = make_weights("Q4_K", rows, cols, seed=3).reshape(-1)
-    r4 = cb.repack(w, Q4_K, rows, cols)
+    r16 = cb.repack(w, Q4_K, rows, cols)
     x = gaussian(512, cols, seed=4)
     y0 = cb.matmul(w, Q4_K, rows, cols, x)
-    y = cb.matmul(r4, Q4_K_R4, rows, cols, x)
+    y = cb.matmul(r16, Q4_K_R16, rows, cols, x)
     torch.testing.assert_close(y, y0, rtol=1e-5, atol=1e-5 * float(y0.abs().max()))
 
 
 @needs_ext
 @pytest.mark.parametrize("T", [1, 3, 17])
-def test_moe_with_r4_experts(T, variant_scope):
+def test_moe_with_r16_experts(T, variant_scope):
     E, k, D, F = 8, 3, 256, 256
     types = ("Q4_K", "Q4_K", "Q4_K")
     x, ids, wts, gate, up, down = moe_inputs(T, k, E, D, F, types)
     ref = moe_reference(x, ids, wts, gate, up, down, types, D, F)
-    g4 = cb.repack(gate.reshape(-1), Q4_K, E * F, D)
-    u4 = cb.repack(up.reshape(-1), Q4_K, E * F, D)
-    d4 = cb.repack(down.reshape(-1), Q4_K, E * D, F)
+    g16 = cb.repack(gate.reshape(-1), Q4_K, E * F, D)
+    u16 = cb.repack(up.reshape(-1), Q4_K, E * F, D)
+    d16 = cb.repack(down.reshape(-1), Q4_K, E * D, F)
     for v in _variants():
         variant_scope(v)
         plain = cb.moe_ffn(x, ids, wts, gate.reshape(-1), up.reshape(-1), down.reshape(-1),
                            gate_type=Q4_K, up_type=Q4_K, down_type=Q4_K, n_expert=E, d_model=D, d_ff=F)
-        out = cb.moe_ffn(x, ids, wts, g4, u4, d4, gate_type=Q4_K_R4, up_type=Q4_K_R4,
-                         down_type=Q4_K_R4, n_expert=E, d_model=D, d_ff=F)
+        out = cb.moe_ffn(x, ids, wts, g16, u16, d16, gate_type=Q4_K_R16, up_type=Q4_K_R16,
+                         down_type=Q4_K_R16, n_expert=E, d_model=D, d_ff=F)
         rel = ((out.double() - ref).norm() / ref.norm()).item()
         assert rel <= MOE_TOL, f"{v}: relative L2 {rel:.3g} vs the float reference"
         # h is re-quantized after gate/up: a last-bit difference may move one int8 step
         rel = ((out - plain).norm() / plain.norm()).item()
-        assert rel <= 2e-3, f"{v}: R4 vs plain Q4_K experts differ by {rel:.3g}"
+        assert rel <= 2e-3, f"{v}: R16 vs plain Q4_K experts differ by {rel:.3g}"
 
 
 @needs_ext
 def test_bad_repack_inputs():
-    w = make_weights("Q4_K", 6, 256).reshape(-1)
-    with pytest.raises(ValueError, match="multiple of 4"):
-        cb.repack(w, Q4_K, 6, 256)
+    w = make_weights("Q4_K", 20, 256).reshape(-1)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        cb.repack(w, Q4_K, 20, 256)
     with pytest.raises(ValueError, match="expected"):
-        cb.repack(w[:-1], Q4_K, 6, 256)
+        cb.repack(w[:-1], Q4_K, 20, 256)
     with pytest.raises(hetero_moe.errors.UnsupportedError, match="no row-interleaved layout"):
         cb.repack(np.zeros(210, np.uint8), 14, 1, 256)
-    r4 = cb.repack(w[: 4 * 144], Q4_K, 4, 256)
-    with pytest.raises(ValueError, match="multiple of 4"):      # a matmul over part of a group
-        cb.matmul(r4[: 2 * 148], Q4_K_R4, 2, 256, torch.zeros(1, 256))
+    r16 = cb.repack(w[: 16 * 144], Q4_K, 16, 256)
+    with pytest.raises(ValueError, match="multiple of 16"):     # a matmul over part of a group
+        cb.matmul(r16[: 8 * 148], Q4_K_R16, 8, 256, torch.zeros(1, 256))
     with pytest.raises(ValueError, match="interleaved"):
-        cb.dequantize_rows(r4.reshape(4, 148), Q4_K_R4, 256)
-    E, D, F = 2, 256, 6                          # gate/up of 6 rows cannot be groups of 4
+        cb.dequantize_rows(r16.reshape(16, 148), Q4_K_R16, 256)
+    E, D, F = 2, 256, 24                         # gate/up of 24 rows cannot be groups of 16
     with pytest.raises(ValueError, match="row groups"):
         cb.moe_ffn(gaussian(1, D), torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, 1),
                    np.zeros(E * F * 148, np.uint8), np.zeros(E * F * 148, np.uint8),
-                   np.zeros(E * D * F * 2, np.uint8), gate_type=Q4_K_R4, up_type=Q4_K_R4,
+                   np.zeros(E * D * F * 2, np.uint8), gate_type=Q4_K_R16, up_type=Q4_K_R16,
                    down_type=1, n_expert=E, d_model=D, d_ff=F)
 
 
@@ -171,23 +173,52 @@ def test_bad_repack_inputs():
 @pytest.mark.parametrize("arch,preset", [("qwen3moe", "tiny"), ("llama", "tiny"),
                                          ("deepseek2", "tiny-lite")])
 def test_model_repacked_equals_plain(arch, preset):
-    """Repacked at load vs the mapped blocks (the default): the same logits up to float32
-    summation order at almost every position (a last-bit difference can move one int8 step of an
-    activation, ~1% at that position), the fused decode step on R4 weights, greedy tokens equal."""
+    """Repacked at load vs the mapped blocks (the default), the fused decode step on R16 weights
+    included: greedy tokens equal, and the same distance from the exact float result (our runtime on
+    llama.cpp's F32 twin of the file). With a per-position KV cache the logits also agree up to
+    float32 summation order at almost every position (a last-bit difference can move one int8 step
+    of an activation, ~1% at that position). MLA's latent cache carries such a step on to every
+    later position, so there only the distance from the exact result is compared."""
     path = tiny_model(arch, preset=preset)
     a = hetero_moe.load(path, threads=2, n_ctx=128, repack=True)
     b = hetero_moe.load(path, threads=2, n_ctx=128)
     ktypes = {l.ktype for l in _linears(a)}
-    assert Q4_K_R4 in ktypes, f"nothing was repacked: kernel types {ktypes}"
-    assert Q4_K_R4 not in {l.ktype for l in _linears(b)}
+    assert Q4_K_R16 in ktypes, f"nothing was repacked: kernel types {ktypes}"
+    assert Q4_K_R16 not in {l.ktype for l in _linears(b)}
     ids = a.tokenize("The quick brown fox jumps over the lazy dog. " * 6)
     la, lb = a.logits(ids), b.logits(ids)
-    per = (la - lb).norm(dim=-1) / lb.norm(dim=-1)
-    assert per.median() <= 1e-5 and per.quantile(0.9) <= 1e-4, \
-        f"per-position relative error: median {per.median():.3g}, p90 {per.quantile(0.9):.3g}"
+    if arch != "deepseek2":
+        per = (la - lb).norm(dim=-1) / lb.norm(dim=-1)
+        assert per.median() <= 1e-5 and per.quantile(0.9) <= 1e-4, \
+            f"per-position relative error: median {per.median():.3g}, p90 {per.quantile(0.9):.3g}"
+    try:
+        from .reference import quantize_with_llama
+        twin = quantize_with_llama(path, path[:-len(".gguf")] + ".f32-twin.gguf", "ALL_F32")
+    except ImportError:
+        twin = None
+    if twin is not None:
+        exact = hetero_moe.load(twin, threads=2, n_ctx=128).logits(ids)
+        ea = (la - exact).norm(dim=-1) / exact.norm(dim=-1)
+        eb = (lb - exact).norm(dim=-1) / exact.norm(dim=-1)
+        assert ea.median() <= 1.1 * eb.median() and ea.mean() <= 1.1 * eb.mean(), \
+            f"distance from the exact result: repacked median {ea.median():.4g} mean {ea.mean():.4g}, " \
+            f"plain {eb.median():.4g} / {eb.mean():.4g}"
+    elif arch == "deepseek2":
+        pytest.skip("llama-cpp-python (its quantizer makes the F32 twin) is not installed")
     ta = a.generate(ids, max_tokens=24, temperature=0.0)
     tb = b.generate(ids, max_tokens=24, temperature=0.0)
-    assert ta.tokens == tb.tokens
+    if arch != "deepseek2":
+        assert ta.tokens == tb.tokens
+        return
+    # teacher-forced on the repacked model's tokens, the plain model picks each of them too, except
+    # at near-ties (top-2 gap under 1% of the logits' spread), where the carried step may decide
+    seq = list(ids) + list(ta.tokens)
+    lp = b.logits(seq)[len(ids) - 1:len(seq) - 1]
+    top2 = lp.topk(2, dim=-1).values
+    near = (top2[:, 0] - top2[:, 1]) < 0.01 * lp.std(dim=-1)
+    picked = lp.argmax(dim=-1) == torch.tensor(ta.tokens)
+    assert bool((picked | near).all()), f"steps where plain disagrees off near-ties: {(~(picked | near)).nonzero()}"
+    assert near.float().mean() <= 0.2, "too many near-ties to judge"
 
 
 def _linears(m):
