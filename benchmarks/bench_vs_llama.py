@@ -1,8 +1,10 @@
 """Side by side: hetero-moe vs llama.cpp (llama-cpp-python) on the same GGUF, same threads.
 
 Runs A/B/A/B... (alternating, medians) so the machine's drift hits both equally, and prints
-prefill tokens/s (512-token prompt), decode tokens/s (64 tokens), their ratios, peak RSS vs file
-size, and decode bytes-per-token over time as a fraction of measured read bandwidth.
+prefill tokens/s (512-token prompt), decode tokens/s (64 tokens after that prompt, so attention
+reads 512-576 cached positions), decode tokens/s from an empty context (64 tokens after a 1-token
+prompt: llama-bench's own tg64), their ratios, peak RSS vs file size, and decode bytes-per-token
+over time as a fraction of measured read bandwidth.
 
     python benchmarks/bench_vs_llama.py --model qwen3moe-a3b --threads 2 --rounds 3 --json out.json
     python benchmarks/bench_vs_llama.py --model deepseek-v2-lite --layers 4
@@ -19,7 +21,9 @@ size, and decode bytes-per-token over time as a fraction of measured read bandwi
 its own, to measure what the row-interleaved layout gains on this CPU.
 --ik-bench PATH adds ik_llama.cpp as a third engine, twice: as is and with run-time repacking
 (`-rtr 1`), through its own `llama-bench` (PATH; built from ik_llama.cpp's source, see README), on
-the same file and threads; absent, those columns are left out. The CPU's SIMD flags and the kernel
+the same file and threads; absent, those columns are left out. Its decode is llama-bench's
+`-gp N_PROMPT,N_GEN` (generation after the prompt, like the others') and its empty-context decode
+is llama-bench's `-n N_GEN`. The CPU's SIMD flags and the kernel
 variant hetero-moe ran are printed and written to the JSON.
 
 --quant picks the llama.cpp file type of a preset model; several (comma-separated) are measured in
@@ -102,6 +106,11 @@ def _child(engine: str, path: str, threads: int, n_prompt: int, n_gen: int,
         for i in range(n_gen):
             tok = int(m.eval([tok], n_prompt + i)[-1].argmax())
         dec = time.perf_counter() - t0
+        tok = int(m.eval([tok], 0)[-1].argmax())            # from an empty context
+        t0 = time.perf_counter()
+        for i in range(n_gen):
+            tok = int(m.eval([tok], 1 + i)[-1].argmax())
+        empty = time.perf_counter() - t0
         for d in depths:
             fill = rng.integers(10, m.config.n_vocab, size=d).tolist()
             for s0 in range(0, d, DEPTH_CHUNK):
@@ -134,6 +143,14 @@ def _child(engine: str, path: str, threads: int, n_prompt: int, n_gen: int,
             llm.eval([tok])
             tok = int(np.argmax(last_logits()))
         dec = time.perf_counter() - t0
+        llm.reset()                                          # from an empty context
+        llm.eval([tok])
+        tok = int(np.argmax(last_logits()))
+        t0 = time.perf_counter()
+        for _ in range(n_gen):
+            llm.eval([tok])
+            tok = int(np.argmax(last_logits()))
+        empty = time.perf_counter() - t0
         for d in depths:
             llm.reset()
             llm.eval(rng.integers(10, n_vocab, size=d).tolist())    # in n_batch chunks
@@ -144,15 +161,15 @@ def _child(engine: str, path: str, threads: int, n_prompt: int, n_gen: int,
                 tok = int(np.argmax(last_logits()))
             at[d] = n_gen / (time.perf_counter() - t0)
     peak = _rss("VmHWM")
-    out = {"prefill_tps": n_prompt / pre, "decode_tps": n_gen / dec, "peak_rss": peak,
-           "import_rss": imports}
+    out = {"prefill_tps": n_prompt / pre, "decode_tps": n_gen / dec, "decode_empty_tps": n_gen / empty,
+           "peak_rss": peak, "import_rss": imports}
     for d, v in at.items():
         out[f"decode_tps@{d}"] = v
     return out
 
 
 IK_ENGINES = {"ik_llama.cpp": 0, "ik_llama.cpp -rtr": 1}
-PLAIN = "hetero-moe --repack"     # --repack: ours with Q4_K repacked at load (Q4_K_R4)    # engine name -> llama-bench -rtr
+PLAIN = "hetero-moe --repack"     # --repack: ours with weights repacked at load (Q4_K_R16, Q6_K_R16)
 
 
 def run_ik(bench: str, rtr: int, path, threads, n_prompt, n_gen, depths=()) -> dict:
@@ -161,7 +178,7 @@ def run_ik(bench: str, rtr: int, path, threads, n_prompt, n_gen, depths=()) -> d
     import resource
     cmd = [bench, "-m", path, "-t", str(threads), "-p", str(n_prompt), "-n", str(n_gen), "-r", "1",
            "-o", "json", "-rtr", str(rtr)]
-    for d in depths:
+    for d in sorted({n_prompt, *depths}):      # generation after the prompt, and after each depth
         cmd += ["-gp", f"{d},{n_gen}"]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
@@ -173,9 +190,12 @@ def run_ik(bench: str, rtr: int, path, threads, n_prompt, n_gen, depths=()) -> d
         if row["n_gen"] == 0:
             res["prefill_tps"] = row["avg_ts"]
         elif row["n_prompt"] == 0:
-            res["decode_tps"] = row["avg_ts"]
+            res["decode_empty_tps"] = row["avg_ts"]
         else:
             res[f"decode_tps@{row['n_prompt']}"] = row["avg_ts"]
+    res["decode_tps"] = res[f"decode_tps@{n_prompt}"]    # the same depth as the other engines'
+    if n_prompt not in depths:
+        del res[f"decode_tps@{n_prompt}"]
     return res
 
 
@@ -338,13 +358,17 @@ def summarize(path: str, runs: dict, a, bw) -> dict:
                                   / med["llama.cpp"][f"decode_tps@{d}"] for d in a.depths},
         "decode_bytes_per_token": bpt, "read_bandwidth_gbs": bw,
     }
-    for e in runs:              # every peer's ratios (ours / theirs)
-        if e != "hetero-moe":
-            out.setdefault("ratios", {})[e] = {
-                "prefill": med["hetero-moe"]["prefill_tps"] / med[e]["prefill_tps"],
-                "decode": med["hetero-moe"]["decode_tps"] / med[e]["decode_tps"],
-                **{f"decode@{d}": med["hetero-moe"][f"decode_tps@{d}"] / med[e][f"decode_tps@{d}"]
-                   for d in a.depths}}
+    for ours, key in (("hetero-moe", "ratios"), (PLAIN, "ratios_repack")):
+        if ours not in runs:
+            continue
+        for e in runs:          # every peer's ratios (ours / theirs)
+            if e not in ("hetero-moe", PLAIN):
+                out.setdefault(key, {})[e] = {
+                    "prefill": med[ours]["prefill_tps"] / med[e]["prefill_tps"],
+                    "decode": med[ours]["decode_tps"] / med[e]["decode_tps"],
+                    "decode_empty": med[ours]["decode_empty_tps"] / med[e]["decode_empty_tps"],
+                    **{f"decode@{d}": med[ours][f"decode_tps@{d}"] / med[e][f"decode_tps@{d}"]
+                       for d in a.depths}}
     if bw:
         for e in runs:
             out[f"{e}_roofline_fraction"] = bpt * med[e]["decode_tps"] / (bw * 1e9)
@@ -355,14 +379,16 @@ def report(out: dict, a) -> None:
     med, size, bw, bpt = out["median"], out["file_size"], out["read_bandwidth_gbs"], out["decode_bytes_per_token"]
     print(f"\nmodel {os.path.basename(out['model'])} ({size / 2**20:.0f} MiB), {a.threads} threads, "
           f"{a.rounds} rounds, medians")
-    print(f"{'':26s}{'prefill tok/s':>15s}{'decode tok/s':>15s}{'peak RSS/file':>15s}"
-          f"{'imports/file':>14s}")
+    print(f"{'':32s}{'prefill tok/s':>15s}{'decode tok/s':>15s}{'decode, empty':>15s}"
+          f"{'peak RSS/file':>15s}{'imports/file':>14s}")
     for e in med:
         imp = med[e].get("import_rss")       # RSS after importing the engine (torch, for ours)
-        print(f"{e:26s}{med[e]['prefill_tps']:15.1f}{med[e]['decode_tps']:15.1f}"
-              f"{med[e]['peak_rss'] / size:15.2f}" + (f"{imp / size:14.2f}" if imp else ""))
-    for e, r in out["ratios"].items():
-        print(f"{'ratio vs ' + e:26s}{r['prefill']:15.2f}{r['decode']:15.2f}")
+        print(f"{e:32s}{med[e]['prefill_tps']:15.1f}{med[e]['decode_tps']:15.1f}"
+              f"{med[e]['decode_empty_tps']:15.1f}{med[e]['peak_rss'] / size:15.2f}"
+              + (f"{imp / size:14.2f}" if imp else ""))
+    for key, label in (("ratios", "ratio vs "), ("ratios_repack", "--repack vs ")):
+        for e, r in out.get(key, {}).items():
+            print(f"{label + e:32s}{r['prefill']:15.2f}{r['decode']:15.2f}{r['decode_empty']:15.2f}")
     print(f"CPU: {out['cpu']['model']} ({out['cpu']['flags']}); hetero-moe kernels: "
           f"{out['cpu']['variant']}")
     for d in a.depths:

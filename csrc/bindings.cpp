@@ -99,9 +99,10 @@ PyObject* py_type_info(PyObject*, PyObject* arg) {
     if (t == -1 && PyErr_Occurred()) return nullptr;
     const TypeInfo* ti = type_info((int)t);
     if (!ti) Py_RETURN_NONE;
-    return Py_BuildValue("{s:s,s:i,s:i,s:s,s:i,s:i,s:i,s:i}", "name", ti->name, "block", ti->block, "bytes", ti->bytes,
-                         "act", act_name(ti->act), "act_bytes", act_bytes(ti->act), "act_block", act_block(ti->act),
-                         "group", ti->group, "repacked", repacked_type(t));
+    return Py_BuildValue("{s:s,s:i,s:i,s:s,s:i,s:i,s:i,s:i,s:O}", "name", ti->name, "block", ti->block, "bytes",
+                         ti->bytes, "act", act_name(ti->act), "act_bytes", act_bytes(ti->act), "act_block",
+                         act_block(ti->act), "group", ti->group, "repacked", repacked_type(t), "repack_pays",
+                         repack_pays(t) ? Py_True : Py_False);
 }
 
 // quantize_act(weight_type, x, rows, cols, out): rows of x into the activation format of weight_type.

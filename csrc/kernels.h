@@ -48,10 +48,11 @@ inline size_t attn_prefill_scratch(int rows, int dk, int dv) {
 // y[i] = the f16 value h[i] as a float, i < n (an f16 cache read in blocks).
 using F16RowFn = void (*)(const uint16_t* h, float* y, size_t n);
 
-constexpr int MAX_TYPE_ID = 128;  // ggml ids (BF16 is 30) and the internal repacked ones (T_Q4_K_R16)
+constexpr int MAX_TYPE_ID = 128;  // ggml ids (BF16 is 30) and the internal repacked ones (T_Q4_K_R16, T_Q6_K_R16)
 
 struct KernelSet {
     const char* name;
+    bool vnni;  // u8*s8 dot instructions (the set's integer dot kernels are built around them)
     QuantRowFn quant[ACT_COUNT];
     SiluMulFn silu_mul;
     AttnPartFn attn_part;
@@ -70,6 +71,9 @@ bool dequantize_row(int type, const uint8_t* w, int n_cols, float* out);
 // and back. The caller checked the sizes.
 void repack_q4_k_r16(const uint8_t* src, int n_cols, int r0, int r1, uint8_t* dst);
 void unpack_q4_k_r16(const uint8_t* src, int n_cols, int r0, int r1, uint8_t* dst);
+// The same for Q6_K and Q6_K_R16 (210 bytes per row and super-block).
+void repack_q6_k_r16(const uint8_t* src, int n_cols, int r0, int r1, uint8_t* dst);
+void unpack_q6_k_r16(const uint8_t* src, int n_cols, int r0, int r1, uint8_t* dst);
 const KernelSet* kernels_avx2();    // nullptr if the compiler could not build it
 const KernelSet* kernels_avx512();  // nullptr if the compiler could not build it
 

@@ -556,6 +556,40 @@ void gemm_q4_k_r16(const uint8_t* w, size_t rb, int nr, int n_cols, const uint8_
                     dot_q4_k_r16(w + r * rb, i, act + t * sizeof(BlockQ8_K), nb, nt * sizeof(BlockQ8_K));
 }
 
+// Q6_K_R16 (quant_blocks.h), row i of the group at g against one token's activation blocks.
+float dot_q6_k_r16(const uint8_t* g, int i, const uint8_t* a, int nb, size_t as) {
+    auto* x = reinterpret_cast<const BlockQ6_K_R16*>(g);
+    CStrided<BlockQ8_K> y{a, as};
+    float acc = 0.f;
+    for (int b = 0; b < nb; ++b) {
+        int sumi = 0;
+        for (int n = 0; n < 2; ++n)
+            for (int m = 0; m < 4; ++m)
+                for (int h = 0; h < 2; ++h) {  // the 16-value group 8n + 2m + h
+                    int s = 0;
+                    for (int l = 16 * h; l < 16 * h + 16; ++l) {
+                        const int lo = (x[b].ql[n][m % 2][l / 4][i][l % 4] >> (4 * (m / 2))) & 15;
+                        const int hi = (x[b].qh[n][l / 4][i][l % 4] >> (2 * m)) & 3;
+                        s += ((lo | hi << 4) - 32) * y[b].qs[128 * n + 32 * m + l];
+                    }
+                    const int grp = 8 * n + 2 * m + h;
+                    sumi += x[b].scales[grp / 2][i][grp % 2] * s;
+                }
+        acc += half(x[b].d[i]) * y[b].d * (float)sumi;
+    }
+    return acc;
+}
+
+void gemm_q6_k_r16(const uint8_t* w, size_t rb, int nr, int n_cols, const uint8_t* act, int nt, float* out,
+                   size_t ldo) {
+    const int nb = n_cols / QK_K;
+    for (int t = 0; t < nt; ++t)
+        for (int r = 0; r + 16 <= nr; r += 16)
+            for (int i = 0; i < 16; ++i)
+                out[t * ldo + r + i] =
+                    dot_q6_k_r16(w + r * rb, i, act + t * sizeof(BlockQ8_K), nb, nt * sizeof(BlockQ8_K));
+}
+
 template <float (*CVT)(uint16_t)>
 void gemm_float(const uint8_t* w, size_t rb, int nr, int n_cols, const uint8_t* act, int nt, float* out, size_t ldo) {
     for (int t = 0; t < nt; ++t)
@@ -647,6 +681,7 @@ KernelSet make_scalar() {
     k.gemm[T_F16] = gemm_float<fp16_to_fp32>;
     k.gemm[T_BF16] = gemm_float<bf16_to_fp32>;
     k.gemm[T_Q4_K_R16] = gemm_q4_k_r16;
+    k.gemm[T_Q6_K_R16] = gemm_q6_k_r16;
     return k;
 }
 
@@ -694,6 +729,7 @@ static const TypeInfo kTypes[] = {
     {T_IQ4_NL, "IQ4_NL", QK32, (int)sizeof(BlockIQ4_NL), ACT_Q8_0},
     {T_IQ4_XS, "IQ4_XS", QK_K, (int)sizeof(BlockIQ4_XS), ACT_Q8_K},
     {T_Q4_K_R16, "Q4_K_R16", QK_K, (int)sizeof(BlockQ4_K_R16) / 16, ACT_Q8_K, 16},
+    {T_Q6_K_R16, "Q6_K_R16", QK_K, (int)sizeof(BlockQ6_K_R16) / 16, ACT_Q8_K, 16},
 };
 
 const TypeInfo* type_info(int ggml_type) {
@@ -745,6 +781,50 @@ void unpack_q4_k_r16(const uint8_t* src, int n_cols, int r0, int r1, uint8_t* ds
                 }
                 for (int k = 0; k < 4; ++k)
                     for (int c = 0; c < 8; ++c) std::memcpy(x.qs + 32 * k + 4 * c, g.qs[k][c][i], 4);
+            }
+        }
+    }
+}
+
+void repack_q6_k_r16(const uint8_t* src, int n_cols, int r0, int r1, uint8_t* dst) {
+    const int nb = n_cols / QK_K;
+    const size_t rb = (size_t)nb * sizeof(BlockQ6_K);
+    for (int r = r0; r < r1; r += 16) {
+        auto* out = reinterpret_cast<BlockQ6_K_R16*>(dst + (size_t)r * nb * (sizeof(BlockQ6_K_R16) / 16));
+        for (int b = 0; b < nb; ++b) {
+            BlockQ6_K_R16& o = out[b];
+            for (int i = 0; i < 16; ++i) {
+                const BlockQ6_K& x = reinterpret_cast<const BlockQ6_K*>(src + (size_t)(r + i) * rb)[b];
+                o.d[i] = x.d;
+                for (int g = 0; g < 16; ++g) o.scales[g / 2][i][g % 2] = x.scales[g];
+                for (int n = 0; n < 2; ++n)
+                    for (int c = 0; c < 8; ++c) {
+                        std::memcpy(o.ql[n][0][c][i], x.ql + 64 * n + 4 * c, 4);
+                        std::memcpy(o.ql[n][1][c][i], x.ql + 64 * n + 32 + 4 * c, 4);
+                        std::memcpy(o.qh[n][c][i], x.qh + 32 * n + 4 * c, 4);
+                    }
+            }
+        }
+    }
+}
+
+void unpack_q6_k_r16(const uint8_t* src, int n_cols, int r0, int r1, uint8_t* dst) {
+    const int nb = n_cols / QK_K;
+    const size_t rb = (size_t)nb * sizeof(BlockQ6_K);
+    for (int r = r0; r < r1; r += 16) {
+        auto* in = reinterpret_cast<const BlockQ6_K_R16*>(src + (size_t)r * nb * (sizeof(BlockQ6_K_R16) / 16));
+        for (int b = 0; b < nb; ++b) {
+            const BlockQ6_K_R16& g = in[b];
+            for (int i = 0; i < 16; ++i) {
+                BlockQ6_K& x = reinterpret_cast<BlockQ6_K*>(dst + (size_t)(r + i) * rb)[b];
+                x.d = g.d[i];
+                for (int k = 0; k < 16; ++k) x.scales[k] = g.scales[k / 2][i][k % 2];
+                for (int n = 0; n < 2; ++n)
+                    for (int c = 0; c < 8; ++c) {
+                        std::memcpy(x.ql + 64 * n + 4 * c, g.ql[n][0][c][i], 4);
+                        std::memcpy(x.ql + 64 * n + 32 + 4 * c, g.ql[n][1][c][i], 4);
+                        std::memcpy(x.qh + 32 * n + 4 * c, g.qh[n][c][i], 4);
+                    }
             }
         }
     }

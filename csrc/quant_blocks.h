@@ -16,7 +16,7 @@ enum GgmlType : int {
     T_Q8_1 = 9, T_Q2_K = 10, T_Q3_K = 11, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14, T_Q8_K = 15,
     T_IQ4_NL = 20, T_IQ4_XS = 23, T_BF16 = 30,
     // Internal layouts made at load (never in a file; ids no ggml type uses): see the blocks below.
-    T_Q4_K_R16 = 112,
+    T_Q4_K_R16 = 112, T_Q6_K_R16 = 114,
 };
 
 // ---- weight blocks ----
@@ -56,6 +56,12 @@ struct BlockQ6_K { uint8_t ql[128]; uint8_t qh[64]; int8_t scales[16]; uint16_t 
 // x = d[i]*scale*q - dmin[i]*min, as Q4_K. A matrix of R rows (R a multiple of 16) is R/16 groups,
 // each its super-blocks in order: 148 bytes per row and super-block (Q4_K: 144).
 struct BlockQ4_K_R16 { uint16_t d[16], dmin[16]; uint8_t scales[8][16], mins[8][16]; uint8_t qs[4][8][16][4]; };
+// Q6_K_R16: one super-block of sixteen consecutive Q6_K rows, interleaved as Q4_K_R16 (int32 lane i
+// = row i): d[i]; scales[p][i][e] = the row's scale of 16-value group 2p+e; ql[n][h][c][i][e] = byte
+// 64n+32h+4c+e of the row's ql, qh[n][c][i][e] = byte 32n+4c+e of its qh. Value 128n+32m+l (l < 32)
+// is code (ql[n][m%2][l/4][i][l%4] >> 4(m/2)) & 15 | ((qh[n][l/4][i][l%4] >> 2m) & 3) << 4, and
+// x = d[i] * scale(group (128n+32m+l)/16) * (code - 32), as Q6_K. 210 bytes per row and super-block.
+struct BlockQ6_K_R16 { uint16_t d[16]; int8_t scales[8][16][2]; uint8_t ql[2][2][8][16][4]; uint8_t qh[2][8][16][4]; };
 
 // ---- activation blocks ----
 // Q8_K: per 256 values one f32 scale, int8 values, and int16 sums per 16 values (ggml's block), followed
@@ -77,6 +83,7 @@ static_assert(sizeof(BlockQ4_K) == 144, "Q4_K layout");
 static_assert(sizeof(BlockQ5_K) == 176, "Q5_K layout");
 static_assert(sizeof(BlockQ6_K) == 210, "Q6_K layout");
 static_assert(sizeof(BlockQ4_K_R16) == 16 * 148, "Q4_K_R16 layout");
+static_assert(sizeof(BlockQ6_K_R16) == 16 * 210, "Q6_K_R16 layout");
 static_assert(sizeof(BlockQ8_K) == 324, "Q8_K layout");
 static_assert(sizeof(BlockQ8_1) == 36, "Q8_1 layout");
 

@@ -295,11 +295,21 @@ def dequantize_rows(rows: np.ndarray, ggml_type: int, n_cols: int) -> torch.Tens
 
 
 def repacked_type(ggml_type: int) -> int | None:
-    """The row-interleaved layout the kernels have for ggml_type (Q4_K -> Q4_K_R4), or None."""
+    """The row-interleaved layout the kernels have for ggml_type (Q4_K -> Q4_K_R16, Q6_K ->
+    Q6_K_R16), or None."""
     if not available():
         return None
     info = _lib().type_info(int(ggml_type))
     return info["repacked"] if info is not None and info["repacked"] >= 0 else None
+
+
+def repack_pays(ggml_type: int) -> bool:
+    """Whether load(repack=True) converts ggml_type with the active kernel variant (Q4_K always;
+    Q6_K where the kernels have VNNI: the AVX2 Q6_K_R16 kernel is slower than the plain one)."""
+    if not available():
+        return False
+    info = _lib().type_info(int(ggml_type))
+    return bool(info is not None and info["repack_pays"])
 
 
 def repack(w, ggml_type: int, n_rows: int, n_cols: int, unpack: bool = False) -> np.ndarray:

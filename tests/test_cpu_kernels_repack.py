@@ -1,4 +1,4 @@
-"""Row-interleaved weights (Q4_K -> Q4_K_R16, csrc/quant_blocks.h), converted at load.
+"""Row-interleaved weights (Q4_K -> Q4_K_R16, Q6_K -> Q6_K_R16, csrc/quant_blocks.h), converted at load.
 
 The layout is checked three ways: repack then unpack gives back every byte (a transcription of
 Q4_K's 6-bit scale packing in both directions); the R16 kernels of every variant against the float
@@ -19,7 +19,8 @@ from .conftest import tiny_model
 from .test_cpu_kernels import (ACC_TOL, MOE_TOL, Q8_DOT_TOL, dequant, dequant_act, gaussian,
                                make_weights, moe_inputs, moe_reference)
 
-Q4_K, Q4_K_R16 = 12, 112
+Q4_K, Q4_K_R16, Q6_K, Q6_K_R16 = 12, 112, 14, 114
+R16 = {"Q4_K": (Q4_K, Q4_K_R16, 148), "Q6_K": (Q6_K, Q6_K_R16, 210)}
 needs_ext = pytest.mark.skipif(not cb.available(), reason=f"extension not built: {cb.unavailable_reason()}")
 
 
@@ -50,17 +51,26 @@ def test_type_facts():
     assert (info["name"], info["block"], info["bytes"], info["group"], info["act"]) == \
         ("Q4_K_R16", 256, 148, 16, "Q8_K")
     assert cb.repacked_type(Q4_K) == Q4_K_R16
-    assert cb.repacked_type(14) is None          # Q6_K: no interleaved layout (yet)
+    info = cb.type_info(Q6_K_R16)
+    assert (info["name"], info["block"], info["bytes"], info["group"], info["act"]) == \
+        ("Q6_K_R16", 256, 210, 16, "Q8_K")
+    assert cb.repacked_type(Q6_K) == Q6_K_R16
+    assert cb.repacked_type(2) is None           # Q4_0: no interleaved layout
+    assert cb.repack_pays(Q4_K) and not cb.repack_pays(2)
+    # Q6_K_R16 is converted at load only where the kernels have VNNI (its AVX2 kernel is slower)
+    assert cb.repack_pays(Q6_K) == (cb.features()["variant"] == "avx512")
 
 
 @needs_ext
 @pytest.mark.parametrize("rows,cols", [(16, 256), (48, 1024), (144, 512)])
-def test_repack_roundtrip_exact(rows, cols):
-    w = make_weights("Q4_K", rows, cols, seed=rows).reshape(-1)
-    r16 = cb.repack(w, Q4_K, rows, cols)
-    assert r16.nbytes == rows * (cols // 256) * 148
+@pytest.mark.parametrize("tname", ["Q4_K", "Q6_K"])
+def test_repack_roundtrip_exact(tname, rows, cols):
+    t, _, rbytes = R16[tname]
+    w = make_weights(tname, rows, cols, seed=rows).reshape(-1)
+    r16 = cb.repack(w, t, rows, cols)
+    assert r16.nbytes == rows * (cols // 256) * rbytes
     assert not np.array_equal(r16, w)
-    assert np.array_equal(cb.repack(r16, Q4_K, rows, cols, unpack=True), w)
+    assert np.array_equal(cb.repack(r16, t, rows, cols, unpack=True), w)
 
 
 @needs_ext
@@ -85,27 +95,53 @@ def test_repack_layout_by_hand():
 
 
 @needs_ext
-@pytest.mark.parametrize("T", [1, 2, 3, 5, 8, 9, 17, 70])
-def test_r16_matmul_all_variants(T, variant_scope):
+def test_repack_q6_k_layout_by_hand():
+    """Q6_K_R16, one group, one super-block: each value decoded where quant_blocks.h says it is,
+    against gguf's dequantizer."""
+    w = make_weights("Q6_K", 16, 256, seed=6).reshape(16, 210)
+    r16 = cb.repack(w.reshape(-1), Q6_K, 16, 256)
+    W = dequant("Q6_K", w, 256)                                     # [16, 256]
+    d = r16[0:32].view(np.float16).astype(np.float64)               # d[16]
+    np.testing.assert_array_equal(r16[0:32].view(np.uint16), w[:, 208:210].copy().view(np.uint16)[:, 0])
+    scales = r16[32:288].view(np.int8).reshape(8, 16, 2)            # [pair, row, e]
+    ql = r16[288:2336].reshape(2, 2, 8, 16, 4)                      # [n, m % 2, c, row, byte]
+    qh = r16[2336:].reshape(2, 8, 16, 4)                            # [n, c, row, byte]
+    for i in range(16):
+        for n in range(2):
+            for m in range(4):
+                l = np.arange(32)
+                lo = (ql[n, m % 2, l // 4, i, l % 4] >> (4 * (m // 2))) & 15
+                hi = (qh[n, l // 4, i, l % 4] >> (2 * m)) & 3
+                v = 128 * n + 32 * m + l
+                sc = scales[v // 32, i, (v // 16) % 2].astype(np.float64)
+                np.testing.assert_allclose(d[i] * sc * ((lo | hi << 4).astype(np.float64) - 32), W[i, v],
+                                           rtol=0, atol=1e-6)
+
+
+@needs_ext
+@pytest.mark.parametrize("T", [1, 2, 3, 5, 6, 8, 9, 17, 70])
+@pytest.mark.parametrize("tname", ["Q4_K", "Q6_K"])
+def test_r16_matmul_all_variants(tname, T, variant_scope):
+    t, tr, _ = R16[tname]
     rows, cols = 48, 768
-    w = make_weights("Q4_K", rows, cols, seed=T).reshape(-1)
-    r16 = cb.repack(w, Q4_K, rows, cols)
-    W = dequant("Q4_K", w, cols)
+    w = make_weights(tname, rows, cols, seed=T).reshape(-1)
+    r16 = cb.repack(w, t, rows, cols)
+    W = dequant(tname, w, cols)
     x = gaussian(T, cols, seed=T + 1)
-    xq = dequant_act("Q4_K", cb.quantize_act(x, Q4_K), cols)
+    xq = dequant_act(tname, cb.quantize_act(x, t), cols)
     exact = xq @ W.T
     bound = ACC_TOL * (np.abs(xq) @ np.abs(W).T) + 1e-30
     ref = x.double().numpy() @ W.T
     ys = {}
     for v in _variants():
         variant_scope(v)
-        y = cb.matmul(r16, Q4_K_R16, rows, cols, x).double().numpy()
+        y = cb.matmul(r16, tr, rows, cols, x).double().numpy()
         worst = float(np.max(np.abs(y - exact) / bound))
         assert worst <= 1.0, f"{v} T={T}: error {worst:.3g} x ACC_TOL bound"
         rel = np.linalg.norm(y - ref) / np.linalg.norm(ref)
         assert rel <= Q8_DOT_TOL, f"{v} T={T}: relative L2 {rel:.3g} vs the float reference"
-        # the same product as the plain Q4_K kernel of this variant, up to summation order
-        y0 = cb.matmul(w, Q4_K, rows, cols, x).double().numpy()
+        # the same product as the plain kernel of this variant, up to summation order
+        y0 = cb.matmul(w, t, rows, cols, x).double().numpy()
         np.testing.assert_allclose(y, y0, rtol=1e-5, atol=1e-5 * np.abs(y0).max())
         ys[v] = y
     for v, y in ys.items():                     # SIMD twins vs the scalar twin
@@ -113,33 +149,37 @@ def test_r16_matmul_all_variants(T, variant_scope):
 
 
 @needs_ext
-def test_r16_matmul_prefill_shape():
+@pytest.mark.parametrize("tname", ["Q4_K", "Q6_K"])
+def test_r16_matmul_prefill_shape(tname):
     """512 tokens: several 64-token tiles and row chunks on the pool, best variant."""
+    t, tr, _ = R16[tname]
     rows, cols = 96, 1024
-    w = make_weights("Q4_K", rows, cols, seed=3).reshape(-1)
-    r16 = cb.repack(w, Q4_K, rows, cols)
+    w = make_weights(tname, rows, cols, seed=3).reshape(-1)
+    r16 = cb.repack(w, t, rows, cols)
     x = gaussian(512, cols, seed=4)
-    y0 = cb.matmul(w, Q4_K, rows, cols, x)
-    y = cb.matmul(r16, Q4_K_R16, rows, cols, x)
+    y0 = cb.matmul(w, t, rows, cols, x)
+    y = cb.matmul(r16, tr, rows, cols, x)
     torch.testing.assert_close(y, y0, rtol=1e-5, atol=1e-5 * float(y0.abs().max()))
 
 
 @needs_ext
 @pytest.mark.parametrize("T", [1, 3, 17])
-def test_moe_with_r16_experts(T, variant_scope):
+@pytest.mark.parametrize("dname", ["Q4_K", "Q6_K"])
+def test_moe_with_r16_experts(dname, T, variant_scope):
     E, k, D, F = 8, 3, 256, 256
-    types = ("Q4_K", "Q4_K", "Q4_K")
+    types = ("Q4_K", "Q4_K", dname)
     x, ids, wts, gate, up, down = moe_inputs(T, k, E, D, F, types)
     ref = moe_reference(x, ids, wts, gate, up, down, types, D, F)
     g16 = cb.repack(gate.reshape(-1), Q4_K, E * F, D)
     u16 = cb.repack(up.reshape(-1), Q4_K, E * F, D)
-    d16 = cb.repack(down.reshape(-1), Q4_K, E * D, F)
+    d16 = cb.repack(down.reshape(-1), R16[dname][0], E * D, F)
     for v in _variants():
         variant_scope(v)
         plain = cb.moe_ffn(x, ids, wts, gate.reshape(-1), up.reshape(-1), down.reshape(-1),
-                           gate_type=Q4_K, up_type=Q4_K, down_type=Q4_K, n_expert=E, d_model=D, d_ff=F)
+                           gate_type=Q4_K, up_type=Q4_K, down_type=R16[dname][0], n_expert=E, d_model=D,
+                           d_ff=F)
         out = cb.moe_ffn(x, ids, wts, g16, u16, d16, gate_type=Q4_K_R16, up_type=Q4_K_R16,
-                         down_type=Q4_K_R16, n_expert=E, d_model=D, d_ff=F)
+                         down_type=R16[dname][1], n_expert=E, d_model=D, d_ff=F)
         rel = ((out.double() - ref).norm() / ref.norm()).item()
         assert rel <= MOE_TOL, f"{v}: relative L2 {rel:.3g} vs the float reference"
         # h is re-quantized after gate/up: a last-bit difference may move one int8 step
@@ -155,7 +195,7 @@ def test_bad_repack_inputs():
     with pytest.raises(ValueError, match="expected"):
         cb.repack(w[:-1], Q4_K, 20, 256)
     with pytest.raises(hetero_moe.errors.UnsupportedError, match="no row-interleaved layout"):
-        cb.repack(np.zeros(210, np.uint8), 14, 1, 256)
+        cb.repack(np.zeros(8 * 18, np.uint8), 2, 1, 256)   # Q4_0
     r16 = cb.repack(w[: 16 * 144], Q4_K, 16, 256)
     with pytest.raises(ValueError, match="multiple of 16"):     # a matmul over part of a group
         cb.matmul(r16[: 8 * 148], Q4_K_R16, 8, 256, torch.zeros(1, 256))

@@ -39,8 +39,8 @@ def float_tensor(t: TensorInfo) -> torch.Tensor:
 class KernelOptions:
     """Which CPU matmul path to use: "auto" (C++ kernels when built), "torch" (dequantize + matmul).
 
-    repack: weights the C++ kernels have a row-interleaved layout for (Q4_K) are converted to it
-    at load (four rows share each activation load); the converted copy replaces the mapped pages
+    repack: weights the C++ kernels have a row-interleaved layout for (Q4_K; Q6_K with VNNI) are
+    converted to it at load (sixteen rows share each activation load); the copy replaces the mapped pages
     (`release(tensor_name)` drops them from this process). Off by default (see api.load).
     """
     cpu_kernels: str = "auto"
@@ -57,7 +57,7 @@ def kernel_weights(t_name: str, raw, ggml_type: int, n_rows: int, n_cols: int,
     if not options.repack or not isinstance(raw, np.ndarray):
         return raw, ggml_type
     from .. import cpu_backend
-    to = cpu_backend.repacked_type(ggml_type)
+    to = cpu_backend.repacked_type(ggml_type) if cpu_backend.repack_pays(ggml_type) else None
     if to is None or n_rows % cpu_backend.type_info(to)["group"]:
         return raw, ggml_type
     packed = cpu_backend.repack(raw, ggml_type, n_rows, n_cols)
