@@ -48,7 +48,7 @@ inline size_t attn_prefill_scratch(int rows, int dk, int dv) {
 // y[i] = the f16 value h[i] as a float, i < n (an f16 cache read in blocks).
 using F16RowFn = void (*)(const uint16_t* h, float* y, size_t n);
 
-constexpr int MAX_TYPE_ID = 128;  // ggml ids (BF16 is 30) and the internal repacked ones (T_Q4_K_R16, T_Q6_K_R16)
+constexpr int MAX_TYPE_ID = 128;  // ggml ids (BF16 is 30) and the internal repacked ones (T_Q4_K_R16 .. T_Q8_0_R16)
 
 struct KernelSet {
     const char* name;
@@ -74,6 +74,9 @@ void unpack_q4_k_r16(const uint8_t* src, int n_cols, int r0, int r1, uint8_t* ds
 // The same for Q6_K and Q6_K_R16 (210 bytes per row and super-block).
 void repack_q6_k_r16(const uint8_t* src, int n_cols, int r0, int r1, uint8_t* dst);
 void unpack_q6_k_r16(const uint8_t* src, int n_cols, int r0, int r1, uint8_t* dst);
+// The same for Q4_0 / Q5_0 / Q8_0 (type: the plain one) and their _R16 layouts (the row bytes unchanged).
+void repack_32_r16(int type, const uint8_t* src, int n_cols, int r0, int r1, uint8_t* dst);
+void unpack_32_r16(int type, const uint8_t* src, int n_cols, int r0, int r1, uint8_t* dst);
 const KernelSet* kernels_avx2();    // nullptr if the compiler could not build it
 const KernelSet* kernels_avx512();  // nullptr if the compiler could not build it
 

@@ -590,6 +590,44 @@ void gemm_q6_k_r16(const uint8_t* w, size_t rb, int nr, int n_cols, const uint8_
                     dot_q6_k_r16(w + r * rb, i, act + t * sizeof(BlockQ8_K), nb, nt * sizeof(BlockQ8_K));
 }
 
+// The 32-value _R16 layouts (quant_blocks.h): code (u, before - OFF) of value j (< 32) of row i.
+template <int T> inline int code32(const uint8_t* blk, int i, int j);
+template <> inline int code32<T_Q8_0>(const uint8_t* blk, int i, int j) {
+    return reinterpret_cast<const BlockQ8_0_R16*>(blk)->qs[j / 4][i][j % 4];
+}
+template <> inline int code32<T_Q4_0>(const uint8_t* blk, int i, int j) {
+    const uint8_t q = reinterpret_cast<const BlockQ4_0_R16*>(blk)->qs[(j % 16) / 4][i][j % 4];
+    return j < 16 ? q & 15 : q >> 4;
+}
+template <> inline int code32<T_Q5_0>(const uint8_t* blk, int i, int j) {
+    auto* x = reinterpret_cast<const BlockQ5_0_R16*>(blk);
+    const uint8_t q = x->qs[(j % 16) / 4][i][j % 4];
+    const int hb = (int)(x->hb[(j % 16) / 4][j / 16] >> (4 * i + j % 4)) & 1;
+    return (j < 16 ? q & 15 : q >> 4) | hb << 4;
+}
+template <int T> constexpr int OFF32 = T == T_Q8_0 ? 128 : T == T_Q5_0 ? 16 : 8;
+template <int T> constexpr size_t R16_BYTES = T == T_Q8_0 ? sizeof(BlockQ8_0_R16)
+                                             : T == T_Q5_0 ? sizeof(BlockQ5_0_R16) : sizeof(BlockQ4_0_R16);
+
+template <int T>
+void gemm_32_r16(const uint8_t* w, size_t rb, int nr, int n_cols, const uint8_t* act, int nt, float* out,
+                 size_t ldo) {
+    const int nb = n_cols / QK32;
+    for (int t = 0; t < nt; ++t)
+        for (int r = 0; r + 16 <= nr; r += 16)
+            for (int i = 0; i < 16; ++i) {
+                float acc = 0.f;
+                for (int b = 0; b < nb; ++b) {
+                    const uint8_t* blk = w + r * rb + (size_t)b * R16_BYTES<T>;
+                    const auto* y = reinterpret_cast<const BlockQ8_0*>(act + ((size_t)b * nt + t) * sizeof(BlockQ8_0));
+                    int s = 0;
+                    for (int j = 0; j < 32; ++j) s += (code32<T>(blk, i, j) - OFF32<T>) * y->qs[j];
+                    acc += half(reinterpret_cast<const uint16_t*>(blk)[i]) * half(y->d) * (float)s;
+                }
+                out[t * ldo + r + i] = acc;
+            }
+}
+
 template <float (*CVT)(uint16_t)>
 void gemm_float(const uint8_t* w, size_t rb, int nr, int n_cols, const uint8_t* act, int nt, float* out, size_t ldo) {
     for (int t = 0; t < nt; ++t)
@@ -682,6 +720,9 @@ KernelSet make_scalar() {
     k.gemm[T_BF16] = gemm_float<bf16_to_fp32>;
     k.gemm[T_Q4_K_R16] = gemm_q4_k_r16;
     k.gemm[T_Q6_K_R16] = gemm_q6_k_r16;
+    k.gemm[T_Q4_0_R16] = gemm_32_r16<T_Q4_0>;
+    k.gemm[T_Q5_0_R16] = gemm_32_r16<T_Q5_0>;
+    k.gemm[T_Q8_0_R16] = gemm_32_r16<T_Q8_0>;
     return k;
 }
 
@@ -730,6 +771,9 @@ static const TypeInfo kTypes[] = {
     {T_IQ4_XS, "IQ4_XS", QK_K, (int)sizeof(BlockIQ4_XS), ACT_Q8_K},
     {T_Q4_K_R16, "Q4_K_R16", QK_K, (int)sizeof(BlockQ4_K_R16) / 16, ACT_Q8_K, 16},
     {T_Q6_K_R16, "Q6_K_R16", QK_K, (int)sizeof(BlockQ6_K_R16) / 16, ACT_Q8_K, 16},
+    {T_Q4_0_R16, "Q4_0_R16", QK32, (int)sizeof(BlockQ4_0_R16) / 16, ACT_Q8_0, 16},
+    {T_Q5_0_R16, "Q5_0_R16", QK32, (int)sizeof(BlockQ5_0_R16) / 16, ACT_Q8_0, 16},
+    {T_Q8_0_R16, "Q8_0_R16", QK32, (int)sizeof(BlockQ8_0_R16) / 16, ACT_Q8_0, 16},
 };
 
 const TypeInfo* type_info(int ggml_type) {
@@ -828,6 +872,63 @@ void unpack_q6_k_r16(const uint8_t* src, int n_cols, int r0, int r1, uint8_t* ds
             }
         }
     }
+}
+
+void repack_32_r16(int type, const uint8_t* src, int n_cols, int r0, int r1, uint8_t* dst) {
+    const int nb = n_cols / QK32;
+    const size_t in_b = type == T_Q8_0 ? sizeof(BlockQ8_0) : type == T_Q5_0 ? sizeof(BlockQ5_0) : sizeof(BlockQ4_0);
+    const size_t rb = (size_t)nb * in_b, gb = 16 * in_b;  // a 16-row block: 16 rows' bytes of one column block
+    for (int r = r0; r < r1; r += 16)
+        for (int b = 0; b < nb; ++b) {
+            uint8_t* o = dst + (size_t)r * rb + (size_t)b * gb;
+            for (int i = 0; i < 16; ++i) {
+                const uint8_t* x = src + (size_t)(r + i) * rb + (size_t)b * in_b;
+                std::memcpy(o + 2 * i, x, 2);  // d
+                if (type == T_Q8_0) {
+                    auto* q = reinterpret_cast<BlockQ8_0_R16*>(o);
+                    for (int j = 0; j < 32; ++j) q->qs[j / 4][i][j % 4] = (uint8_t)(x[2 + j] ^ 0x80);  // q + 128
+                } else if (type == T_Q4_0) {
+                    auto* q = reinterpret_cast<BlockQ4_0_R16*>(o);
+                    for (int j = 0; j < 16; ++j) q->qs[j / 4][i][j % 4] = x[2 + j];
+                } else {
+                    auto* q = reinterpret_cast<BlockQ5_0_R16*>(o);
+                    uint32_t qh;
+                    std::memcpy(&qh, x + 2, 4);
+                    if (i == 0) std::memset(q->hb, 0, sizeof q->hb);
+                    for (int j = 0; j < 16; ++j) q->qs[j / 4][i][j % 4] = x[6 + j];
+                    for (int j = 0; j < 32; ++j)
+                        if (qh >> j & 1) q->hb[(j % 16) / 4][j / 16] |= 1ull << (4 * i + j % 4);
+                }
+            }
+        }
+}
+
+void unpack_32_r16(int type, const uint8_t* src, int n_cols, int r0, int r1, uint8_t* dst) {
+    const int nb = n_cols / QK32;
+    const size_t in_b = type == T_Q8_0 ? sizeof(BlockQ8_0) : type == T_Q5_0 ? sizeof(BlockQ5_0) : sizeof(BlockQ4_0);
+    const size_t rb = (size_t)nb * in_b, gb = 16 * in_b;
+    for (int r = r0; r < r1; r += 16)
+        for (int b = 0; b < nb; ++b) {
+            const uint8_t* o = src + (size_t)r * rb + (size_t)b * gb;
+            for (int i = 0; i < 16; ++i) {
+                uint8_t* x = dst + (size_t)(r + i) * rb + (size_t)b * in_b;
+                std::memcpy(x, o + 2 * i, 2);
+                if (type == T_Q8_0) {
+                    auto* q = reinterpret_cast<const BlockQ8_0_R16*>(o);
+                    for (int j = 0; j < 32; ++j) x[2 + j] = (uint8_t)(q->qs[j / 4][i][j % 4] ^ 0x80);
+                } else if (type == T_Q4_0) {
+                    auto* q = reinterpret_cast<const BlockQ4_0_R16*>(o);
+                    for (int j = 0; j < 16; ++j) x[2 + j] = q->qs[j / 4][i][j % 4];
+                } else {
+                    auto* q = reinterpret_cast<const BlockQ5_0_R16*>(o);
+                    uint32_t qh = 0;
+                    for (int j = 0; j < 32; ++j)
+                        if (q->hb[(j % 16) / 4][j / 16] >> (4 * i + j % 4) & 1) qh |= 1u << j;
+                    std::memcpy(x + 2, &qh, 4);
+                    for (int j = 0; j < 16; ++j) x[6 + j] = q->qs[j / 4][i][j % 4];
+                }
+            }
+        }
 }
 
 const char* act_name(ActKind a) {

@@ -45,9 +45,21 @@ void quantize_rows(ActKind a, const float* x, int rows, int cols, uint8_t* out) 
 
 // ================================================================ repacking at load
 
-int repacked_type(int from) { return from == T_Q4_K ? T_Q4_K_R16 : from == T_Q6_K ? T_Q6_K_R16 : -1; }
+int repacked_type(int from) {
+    switch (from) {
+        case T_Q4_K: return T_Q4_K_R16;
+        case T_Q6_K: return T_Q6_K_R16;
+        case T_Q4_0: return T_Q4_0_R16;
+        case T_Q5_0: return T_Q5_0_R16;
+        case T_Q8_0: return T_Q8_0_R16;
+        default: return -1;
+    }
+}
 
-bool repack_pays(int from) { return from == T_Q4_K || (from == T_Q6_K && active_kernels()->vnni); }
+bool repack_pays(int from) {
+    if (from == T_Q4_K || from == T_Q4_0 || from == T_Q5_0) return true;
+    return repacked_type(from) >= 0 && active_kernels()->vnni;
+}
 
 std::string check_repack(int from, long long n_rows, long long n_cols, size_t src_len, size_t dst_len, bool unpack) {
     const int to = repacked_type(from);
@@ -71,19 +83,21 @@ public:
     int n_rows = 0, n_cols = 0, per = 0;
     const uint8_t* src = nullptr;
     uint8_t* dst = nullptr;
-    bool unpack = false, q6 = false;
+    bool unpack = false;
+    int from = T_Q4_K;
     void run_task(int, int i) override {
         const int r0 = i * per, r1 = std::min(n_rows, r0 + per);
-        if (q6) (unpack ? unpack_q6_k_r16 : repack_q6_k_r16)(src, n_cols, r0, r1, dst);
-        else (unpack ? unpack_q4_k_r16 : repack_q4_k_r16)(src, n_cols, r0, r1, dst);
+        if (from == T_Q6_K) (unpack ? unpack_q6_k_r16 : repack_q6_k_r16)(src, n_cols, r0, r1, dst);
+        else if (from == T_Q4_K) (unpack ? unpack_q4_k_r16 : repack_q4_k_r16)(src, n_cols, r0, r1, dst);
+        else (unpack ? unpack_32_r16 : repack_32_r16)(from, src, n_cols, r0, r1, dst);
     }
 };
 }  // namespace
 
 void repack(int from, int n_rows, int n_cols, const uint8_t* src, uint8_t* dst, bool unpack) {
-    RepackJob job;  // Q4_K or Q6_K (check_repack refused the others)
+    RepackJob job;  // a type with a repacked layout (check_repack refused the others)
     job.n_rows = n_rows, job.n_cols = n_cols, job.src = src, job.dst = dst, job.unpack = unpack;
-    job.q6 = from == T_Q6_K;
+    job.from = from;
     job.per = 64;  // rows per task (a multiple of the group)
     const int counts[1] = {ceil_div(n_rows, job.per)};
     job.set_phases(counts, 1);

@@ -16,7 +16,7 @@ enum GgmlType : int {
     T_Q8_1 = 9, T_Q2_K = 10, T_Q3_K = 11, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14, T_Q8_K = 15,
     T_IQ4_NL = 20, T_IQ4_XS = 23, T_BF16 = 30,
     // Internal layouts made at load (never in a file; ids no ggml type uses): see the blocks below.
-    T_Q4_K_R16 = 112, T_Q6_K_R16 = 114,
+    T_Q4_K_R16 = 112, T_Q6_K_R16 = 114, T_Q4_0_R16 = 115, T_Q5_0_R16 = 116, T_Q8_0_R16 = 117,
 };
 
 // ---- weight blocks ----
@@ -62,6 +62,14 @@ struct BlockQ4_K_R16 { uint16_t d[16], dmin[16]; uint8_t scales[8][16], mins[8][
 // is code (ql[n][m%2][l/4][i][l%4] >> 4(m/2)) & 15 | ((qh[n][l/4][i][l%4] >> 2m) & 3) << 4, and
 // x = d[i] * scale(group (128n+32m+l)/16) * (code - 32), as Q6_K. 210 bytes per row and super-block.
 struct BlockQ6_K_R16 { uint16_t d[16]; int8_t scales[8][16][2]; uint8_t ql[2][2][8][16][4]; uint8_t qh[2][8][16][4]; };
+// The 32-value types with sixteen rows interleaved: per block of 32 columns d[i] (row i), then the
+// codes as unsigned bytes u, value = u - OFF, 4 per row in each int32 lane. Q8_0_R16: qs[c][i][e] =
+// q + 128 of value 4c+e (OFF 128). Q4_0_R16: qs[c][i][e] = byte 4c+e of the row's qs (low nibble:
+// value 4c+e, high nibble: value 16+4c+e; OFF 8). Q5_0_R16: as Q4_0_R16 (OFF 16), the fifth bits in
+// hb[c][h]: bit 4i+e = that of value 16h+4c+e of row i (the byte order of a code vector).
+struct BlockQ4_0_R16 { uint16_t d[16]; uint8_t qs[4][16][4]; };
+struct BlockQ5_0_R16 { uint16_t d[16]; uint64_t hb[4][2]; uint8_t qs[4][16][4]; };
+struct BlockQ8_0_R16 { uint16_t d[16]; uint8_t qs[8][16][4]; };
 
 // ---- activation blocks ----
 // Q8_K: per 256 values one f32 scale, int8 values, and int16 sums per 16 values (ggml's block), followed
@@ -84,6 +92,8 @@ static_assert(sizeof(BlockQ5_K) == 176, "Q5_K layout");
 static_assert(sizeof(BlockQ6_K) == 210, "Q6_K layout");
 static_assert(sizeof(BlockQ4_K_R16) == 16 * 148, "Q4_K_R16 layout");
 static_assert(sizeof(BlockQ6_K_R16) == 16 * 210, "Q6_K_R16 layout");
+static_assert(sizeof(BlockQ4_0_R16) == 16 * 18 && sizeof(BlockQ5_0_R16) == 16 * 22 && sizeof(BlockQ8_0_R16) == 16 * 34,
+              "32-value R16 layouts");
 static_assert(sizeof(BlockQ8_K) == 324, "Q8_K layout");
 static_assert(sizeof(BlockQ8_1) == 36, "Q8_1 layout");
 

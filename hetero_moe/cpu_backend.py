@@ -295,8 +295,8 @@ def dequantize_rows(rows: np.ndarray, ggml_type: int, n_cols: int) -> torch.Tens
 
 
 def repacked_type(ggml_type: int) -> int | None:
-    """The row-interleaved layout the kernels have for ggml_type (Q4_K -> Q4_K_R16, Q6_K ->
-    Q6_K_R16), or None."""
+    """The row-interleaved layout the kernels have for ggml_type (Q4_K, Q6_K, Q4_0, Q5_0, Q8_0 ->
+    their _R16 forms), or None."""
     if not available():
         return None
     info = _lib().type_info(int(ggml_type))
@@ -304,8 +304,9 @@ def repacked_type(ggml_type: int) -> int | None:
 
 
 def repack_pays(ggml_type: int) -> bool:
-    """Whether load(repack=True) converts ggml_type with the active kernel variant (Q4_K always;
-    Q6_K where the kernels have VNNI: the AVX2 Q6_K_R16 kernel is slower than the plain one)."""
+    """Whether load(repack=True) converts ggml_type with the active kernel variant (Q4_K, Q4_0,
+    Q5_0 always; Q6_K and Q8_0 where the kernels have VNNI: their AVX2 _R16 kernels are slower than
+    the plain ones)."""
     if not available():
         return False
     info = _lib().type_info(int(ggml_type))

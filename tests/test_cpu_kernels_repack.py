@@ -1,4 +1,5 @@
-"""Row-interleaved weights (Q4_K -> Q4_K_R16, Q6_K -> Q6_K_R16, csrc/quant_blocks.h), converted at load.
+"""Row-interleaved weights (Q4_K, Q6_K, Q4_0, Q5_0, Q8_0 -> their _R16 forms, csrc/quant_blocks.h),
+converted at load.
 
 The layout is checked three ways: repack then unpack gives back every byte (a transcription of
 Q4_K's 6-bit scale packing in both directions); the R16 kernels of every variant against the float
@@ -20,7 +21,9 @@ from .test_cpu_kernels import (ACC_TOL, MOE_TOL, Q8_DOT_TOL, dequant, dequant_ac
                                make_weights, moe_inputs, moe_reference)
 
 Q4_K, Q4_K_R16, Q6_K, Q6_K_R16 = 12, 112, 14, 114
-R16 = {"Q4_K": (Q4_K, Q4_K_R16, 148), "Q6_K": (Q6_K, Q6_K_R16, 210)}
+R16 = {"Q4_K": (Q4_K, Q4_K_R16, 148), "Q6_K": (Q6_K, Q6_K_R16, 210), "Q4_0": (2, 115, 18),
+       "Q5_0": (6, 116, 22), "Q8_0": (8, 117, 34)}
+ALL_R16 = list(R16)
 needs_ext = pytest.mark.skipif(not cb.available(), reason=f"extension not built: {cb.unavailable_reason()}")
 
 
@@ -55,20 +58,26 @@ def test_type_facts():
     assert (info["name"], info["block"], info["bytes"], info["group"], info["act"]) == \
         ("Q6_K_R16", 256, 210, 16, "Q8_K")
     assert cb.repacked_type(Q6_K) == Q6_K_R16
-    assert cb.repacked_type(2) is None           # Q4_0: no interleaved layout
-    assert cb.repack_pays(Q4_K) and not cb.repack_pays(2)
-    # Q6_K_R16 is converted at load only where the kernels have VNNI (its AVX2 kernel is slower)
-    assert cb.repack_pays(Q6_K) == (cb.features()["variant"] == "avx512")
+    for name, (t, tr, rbytes) in R16.items():
+        info = cb.type_info(tr)
+        assert (info["name"], info["bytes"], info["group"]) == (name + "_R16", rbytes, 16)
+        assert cb.repacked_type(t) == tr
+    assert cb.repacked_type(3) is None           # Q4_1: no interleaved layout
+    assert cb.repack_pays(Q4_K) and cb.repack_pays(2) and cb.repack_pays(6) and not cb.repack_pays(3)
+    # Q6_K_R16 and Q8_0_R16 are converted at load only where the kernels have VNNI (their AVX2
+    # kernels are slower than the plain ones)
+    vnni = cb.features()["variant"] == "avx512"
+    assert cb.repack_pays(Q6_K) == vnni and cb.repack_pays(8) == vnni
 
 
 @needs_ext
 @pytest.mark.parametrize("rows,cols", [(16, 256), (48, 1024), (144, 512)])
-@pytest.mark.parametrize("tname", ["Q4_K", "Q6_K"])
+@pytest.mark.parametrize("tname", ALL_R16)
 def test_repack_roundtrip_exact(tname, rows, cols):
     t, _, rbytes = R16[tname]
     w = make_weights(tname, rows, cols, seed=rows).reshape(-1)
     r16 = cb.repack(w, t, rows, cols)
-    assert r16.nbytes == rows * (cols // 256) * rbytes
+    assert r16.nbytes == rows * (cols // cb.type_info(t)["block"]) * rbytes
     assert not np.array_equal(r16, w)
     assert np.array_equal(cb.repack(r16, t, rows, cols, unpack=True), w)
 
@@ -119,8 +128,33 @@ def test_repack_q6_k_layout_by_hand():
 
 
 @needs_ext
+@pytest.mark.parametrize("tname", ["Q4_0", "Q5_0", "Q8_0"])
+def test_repack_32_layout_by_hand(tname):
+    """Q4_0/Q5_0/Q8_0_R16, one group, one 32-column block: each value decoded where
+    quant_blocks.h says it is, against gguf's dequantizer."""
+    t, _, rb = R16[tname]
+    w = make_weights(tname, 16, 32, seed=7).reshape(16, rb)
+    r16 = cb.repack(w.reshape(-1), t, 16, 32)
+    W = dequant(tname, w, 32)                                       # [16, 32]
+    d = r16[0:32].view(np.float16).astype(np.float64)
+    np.testing.assert_array_equal(r16[0:32].view(np.uint16), w[:, 0:2].copy().view(np.uint16)[:, 0])
+    j = np.arange(32)
+    for i in range(16):
+        if tname == "Q8_0":
+            u = r16[32:].reshape(8, 16, 4)[j // 4, i, j % 4].astype(np.int64) - 128
+        else:
+            qs = r16[-256:].reshape(4, 16, 4)[(j % 16) // 4, i, j % 4]
+            u = np.where(j < 16, qs & 15, qs >> 4).astype(np.int64)
+            if tname == "Q5_0":
+                hb = r16[32:96].view(np.uint64).reshape(4, 2)[(j % 16) // 4, j // 16]
+                u |= ((hb >> (4 * i + j % 4).astype(np.uint64)) & np.uint64(1)).astype(np.int64) << 4
+            u -= 16 if tname == "Q5_0" else 8
+        np.testing.assert_allclose(d[i] * u, W[i], rtol=0, atol=1e-6)
+
+
+@needs_ext
 @pytest.mark.parametrize("T", [1, 2, 3, 5, 6, 8, 9, 17, 70])
-@pytest.mark.parametrize("tname", ["Q4_K", "Q6_K"])
+@pytest.mark.parametrize("tname", ALL_R16)
 def test_r16_matmul_all_variants(tname, T, variant_scope):
     t, tr, _ = R16[tname]
     rows, cols = 48, 768
@@ -149,7 +183,7 @@ def test_r16_matmul_all_variants(tname, T, variant_scope):
 
 
 @needs_ext
-@pytest.mark.parametrize("tname", ["Q4_K", "Q6_K"])
+@pytest.mark.parametrize("tname", ALL_R16)
 def test_r16_matmul_prefill_shape(tname):
     """512 tokens: several 64-token tiles and row chunks on the pool, best variant."""
     t, tr, _ = R16[tname]
@@ -164,7 +198,7 @@ def test_r16_matmul_prefill_shape(tname):
 
 @needs_ext
 @pytest.mark.parametrize("T", [1, 3, 17])
-@pytest.mark.parametrize("dname", ["Q4_K", "Q6_K"])
+@pytest.mark.parametrize("dname", ["Q4_K", "Q6_K", "Q5_0", "Q8_0"])
 def test_moe_with_r16_experts(dname, T, variant_scope):
     E, k, D, F = 8, 3, 256, 256
     types = ("Q4_K", "Q4_K", dname)
@@ -195,7 +229,7 @@ def test_bad_repack_inputs():
     with pytest.raises(ValueError, match="expected"):
         cb.repack(w[:-1], Q4_K, 20, 256)
     with pytest.raises(hetero_moe.errors.UnsupportedError, match="no row-interleaved layout"):
-        cb.repack(np.zeros(8 * 18, np.uint8), 2, 1, 256)   # Q4_0
+        cb.repack(np.zeros(8 * 20, np.uint8), 3, 1, 256)   # Q4_1
     r16 = cb.repack(w[: 16 * 144], Q4_K, 16, 256)
     with pytest.raises(ValueError, match="multiple of 16"):     # a matmul over part of a group
         cb.matmul(r16[: 8 * 148], Q4_K_R16, 8, 256, torch.zeros(1, 256))
