@@ -539,11 +539,14 @@ def _prefill_reference(q, k, v, pos0, scale):
 @needs_ext
 @pytest.mark.parametrize("T,pos0,H,Hkv,dk,dv", [
     (512, 0, 32, 4, 128, 128), (17, 5, 4, 2, 64, 64), (3, 100, 9, 3, 64, 64), (130, 0, 6, 6, 72, 72),
-    (1, 7, 8, 1, 128, 128), (65, 64, 4, 4, 96, 96), (40, 3, 8, 8, 20, 20), (33, 31, 16, 2, 192, 128)])
+    (1, 7, 8, 1, 128, 128), (65, 64, 4, 4, 96, 96), (40, 3, 8, 8, 20, 20), (33, 31, 16, 2, 192, 128),
+    (1, 0, 32, 4, 128, 128), (1, 530, 32, 4, 128, 128), (1, 40, 6, 6, 72, 72), (1, 20, 16, 2, 192, 128),
+    (1, 15, 8, 8, 20, 20), (1, 63, 64, 2, 64, 64)])
 def test_attn_prefill_vs_reference(T, pos0, H, Hkv, dk, dv, variant_scope):
     """Every variant against float64 causal attention: odd head dims (not multiples of 8 or 16),
     prompts after a cached prefix, partial key blocks, a lone last row, dv != dk; cache views are
-    prefixes of a longer buffer, and with dv == dk the output may overwrite q."""
+    prefixes of a longer buffer, and with dv == dk the output may overwrite q. T = 1 is the decode
+    kernel (dims a whole number of vectors, at most 32 heads per KV head; the others fall back)."""
     g = torch.Generator().manual_seed(T * 7 + pos0)
     L = pos0 + T
     k = torch.randn(L + 5, Hkv, dk, generator=g)[:L]
@@ -564,7 +567,8 @@ def test_attn_prefill_vs_reference(T, pos0, H, Hkv, dk, dv, variant_scope):
 @needs_ext
 @pytest.mark.parametrize("T,pos0,H,Hkv,dk,window", [
     (100, 0, 4, 1, 64, 8), (40, 70, 4, 1, 64, 33), (65, 3, 8, 2, 72, 64), (1, 90, 4, 1, 32, 5),
-    (20, 10, 2, 2, 16, 1), (30, 0, 4, 4, 32, 100)])
+    (20, 10, 2, 2, 16, 1), (30, 0, 4, 4, 32, 100), (1, 300, 32, 4, 128, 40), (1, 17, 8, 2, 64, 16),
+    (1, 5, 8, 2, 64, 1)])
 def test_attn_prefill_sliding_window(T, pos0, H, Hkv, dk, window, variant_scope):
     """A sliding window (token at position p sees keys p-window+1..p): windows smaller than a key
     block, not a multiple of it, of one key, and longer than the context; every variant."""
