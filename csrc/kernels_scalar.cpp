@@ -886,18 +886,25 @@ void repack_32_r16(int type, const uint8_t* src, int n_cols, int r0, int r1, uin
                 std::memcpy(o + 2 * i, x, 2);  // d
                 if (type == T_Q8_0) {
                     auto* q = reinterpret_cast<BlockQ8_0_R16*>(o);
-                    for (int j = 0; j < 32; ++j) q->qs[j / 4][i][j % 4] = (uint8_t)(x[2 + j] ^ 0x80);  // q + 128
+                    for (int c = 0; c < 8; ++c) {  // q + 128, four at a time
+                        uint32_t u;
+                        std::memcpy(&u, x + 2 + 4 * c, 4);
+                        u ^= 0x80808080u;
+                        std::memcpy(q->qs[c][i], &u, 4);
+                    }
                 } else if (type == T_Q4_0) {
                     auto* q = reinterpret_cast<BlockQ4_0_R16*>(o);
-                    for (int j = 0; j < 16; ++j) q->qs[j / 4][i][j % 4] = x[2 + j];
+                    for (int c = 0; c < 4; ++c) std::memcpy(q->qs[c][i], x + 2 + 4 * c, 4);
                 } else {
                     auto* q = reinterpret_cast<BlockQ5_0_R16*>(o);
                     uint32_t qh;
                     std::memcpy(&qh, x + 2, 4);
                     if (i == 0) std::memset(q->hb, 0, sizeof q->hb);
-                    for (int j = 0; j < 16; ++j) q->qs[j / 4][i][j % 4] = x[6 + j];
-                    for (int j = 0; j < 32; ++j)
-                        if (qh >> j & 1) q->hb[(j % 16) / 4][j / 16] |= 1ull << (4 * i + j % 4);
+                    for (int c = 0; c < 4; ++c) {
+                        std::memcpy(q->qs[c][i], x + 6 + 4 * c, 4);
+                        for (int h = 0; h < 2; ++h)  // bits 16h+4c.. of qh -> bits 4i.. of hb[c][h]
+                            q->hb[c][h] |= (uint64_t)((qh >> (16 * h + 4 * c)) & 0xf) << (4 * i);
+                    }
                 }
             }
         }
