@@ -13,6 +13,7 @@ Dimension key: T tokens, k experts per token, E experts, D model width, F expert
 """
 from __future__ import annotations
 
+import mmap
 import threading
 
 import numpy as np
@@ -324,10 +325,27 @@ def repack(w, ggml_type: int, n_rows: int, n_cols: int, unpack: bool = False) ->
     n_rows, n_cols = _positive("n_rows", n_rows), _positive("n_cols", n_cols)
     src_t, dst_t = (to, ggml_type) if unpack else (ggml_type, to)
     w = _weight_buffer("w", w, n_rows * row_bytes(src_t, n_cols))
-    out = np.empty(n_rows * row_bytes(dst_t, n_cols), dtype=np.uint8)
+    out = _huge_buffer(n_rows * row_bytes(dst_t, n_cols))
     m = _mod if _threads_set else _lib()
     m.repack(int(ggml_type), w, n_rows, n_cols, out, bool(unpack))
     return out
+
+
+HUGE_MIN = 4 << 20   # bytes: below this a plain array
+
+
+def _huge_buffer(n: int) -> np.ndarray:
+    """A uint8 array of n bytes for weights made at load: large ones in an anonymous mapping marked
+    for transparent huge pages (where the kernel allows them), so filling it faults 2 MiB at a time
+    and the weight stream of every token walks far fewer TLB entries."""
+    if n < HUGE_MIN or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return np.empty(n, dtype=np.uint8)
+    mm = mmap.mmap(-1, n)
+    try:
+        mm.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:
+        pass
+    return np.frombuffer(mm, dtype=np.uint8)
 
 
 def attn_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos0: int, scale: float,
