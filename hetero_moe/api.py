@@ -580,8 +580,8 @@ def load(path: str | os.PathLike, threads: int | None = None, *, n_ctx: int | No
         repack: convert the weights the C++ kernels have a 16-row interleaved layout for (Q4_K,
             Q4_0, Q5_0; Q6_K and Q8_0 where the kernels have VNNI) to it at load (the copy replaces
             the mapped pages, so memory stays ~the file size; 2.8% more bytes per Q4_K weight).
-            Prompts run ~1.5x faster (a3b preset, Zen 4), decode as fast; off by default for its
-            load time (~1 s per 1.5 GB on 2 cores).
+            Prompts run ~1.5x faster (a3b preset, Zen 4); decode is 3-5% slower on Q4_K files
+            (2.8% longer rows), which is why it is off by default.
         lm_head: None (default: as stored) or "q8_0": re-quantize a float (F32/F16/BF16)
             lm_head (or the tied embedding table) into Q8_0 at load. GPTQ/AWQ folders usually
             keep it in fp16, and decode reads it whole every token; Q8_0 halves those bytes
