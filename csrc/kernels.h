@@ -67,7 +67,7 @@ const KernelSet* kernels_scalar();
 // for an unsupported type. The caller checked n_cols against the block size and the row's bytes.
 bool dequantize_row(int type, const uint8_t* w, int n_cols, float* out);
 // Repacking at load: rows [r0, r1) (multiples of 16) of a Q4_K matrix with n_cols columns (a multiple
-// of 256) into the Q4_K_R16 layout at dst (the same row offsets: 148 bytes per row and super-block),
+// of 256) into the Q4_K_R16 layout at dst (the same row offsets: 144 bytes per row and super-block),
 // and back. The caller checked the sizes.
 void repack_q4_k_r16(const uint8_t* src, int n_cols, int r0, int r1, uint8_t* dst);
 void unpack_q4_k_r16(const uint8_t* src, int n_cols, int r0, int r1, uint8_t* dst);

@@ -529,6 +529,8 @@ float dot_q4_k_r16(const uint8_t* g, int i, const uint8_t* a, int nb, size_t as)
     CStrided<BlockQ8_K> y{a, as};
     float acc = 0.f;
     for (int b = 0; b < nb; ++b) {
+        uint8_t packed[12];
+        for (int j = 0; j < 12; ++j) packed[j] = x[b].sc[j][i];
         int sumi = 0, summ = 0;
         for (int k = 0; k < 4; ++k) {
             int lo = 0, hi = 0;  // sub-blocks 2k (low nibbles) and 2k+1 (high nibbles)
@@ -538,9 +540,12 @@ float dot_q4_k_r16(const uint8_t* g, int i, const uint8_t* a, int nb, size_t as)
                     lo += (q & 0xf) * y[b].qs[64 * k + 4 * c + e];
                     hi += (q >> 4) * y[b].qs[64 * k + 32 + 4 * c + e];
                 }
-            sumi += x[b].scales[2 * k][i] * lo + x[b].scales[2 * k + 1][i] * hi;
+            int sc0, m0, sc1, m1;
+            scale_min_k4(2 * k, packed, sc0, m0);
+            scale_min_k4(2 * k + 1, packed, sc1, m1);
+            sumi += sc0 * lo + sc1 * hi;
+            summ += m0 * (y[b].bsums[4 * k] + y[b].bsums[4 * k + 1]) + m1 * (y[b].bsums[4 * k + 2] + y[b].bsums[4 * k + 3]);
         }
-        for (int j = 0; j < 8; ++j) summ += x[b].mins[j][i] * (y[b].bsums[2 * j] + y[b].bsums[2 * j + 1]);
         acc += y[b].d * (half(x[b].d[i]) * (float)sumi - half(x[b].dmin[i]) * (float)summ);
     }
     return acc;
@@ -786,19 +791,14 @@ void repack_q4_k_r16(const uint8_t* src, int n_cols, int r0, int r1, uint8_t* ds
     const int nb = n_cols / QK_K;
     const size_t rb = (size_t)nb * sizeof(BlockQ4_K);
     for (int r = r0; r < r1; r += 16) {
-        auto* out = reinterpret_cast<BlockQ4_K_R16*>(dst + (size_t)r * nb * (sizeof(BlockQ4_K_R16) / 16));
+        auto* out = reinterpret_cast<BlockQ4_K_R16*>(dst + (size_t)r * rb);
         for (int b = 0; b < nb; ++b) {
             BlockQ4_K_R16& o = out[b];
             for (int i = 0; i < 16; ++i) {
                 const BlockQ4_K& x = reinterpret_cast<const BlockQ4_K*>(src + (size_t)(r + i) * rb)[b];
                 o.d[i] = x.d;
                 o.dmin[i] = x.dmin;
-                for (int j = 0; j < 8; ++j) {
-                    int sc, m;
-                    scale_min_k4(j, x.scales, sc, m);
-                    o.scales[j][i] = (uint8_t)sc;
-                    o.mins[j][i] = (uint8_t)m;
-                }
+                for (int j = 0; j < 12; ++j) o.sc[j][i] = x.scales[j];
                 for (int k = 0; k < 4; ++k)
                     for (int c = 0; c < 8; ++c) std::memcpy(o.qs[k][c][i], x.qs + 32 * k + 4 * c, 4);
             }
@@ -810,19 +810,14 @@ void unpack_q4_k_r16(const uint8_t* src, int n_cols, int r0, int r1, uint8_t* ds
     const int nb = n_cols / QK_K;
     const size_t rb = (size_t)nb * sizeof(BlockQ4_K);
     for (int r = r0; r < r1; r += 16) {
-        auto* in = reinterpret_cast<const BlockQ4_K_R16*>(src + (size_t)r * nb * (sizeof(BlockQ4_K_R16) / 16));
+        auto* in = reinterpret_cast<const BlockQ4_K_R16*>(src + (size_t)r * rb);
         for (int b = 0; b < nb; ++b) {
             const BlockQ4_K_R16& g = in[b];
             for (int i = 0; i < 16; ++i) {
                 BlockQ4_K& x = reinterpret_cast<BlockQ4_K*>(dst + (size_t)(r + i) * rb)[b];
                 x.d = g.d[i];
                 x.dmin = g.dmin[i];
-                // the 6-bit packing of scale_min_k4
-                for (int j = 0; j < 4; ++j) {
-                    x.scales[j] = (uint8_t)((g.scales[j][i] & 63) | (g.scales[j + 4][i] >> 4) << 6);
-                    x.scales[j + 4] = (uint8_t)((g.mins[j][i] & 63) | (g.mins[j + 4][i] >> 4) << 6);
-                    x.scales[j + 8] = (uint8_t)((g.scales[j + 4][i] & 0xf) | (g.mins[j + 4][i] & 0xf) << 4);
-                }
+                for (int j = 0; j < 12; ++j) x.scales[j] = g.sc[j][i];
                 for (int k = 0; k < 4; ++k)
                     for (int c = 0; c < 8; ++c) std::memcpy(x.qs + 32 * k + 4 * c, g.qs[k][c][i], 4);
             }

@@ -57,7 +57,7 @@ int repacked_type(int from) {
 }
 
 bool repack_pays(int from) {
-    if (from == T_Q4_K || from == T_Q4_0 || from == T_Q5_0) return true;
+    if (from == T_Q4_0 || from == T_Q5_0) return true;
     return repacked_type(from) >= 0 && active_kernels()->vnni;
 }
 

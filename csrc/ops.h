@@ -27,8 +27,8 @@ void quantize_rows(ActKind a, const float* x, int rows, int cols, uint8_t* out);
 // ---- repacking at load: a matrix of type `from` into its interleaved form (repacked_type(from),
 // -1 if none) and back (unpack, for checks); rows split over the pool ----
 int repacked_type(int from);
-// Whether repacking `from` at load pays with the active kernels (Q4_K, Q4_0, Q5_0 always; Q6_K and
-// Q8_0 with VNNI: their AVX2 _R16 kernels are slower than the plain ones, measured on one machine).
+// Whether repacking `from` at load pays with the active kernels (Q4_0, Q5_0 always; Q4_K, Q6_K and
+// Q8_0 with VNNI: their AVX2 _R16 prompt kernels are slower than the plain ones, measured on one machine).
 bool repack_pays(int from);
 std::string check_repack(int from, long long n_rows, long long n_cols, size_t src_len, size_t dst_len, bool unpack);
 void repack(int from, int n_rows, int n_cols, const uint8_t* src, uint8_t* dst, bool unpack);

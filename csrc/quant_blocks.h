@@ -50,12 +50,12 @@ struct BlockQ6_K { uint8_t ql[128]; uint8_t qh[64]; int8_t scales[16]; uint16_t 
 // Q4_K_R16: one super-block (256 columns) of sixteen consecutive Q4_K rows, interleaved so that one
 // int32 lane of a vector is one row: the same 4 quant bytes of all sixteen rows are 64 consecutive
 // bytes (one 512-bit register, two 256-bit ones), met by one 4-byte activation broadcast in a u8 x s8
-// dot. Row i: d[i], dmin[i]; sub-block j (values 32j..32j+31): scale scales[j][i], min mins[j][i]
-// (unpacked from the 6-bit form); qs[k][c][i][e] = byte 32k+4c+e of the row's Q4_K qs, whose low
-// nibble is value 64k+4c+e (sub-block 2k) and high nibble value 64k+32+4c+e (sub-block 2k+1);
-// x = d[i]*scale*q - dmin[i]*min, as Q4_K. A matrix of R rows (R a multiple of 16) is R/16 groups,
-// each its super-blocks in order: 148 bytes per row and super-block (Q4_K: 144).
-struct BlockQ4_K_R16 { uint16_t d[16], dmin[16]; uint8_t scales[8][16], mins[8][16]; uint8_t qs[4][8][16][4]; };
+// dot. Row i: d[i], dmin[i]; sc[b][i] = byte b of the row's 12 packed 6-bit scales and mins (Q4_K's
+// own packing, one byte of every row side by side); qs[k][c][i][e] = byte 32k+4c+e of the row's
+// Q4_K qs, whose low nibble is value 64k+4c+e (sub-block 2k) and high nibble value 64k+32+4c+e
+// (sub-block 2k+1); x = d[i]*scale*q - dmin[i]*min, as Q4_K. A matrix of R rows (R a multiple of
+// 16) is R/16 groups, each its super-blocks in order: 144 bytes per row and super-block, as Q4_K.
+struct BlockQ4_K_R16 { uint16_t d[16], dmin[16]; uint8_t sc[12][16]; uint8_t qs[4][8][16][4]; };
 // Q6_K_R16: one super-block of sixteen consecutive Q6_K rows, interleaved as Q4_K_R16 (int32 lane i
 // = row i): d[i]; scales[p][i][e] = the row's scale of 16-value group 2p+e; ql[n][h][c][i][e] = byte
 // 64n+32h+4c+e of the row's ql, qh[n][c][i][e] = byte 32n+4c+e of its qh. Value 128n+32m+l (l < 32)
@@ -90,7 +90,7 @@ static_assert(sizeof(BlockQ3_K) == 110, "Q3_K layout");
 static_assert(sizeof(BlockQ4_K) == 144, "Q4_K layout");
 static_assert(sizeof(BlockQ5_K) == 176, "Q5_K layout");
 static_assert(sizeof(BlockQ6_K) == 210, "Q6_K layout");
-static_assert(sizeof(BlockQ4_K_R16) == 16 * 148, "Q4_K_R16 layout");
+static_assert(sizeof(BlockQ4_K_R16) == 16 * 144, "Q4_K_R16 layout");
 static_assert(sizeof(BlockQ6_K_R16) == 16 * 210, "Q6_K_R16 layout");
 static_assert(sizeof(BlockQ4_0_R16) == 16 * 18 && sizeof(BlockQ5_0_R16) == 16 * 22 && sizeof(BlockQ8_0_R16) == 16 * 34,
               "32-value R16 layouts");

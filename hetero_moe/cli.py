@@ -22,8 +22,8 @@ def _add_model_opts(ap: argparse.ArgumentParser) -> None:
                     help="CPU matmul path: C++ quantized kernels (auto) or torch reference")
     ap.add_argument("--repack", action="store_true",
                     help="convert Q4_K/Q6_K/Q4_0/Q5_0/Q8_0 weights to the kernels' 16-row "
-                         "interleaved layouts at load: prompts ~1.5x faster (a3b preset, Zen 4); "
-                         "costs 2.8%% more memory and 3-5%% decode speed on Q4_K")
+                         "interleaved layouts at load (same bytes): prompts ~1.5x faster (a3b "
+                         "preset, Zen 4), decode as fast")
     ap.add_argument("--lm-head", choices=["q8_0"], default=None,
                     help="re-quantize a float (fp16/bf16/f32) lm_head into Q8_0 at load: GPTQ/AWQ "
                          "folders keep it in fp16 and decode reads it whole every token")

@@ -305,9 +305,9 @@ def repacked_type(ggml_type: int) -> int | None:
 
 
 def repack_pays(ggml_type: int) -> bool:
-    """Whether load(repack=True) converts ggml_type with the active kernel variant (Q4_K, Q4_0,
-    Q5_0 always; Q6_K and Q8_0 where the kernels have VNNI: their AVX2 _R16 kernels are slower than
-    the plain ones)."""
+    """Whether load(repack=True) converts ggml_type with the active kernel variant (Q4_0, Q5_0
+    always; Q4_K, Q6_K and Q8_0 where the kernels have VNNI: their AVX2 _R16 prompt kernels are
+    slower than the plain ones)."""
     if not available():
         return False
     info = _lib().type_info(int(ggml_type))

@@ -21,7 +21,7 @@ from .test_cpu_kernels import (ACC_TOL, MOE_TOL, Q8_DOT_TOL, dequant, dequant_ac
                                make_weights, moe_inputs, moe_reference)
 
 Q4_K, Q4_K_R16, Q6_K, Q6_K_R16 = 12, 112, 14, 114
-R16 = {"Q4_K": (Q4_K, Q4_K_R16, 148), "Q6_K": (Q6_K, Q6_K_R16, 210), "Q4_0": (2, 115, 18),
+R16 = {"Q4_K": (Q4_K, Q4_K_R16, 144), "Q6_K": (Q6_K, Q6_K_R16, 210), "Q4_0": (2, 115, 18),
        "Q5_0": (6, 116, 22), "Q8_0": (8, 117, 34)}
 ALL_R16 = list(R16)
 needs_ext = pytest.mark.skipif(not cb.available(), reason=f"extension not built: {cb.unavailable_reason()}")
@@ -52,7 +52,7 @@ def test_avx512_variant_present_or_said():
 def test_type_facts():
     info = cb.type_info(Q4_K_R16)
     assert (info["name"], info["block"], info["bytes"], info["group"], info["act"]) == \
-        ("Q4_K_R16", 256, 148, 16, "Q8_K")
+        ("Q4_K_R16", 256, 144, 16, "Q8_K")
     assert cb.repacked_type(Q4_K) == Q4_K_R16
     info = cb.type_info(Q6_K_R16)
     assert (info["name"], info["block"], info["bytes"], info["group"], info["act"]) == \
@@ -63,11 +63,11 @@ def test_type_facts():
         assert (info["name"], info["bytes"], info["group"]) == (name + "_R16", rbytes, 16)
         assert cb.repacked_type(t) == tr
     assert cb.repacked_type(3) is None           # Q4_1: no interleaved layout
-    assert cb.repack_pays(Q4_K) and cb.repack_pays(2) and cb.repack_pays(6) and not cb.repack_pays(3)
-    # Q6_K_R16 and Q8_0_R16 are converted at load only where the kernels have VNNI (their AVX2
-    # kernels are slower than the plain ones)
+    assert cb.repack_pays(2) and cb.repack_pays(6) and not cb.repack_pays(3)
+    # Q4_K_R16, Q6_K_R16 and Q8_0_R16 are converted at load only where the kernels have VNNI (their
+    # AVX2 prompt kernels are slower than the plain ones)
     vnni = cb.features()["variant"] == "avx512"
-    assert cb.repack_pays(Q6_K) == vnni and cb.repack_pays(8) == vnni
+    assert cb.repack_pays(Q4_K) == vnni and cb.repack_pays(Q6_K) == vnni and cb.repack_pays(8) == vnni
 
 
 @needs_ext
@@ -89,18 +89,23 @@ def test_repack_layout_by_hand():
     r16 = cb.repack(w.reshape(-1), Q4_K, 16, 256)
     assert np.array_equal(r16[0:32].view(np.uint16), w[:, 0:2].copy().view(np.uint16)[:, 0])    # d[16]
     assert np.array_equal(r16[32:64].view(np.uint16), w[:, 2:4].copy().view(np.uint16)[:, 0])   # dmin[16]
-    # values: gguf's dequantizer is the reference for which nibble is which value
+    assert np.array_equal(r16[64:256].reshape(12, 16), w[:, 4:16].T)    # packed scales, byte-major
+    # values: gguf's dequantizer is the reference for which nibble is which value and for the
+    # 6-bit scale packing (decoded here as Q4_K defines it)
     W = dequant("Q4_K", w, 256)                                     # [16, 256]
-    scales, mins = r16[64:192].reshape(8, 16), r16[192:320].reshape(8, 16)
-    qs = r16[320:].reshape(4, 8, 16, 4)                             # [k, c, row, byte]
+    qs = r16[256:].reshape(4, 8, 16, 4)                             # [k, c, row, byte]
     d = w[:, 0:2].copy().view(np.float16)[:, 0].astype(np.float64)
     dmin = w[:, 2:4].copy().view(np.float16)[:, 0].astype(np.float64)
     for i in range(16):
+        p = r16[64:256].reshape(12, 16)[:, i].astype(np.int64)
         for j in range(8):
+            if j < 4:
+                sc, m = p[j] & 63, p[j + 4] & 63
+            else:
+                sc, m = (p[j + 4] & 15) | (p[j - 4] >> 6) << 4, (p[j + 4] >> 4) | (p[j] >> 6) << 4
             k, sh = j // 2, 4 * (j % 2)
             q = ((qs[k, :, i, :].reshape(32) >> sh) & 15).astype(np.float64)   # values 32j..32j+31
-            np.testing.assert_allclose(d[i] * scales[j, i] * q - dmin[i] * mins[j, i],
-                                       W[i, 32 * j:32 * j + 32], rtol=0, atol=1e-6)
+            np.testing.assert_allclose(d[i] * sc * q - dmin[i] * m, W[i, 32 * j:32 * j + 32], rtol=0, atol=1e-6)
 
 
 @needs_ext
@@ -232,13 +237,13 @@ def test_bad_repack_inputs():
         cb.repack(np.zeros(8 * 20, np.uint8), 3, 1, 256)   # Q4_1
     r16 = cb.repack(w[: 16 * 144], Q4_K, 16, 256)
     with pytest.raises(ValueError, match="multiple of 16"):     # a matmul over part of a group
-        cb.matmul(r16[: 8 * 148], Q4_K_R16, 8, 256, torch.zeros(1, 256))
+        cb.matmul(r16[: 8 * 144], Q4_K_R16, 8, 256, torch.zeros(1, 256))
     with pytest.raises(ValueError, match="interleaved"):
-        cb.dequantize_rows(r16.reshape(16, 148), Q4_K_R16, 256)
+        cb.dequantize_rows(r16.reshape(16, 144), Q4_K_R16, 256)
     E, D, F = 2, 256, 24                         # gate/up of 24 rows cannot be groups of 16
     with pytest.raises(ValueError, match="row groups"):
         cb.moe_ffn(gaussian(1, D), torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, 1),
-                   np.zeros(E * F * 148, np.uint8), np.zeros(E * F * 148, np.uint8),
+                   np.zeros(E * F * 144, np.uint8), np.zeros(E * F * 144, np.uint8),
                    np.zeros(E * D * F * 2, np.uint8), gate_type=Q4_K_R16, up_type=Q4_K_R16,
                    down_type=1, n_expert=E, d_model=D, d_ff=F)
 
@@ -246,14 +251,16 @@ def test_bad_repack_inputs():
 @needs_ext
 @pytest.mark.parametrize("arch,preset", [("qwen3moe", "tiny"), ("llama", "tiny"),
                                          ("deepseek2", "tiny-lite")])
-def test_model_repacked_equals_plain(arch, preset):
+def test_model_repacked_equals_plain(arch, preset, monkeypatch):
     """Repacked at load vs the mapped blocks (the default), the fused decode step on R16 weights
     included: greedy tokens equal, and the same distance from the exact float result (our runtime on
     llama.cpp's F32 twin of the file). With a per-position KV cache the logits also agree up to
     float32 summation order at almost every position (a last-bit difference can move one int8 step
     of an activation, ~1% at that position). MLA's latent cache carries such a step on to every
-    later position, so there only the distance from the exact result is compared."""
+    later position, so there only the distance from the exact result is compared. Every type with
+    a layout is converted here, also where the kernels would not choose to (AVX2)."""
     path = tiny_model(arch, preset=preset)
+    monkeypatch.setattr(cb, "repack_pays", lambda t: cb.repacked_type(t) is not None)
     a = hetero_moe.load(path, threads=2, n_ctx=128, repack=True)
     b = hetero_moe.load(path, threads=2, n_ctx=128)
     ktypes = {l.ktype for l in _linears(a)}
