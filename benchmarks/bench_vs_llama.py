@@ -101,24 +101,24 @@ def _child(engine: str, path: str, threads: int, n_prompt: int, n_gen: int,
         t0 = time.perf_counter()
         logits = m.eval(ids, 0)
         pre = time.perf_counter() - t0
-        tok = int(logits[-1].argmax())
+        tok = int(logits[-1].numpy().argmax())
         t0 = time.perf_counter()
         for i in range(n_gen):
-            tok = int(m.eval([tok], n_prompt + i)[-1].argmax())
+            tok = int(m.eval([tok], n_prompt + i)[-1].numpy().argmax())
         dec = time.perf_counter() - t0
-        tok = int(m.eval([tok], 0)[-1].argmax())            # from an empty context
+        tok = int(m.eval([tok], 0)[-1].numpy().argmax())            # from an empty context
         t0 = time.perf_counter()
         for i in range(n_gen):
-            tok = int(m.eval([tok], 1 + i)[-1].argmax())
+            tok = int(m.eval([tok], 1 + i)[-1].numpy().argmax())
         empty = time.perf_counter() - t0
         for d in depths:
             fill = rng.integers(10, m.config.n_vocab, size=d).tolist()
             for s0 in range(0, d, DEPTH_CHUNK):
                 logits = m.eval(fill[s0:s0 + DEPTH_CHUNK], s0)
-            tok = int(logits[-1].argmax())
+            tok = int(logits[-1].numpy().argmax())
             t0 = time.perf_counter()
             for i in range(n_gen):
-                tok = int(m.eval([tok], d + i)[-1].argmax())
+                tok = int(m.eval([tok], d + i)[-1].numpy().argmax())
             at[d] = n_gen / (time.perf_counter() - t0)
     else:
         import llama_cpp

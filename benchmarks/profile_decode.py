@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     m.eval(ids, 0)
     tok = 5
     for i in range(4):                                   # warm-up
-        tok = int(m.eval([tok], args.ctx + i)[-1].argmax())
+        tok = int(m.eval([tok], args.ctx + i)[-1].numpy().argmax())
     m.eval(ids, 0)
     fused = bool(m.net.fused)
     lib = m.net.fused._lib if fused else None
@@ -92,7 +92,7 @@ def main(argv=None) -> int:
         lib.decode_profile(True)
     t0 = time.perf_counter()
     for i in range(args.tokens):
-        tok = int(m.eval([tok], args.ctx + i)[-1].argmax())
+        tok = int(m.eval([tok], args.ctx + i)[-1].numpy().argmax())
     total = (time.perf_counter() - t0) / args.tokens
     if fused:
         acc.update({k: v for k, v in lib.decode_profile(False).items() if v > 0})

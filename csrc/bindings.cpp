@@ -3,7 +3,12 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
 #include <string>
+#include <vector>
 
 #include "decode.h"
 #include "ops.h"
@@ -446,6 +451,67 @@ PyObject* py_decode_step(PyObject*, PyObject* args) {
     Py_END_ALLOW_THREADS Py_RETURN_NONE;
 }
 
+// decode_token(plan, fd, offset, n_rows, type, scale, token, pos, logits): decode_step with the token's
+// embedding read here: row `token` of the n_rows x D table of `type` at byte `offset` of the open file
+// fd (pread: the table's pages stay out of the process's memory), dequantized and, when scale != 0,
+// multiplied by scale. One call per generated token, nothing made in Python.
+PyObject* py_decode_token(PyObject*, PyObject* args) {
+    PyObject *cap, *lo;
+    int fd, type;
+    long long offset, n_rows, token, pos;
+    double scale;
+    if (!PyArg_ParseTuple(args, "OiLLidLLO", &cap, &fd, &offset, &n_rows, &type, &scale, &token, &pos, &lo))
+        return nullptr;
+    auto* m = static_cast<DecodeModel*>(PyCapsule_GetPointer(cap, kPlanName));
+    if (!m) return nullptr;
+    const TypeInfo* ti = type_info(type);
+    if (!ti || ti->group != 1 || m->D % ti->block)
+        return PyErr_Format(PyExc_ValueError, "embedding table: ggml_type %d rows of %d values are not supported", type,
+                            m->D);
+    if (token < 0 || token >= n_rows)
+        return PyErr_Format(PyExc_ValueError, "token id %lld is out of range [0, %lld)", token, n_rows);
+    if (pos < 0 || pos >= m->n_ctx)
+        return PyErr_Format(PyExc_ValueError, "position %lld is outside the context [0, %d)", pos, m->n_ctx);
+    if (offset < 0) return PyErr_Format(PyExc_ValueError, "embedding table offset %lld is negative", offset);
+    Buf l;
+    if (!l.get(lo, "logits", true)) return nullptr;
+    if (l.len() != (size_t)m->V * 4)
+        return PyErr_Format(PyExc_ValueError, "logits has %zu bytes, expected %lld", l.len(), (long long)m->V * 4);
+    const size_t rb = (size_t)(m->D / ti->block) * ti->bytes;
+    thread_local std::vector<uint8_t> row;
+    thread_local std::vector<float> x;
+    row.resize(rb), x.resize(m->D);
+    ssize_t got = -1;
+    int err = 0;
+    Py_BEGIN_ALLOW_THREADS
+    size_t done = 0;
+    while (done < rb) {  // a regular file returns it all at once; loop for the rare short read
+        const ssize_t n = pread(fd, row.data() + done, rb - done, (off_t)(offset + token * (long long)rb + (long long)done));
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) {
+            err = n < 0 ? errno : 0;
+            break;
+        }
+        done += (size_t)n;
+    }
+    got = (ssize_t)done;
+    if (got == (ssize_t)rb) {
+        dequantize_row(type, row.data(), m->D, x.data());
+        if (scale != 0.0)
+            for (float& v : x) v *= (float)scale;
+        decode_step(*m, x.data(), (int)pos, l.ptr<float>());
+    }
+    Py_END_ALLOW_THREADS
+    if (got != (ssize_t)rb) {
+        if (err) {
+            errno = err;
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+        return PyErr_Format(PyExc_OSError, "short read of embedding row %lld (%zd of %zu bytes)", token, got, rb);
+    }
+    Py_RETURN_NONE;
+}
+
 // decode_steps(plan, x, pos, caches, logits): B sequences one token each. x [B, D] float32 (overwritten),
 // pos int32 [B], caches int64 [B, n_layer, 4] = (k address, k bytes, v address, v bytes) of each row's
 // layer caches, each [Hkv, n_ctx, Dh] float32 like the plan's; logits [B, V] float32.
@@ -510,9 +576,23 @@ PyObject* py_decode_profile(PyObject*, PyObject* arg) {
     return d;
 }
 
+PyObject* py_set_r16_prefetch(PyObject*, PyObject* arg) {
+    const long n = PyLong_AsLong(arg);
+    if (n == -1 && PyErr_Occurred()) return nullptr;
+    if (n < 1) {
+        PyErr_SetString(PyExc_ValueError, "_set_r16_prefetch: the token count must be >= 1");
+        return nullptr;
+    }
+    const int old = r16_prefetch_min_tokens;
+    r16_prefetch_min_tokens = (int)std::min<long>(n, 1 << 30);
+    return PyLong_FromLong(old);
+}
+
 PyMethodDef methods[] = {
     {"features", py_features, METH_NOARGS, "CPU flags and the active kernel variant."},
     {"variants", py_variants, METH_NOARGS, "Kernel variants this CPU can run."},
+    {"_set_r16_prefetch", py_set_r16_prefetch, METH_O,
+     "Fewest tokens per call for the _R16 kernels' software prefetch; returns the old value."},
     {"_force_variant", py_force_variant, METH_O, "Use a kernel variant by name (None: the best)."},
     {"set_num_threads", py_set_num_threads, METH_O, "Threads per op, the calling thread included."},
     {"get_num_threads", py_get_num_threads, METH_NOARGS, "Threads per op."},
@@ -529,6 +609,7 @@ PyMethodDef methods[] = {
     {"gelu_mul", py_gelu_mul, METH_VARARGS, "gelu(g) * u with ggml's f16-table GELU, on the pool."},
     {"rms_norm", py_rms_norm, METH_VARARGS, "RMSNorm of rows times a weight vector, on the pool."},
     {"attn_prep", py_attn_prep, METH_VARARGS, "Biases, q/k norms, RoPE and the KV-cache write for T tokens."},
+    {"decode_token", py_decode_token, METH_VARARGS, "decode_step with the token's embedding row read from the file."},
     {"decode_plan", py_decode_plan, METH_VARARGS, "A whole-model decode plan from a flat description."},
     {"decode_step", py_decode_step, METH_VARARGS, "One token through the whole model -> logits."},
     {"decode_steps", py_decode_steps, METH_VARARGS, "One token of each of B sequences through the model -> logits."},

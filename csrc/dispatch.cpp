@@ -42,6 +42,8 @@ const KernelSet* best_kernels() {
     return best;
 }
 
+int r16_prefetch_min_tokens = 8;
+
 static std::atomic<const KernelSet*> g_active{nullptr};
 
 const KernelSet* active_kernels() {

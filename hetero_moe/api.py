@@ -241,6 +241,14 @@ class Model:
 
     def _eval(self, token_ids: Sequence[int], pos0: int = 0, all_logits: bool = False,
               sparse_attn=None) -> torch.Tensor:
+        if not all_logits and sparse_attn is self.net.sparse and len(token_ids) == 1 \
+                and pos0 < self.n_ctx:
+            tok = token_ids[0]              # a decode step: one C++ call where the model has it
+            if type(tok) is int and 0 <= tok < self.config.n_vocab:
+                with torch.inference_mode():
+                    out = self.net.decode_token(tok, pos0)
+                if out is not None:
+                    return out
         ids = self._check_ids(token_ids)
         T = ids.numel()
         if T == 0:

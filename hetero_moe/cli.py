@@ -474,11 +474,11 @@ def run_bench(path: str, n_prompt: int = 512, n_gen: int = 64, threads=None, rep
         t0 = time.perf_counter()
         logits = model.eval(ids, 0)
         pre.append(time.perf_counter() - t0)
-        tok = int(logits[-1].argmax())
+        tok = int(logits[-1].numpy().argmax())
         t0 = time.perf_counter()
         for i in range(n_gen):
             logits = model.eval([tok], n_prompt + i)
-            tok = int(logits[-1].argmax())
+            tok = int(logits[-1].numpy().argmax())
         dec.append(time.perf_counter() - t0)
     rss = psutil.Process().memory_info()
     peak = getattr(rss, "peak_wset", None)

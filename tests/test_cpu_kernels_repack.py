@@ -202,6 +202,31 @@ def test_r16_matmul_prefill_shape(tname):
 
 
 @needs_ext
+@pytest.mark.parametrize("tname", ALL_R16)
+def test_r16_prefetch_setting_changes_no_result(tname):
+    """The _R16 kernels prefetch only on calls of at least _set_r16_prefetch(n) tokens: on or
+    off, every product is the same to the bit."""
+    from hetero_moe import _cpu
+    t, tr, _ = R16[tname]
+    rows, cols = 48, 768
+    w = make_weights(tname, rows, cols, seed=5).reshape(-1)
+    r16 = cb.repack(w, t, rows, cols)
+    old = _cpu._set_r16_prefetch(1)
+    try:
+        for T in (1, 9):
+            x = gaussian(T, cols, seed=T)
+            _cpu._set_r16_prefetch(1)                       # always
+            on = cb.matmul(r16, tr, rows, cols, x)
+            _cpu._set_r16_prefetch(1 << 30)                 # never
+            off = cb.matmul(r16, tr, rows, cols, x)
+            assert torch.equal(on, off), (tname, T)
+        with pytest.raises(ValueError, match=">= 1"):
+            _cpu._set_r16_prefetch(0)
+    finally:
+        _cpu._set_r16_prefetch(old)
+
+
+@needs_ext
 @pytest.mark.parametrize("T", [1, 3, 17])
 @pytest.mark.parametrize("dname", ["Q4_K", "Q6_K", "Q5_0", "Q8_0"])
 def test_moe_with_r16_experts(dname, T, variant_scope):

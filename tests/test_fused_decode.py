@@ -68,9 +68,11 @@ def test_fused_step_hands_back(llama_cpp, monkeypatch):
     m = hetero_moe.load(tiny_model("qwen3moe"), threads=2, n_ctx=128)
     ids = _ids(40, m.config.n_vocab, 3)
     calls = []
-    real = fused_decode.FusedDecode.step
+    real, real_tok = fused_decode.FusedDecode.step, fused_decode.FusedDecode.token_step
     monkeypatch.setattr(fused_decode.FusedDecode, "step",
                         lambda self, x, pos: calls.append(pos) or real(self, x, pos))
+    monkeypatch.setattr(fused_decode.FusedDecode, "token_step",     # eval's one-token path
+                        lambda self, tok, pos: calls.append(pos) or real_tok(self, tok, pos))
     m.eval(ids[:-1], 0)
     m.eval(ids[-1:], len(ids) - 1)
     assert calls == [len(ids) - 1]
@@ -139,6 +141,52 @@ def test_decode_plan_rejects_bad_descriptions(llama_cpp):
         lib.decode_step(f.plan, np.zeros(D - 1, np.float32), 0, logits)
     with pytest.raises(ValueError, match="logits has"):
         lib.decode_step(f.plan, x, 0, np.zeros(V + 1, np.float32))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_token_step_equals_step_of_the_embedded_row(llama_cpp, arch):
+    """eval's one-token path reads and dequantizes the embedding row in C++ (decode_token): the
+    same logits, bit for bit, and the same cache rows as step() of the row embedded in Python."""
+    m = hetero_moe.load(tiny_model(arch), threads=2, n_ctx=64)
+    net, ids = m.net, _ids(9, m.config.n_vocab, 4)
+    m.eval(ids[:8], 0)
+    got = m.eval(ids[8:], 8)[-1].clone()
+    assert net.fused._emb_src is not None, "the tiny models' tables are file rows"
+    rows = [(c.k[8].clone(), c.v[8].clone()) for c in net.cache.layers]
+    assert all(c.length == 9 for c in net.cache.layers) and net.cache.pos == 9
+    m.eval(ids[:8], 0)
+    net.cache.reset(8)
+    want = net.fused.step(net._embed(torch.tensor(ids[8:])).float().clone(), 8)[-1]
+    assert torch.equal(got, want)
+    for (gk, gv), c in zip(rows, net.cache.layers):
+        assert torch.equal(gk, c.k[8]) and torch.equal(gv, c.v[8])
+
+
+def test_decode_token_rejects_bad_arguments(llama_cpp, tmp_path):
+    m = hetero_moe.load(tiny_model("qwen3moe"), threads=2, n_ctx=32)
+    m.eval([5, 6], 0)
+    m.eval([7], 2)
+    f, lib, V = m.net.fused, m.net.fused._lib, m.config.n_vocab
+    fd, off, n, typ, scale = f._emb_src
+    lg = np.zeros(V, np.float32)
+    lib.decode_token(f.plan, fd, off, n, typ, scale, 7, 3, lg)              # fine
+    with pytest.raises(ValueError, match=f"token id {V} is out of range"):
+        lib.decode_token(f.plan, fd, off, n, typ, scale, V, 3, lg)
+    with pytest.raises(ValueError, match="token id -1"):
+        lib.decode_token(f.plan, fd, off, n, typ, scale, -1, 3, lg)
+    with pytest.raises(ValueError, match="outside the context"):
+        lib.decode_token(f.plan, fd, off, n, typ, scale, 7, 32, lg)
+    with pytest.raises(ValueError, match="ggml_type 9999"):
+        lib.decode_token(f.plan, fd, off, n, 9999, scale, 7, 3, lg)
+    with pytest.raises(ValueError, match="logits has"):
+        lib.decode_token(f.plan, fd, off, n, typ, scale, 7, 3, np.zeros(V - 1, np.float32))
+    with pytest.raises(OSError):                                             # not an open file
+        lib.decode_token(f.plan, 987654, off, n, typ, scale, 7, 3, lg)
+    small = tmp_path / "short.bin"                                           # the row lies past its end
+    small.write_bytes(b"\0" * 100)
+    with open(small, "rb") as fh:
+        with pytest.raises(OSError, match="short read of embedding row 7"):
+            lib.decode_token(f.plan, fh.fileno(), 0, n, typ, scale, 7, 3, lg)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -273,6 +273,13 @@ class Embedding:
             out[i] = np.frombuffer(b, dtype=np.uint8)
         return out
 
+    def file_source(self) -> tuple[int, int] | None:
+        """(open file descriptor, byte offset) of the table for readers of single rows (the fused
+        decode step reads its token's row itself), or None when the table is no file's bytes."""
+        if self._fd is None:
+            self._read_rows(np.zeros(1, dtype=np.int64))    # opens the file (or finds it gone)
+        return (self._fd, self.offset) if self._fd >= 0 else None
+
     def __del__(self):
         if getattr(self, "_fd", None) is not None and self._fd >= 0:
             os.close(self._fd)

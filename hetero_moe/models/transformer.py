@@ -258,6 +258,37 @@ class Transformer:
             getattr(b.ffn, "margin_log", None) is not None
             or getattr(b.ffn, "counts", None) is not None for b in self.blocks)
 
+    def decode_token(self, tok: int, pos0: int) -> torch.Tensor | None:
+        """forward([tok], pos0) of one token of the model's own cache in one C++ call (embedding
+        row included) -> logits [1, V], or None where that call does not apply (a GPU tier, sparse
+        attention at this length, a model the fused step does not cover, an embedding table it
+        cannot read): the caller then runs forward(). Each decode step's Python costs ~10 us an
+        operation, its caches cold after the step streamed the weights, so this path does little.
+        The caller has checked tok against the vocabulary."""
+        if self.executor is not None or self.cache is not self._main_cache \
+                or self.sparse.enabled or not self._fused_ready() \
+                or self.fused._emb_src is None:
+            return None
+        cache = self.cache
+        if pos0 > cache.pos:
+            raise ValueError(f"cannot evaluate at position {pos0}: the cache holds {cache.pos} "
+                             f"positions")
+        if torch.get_num_threads() != 1:
+            torch.set_num_threads(1)
+            _pool_spin(DECODE_SPIN_US)
+        for c in cache.layers:                  # the checks LayerCache.append makes
+            if pos0 + 1 > c.n_ctx:
+                raise ContextLengthError(f"position {pos0 + 1} exceeds the context length "
+                                         f"{c.n_ctx}")
+        logits = self.fused.token_step(tok, pos0)
+        logits = self._softcap(logits)
+        for c in cache.layers:
+            c.length = pos0 + 1
+            if c.sparse is not None:            # the rewritten position voids its blocks
+                c.sparse.truncate(pos0)
+        cache.pos = pos0 + 1
+        return logits
+
     def _fused_step(self, ids: torch.Tensor, pos0: int) -> torch.Tensor:
         return self._fused_steps([int(ids[0])], [pos0], [self.cache])
 

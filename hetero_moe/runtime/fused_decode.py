@@ -115,6 +115,7 @@ class FusedDecode:
         self._floats = np.asarray(floats, dtype=np.float64)
         self.plan = self._lib.decode_plan(self._ints, self._floats)
         self.logits = torch.empty(1, cfg.n_vocab, dtype=torch.float32)
+        self._emb_src = self._embed_source(net)
 
     def _attn(self, i: int, a, c, cfg) -> list[int]:
         """A standard attention layer's part of the description."""
@@ -195,6 +196,32 @@ class FusedDecode:
         self._lib.decode_step(self.plan, x.numpy(), pos, self.logits.numpy())
         return self.logits.clone()
 
+
+    def token_step(self, tok: int, pos: int) -> torch.Tensor | None:
+        """step() for token id tok, its embedding row read and scaled in C++ -> logits [1, V] (a
+        new tensor), or None when the embedding table is not a file's rows the step can read
+        (the caller then embeds and calls step()). The caller has checked pos and tok."""
+        src = self._emb_src
+        if src is None:
+            return None
+        logits = torch.empty(1, self.logits.shape[1], dtype=torch.float32)
+        self._lib.decode_token(self.plan, src[0], src[1], src[2], src[3], src[4], tok, pos,
+                               logits.numpy())
+        return logits
+
+    def _embed_source(self, net):
+        """(fd, offset, n_rows, ggml type, scale) of the embedding table for token_step, or None."""
+        from ..layers.linear import Embedding
+        emb = net.embed
+        if not isinstance(emb, Embedding) or emb.n_embd != net.cfg.n_embd:
+            return None
+        info = self._lib.type_info(emb.ggml_type)
+        if info is None or info.get("group", 1) != 1:
+            return None
+        src = emb.file_source()
+        if src is None:
+            return None
+        return (src[0], src[1], emb.n_vocab, emb.ggml_type, float(net.cfg.embd_scale or 0.0))
 
     def _addrs(self, cache) -> np.ndarray:
         """[n_layer, 4] int64: (k address, k bytes, v address, v bytes) of each layer of a KV cache,
