@@ -592,7 +592,7 @@ PyMethodDef methods[] = {
     {"features", py_features, METH_NOARGS, "CPU flags and the active kernel variant."},
     {"variants", py_variants, METH_NOARGS, "Kernel variants this CPU can run."},
     {"_set_r16_prefetch", py_set_r16_prefetch, METH_O,
-     "Fewest tokens per call for the _R16 kernels' software prefetch; returns the old value."},
+     "Fewest tokens per call for the Q4_K_R16 kernel's software prefetch; returns the old value."},
     {"_force_variant", py_force_variant, METH_O, "Use a kernel variant by name (None: the best)."},
     {"set_num_threads", py_set_num_threads, METH_O, "Threads per op, the calling thread included."},
     {"get_num_threads", py_get_num_threads, METH_NOARGS, "Threads per op."},

@@ -565,6 +565,26 @@ def test_attn_prefill_vs_reference(T, pos0, H, Hkv, dk, dv, variant_scope):
 
 
 @needs_ext
+@pytest.mark.parametrize("T,pos0,H,Hkv,dk,dv", [
+    (1, 511, 32, 4, 128, 128), (1, 40, 6, 6, 72, 72), (1, 15, 8, 8, 20, 20), (3, 33, 16, 2, 192, 128),
+    (70, 0, 8, 2, 64, 64), (1, 0, 12, 1, 40, 40)])
+def test_attn_prefill_head_major_cache(T, pos0, H, Hkv, dk, dv, variant_scope):
+    """Caches laid out head by head, [Hkv, n_ctx, d] (the fused decode step's): each head's rows
+    are back to back, so the kernel reads values in place; every variant against float64."""
+    g = torch.Generator().manual_seed(T + pos0 + dk)
+    L = pos0 + T
+    kh = torch.randn(Hkv, L + 9, dk, generator=g)
+    vh = torch.randn(Hkv, L + 9, dv, generator=g)
+    k, v = kh[:, :L].permute(1, 0, 2), vh[:, :L].permute(1, 0, 2)      # [L, Hkv, d] views
+    q = torch.randn(T, H, dk, generator=g)
+    want = _prefill_reference(q, k, v, pos0, dk ** -0.5)
+    for var in _variants():
+        variant_scope(var)
+        got = cb.attn_prefill(q, k, v, pos0, dk ** -0.5)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@needs_ext
 @pytest.mark.parametrize("T,pos0,H,Hkv,dk,window", [
     (100, 0, 4, 1, 64, 8), (40, 70, 4, 1, 64, 33), (65, 3, 8, 2, 72, 64), (1, 90, 4, 1, 32, 5),
     (20, 10, 2, 2, 16, 1), (30, 0, 4, 4, 32, 100), (1, 300, 32, 4, 128, 40), (1, 17, 8, 2, 64, 16),

@@ -204,7 +204,7 @@ def test_r16_matmul_prefill_shape(tname):
 @needs_ext
 @pytest.mark.parametrize("tname", ALL_R16)
 def test_r16_prefetch_setting_changes_no_result(tname):
-    """The _R16 kernels prefetch only on calls of at least _set_r16_prefetch(n) tokens: on or
+    """The Q4_K_R16 kernel prefetches only on calls of at least _set_r16_prefetch(n) tokens: on or
     off, every product is the same to the bit."""
     from hetero_moe import _cpu
     t, tr, _ = R16[tname]
