@@ -588,17 +588,48 @@ PyObject* py_set_r16_prefetch(PyObject*, PyObject* arg) {
     return PyLong_FromLong(old);
 }
 
+PyObject* py_set_moe_decode_split(PyObject*, PyObject* arg) {
+    const long n = PyLong_AsLong(arg);
+    if (n == -1 && PyErr_Occurred()) return nullptr;
+    if (n < 1 || n > 1024) {
+        PyErr_SetString(PyExc_ValueError, "_set_moe_decode_split: tasks per thread must be in [1, 1024]");
+        return nullptr;
+    }
+    const int old = moe_decode_tasks_per_thread;
+    moe_decode_tasks_per_thread = (int)n;
+    return PyLong_FromLong(old);
+}
+
+// f32_gemv(w, rows, cols, x, out): out[r] = <row r of w, x>, float32 rows back to back (the active variant).
+PyObject* py_f32_gemv(PyObject*, PyObject* args) {
+    PyObject *wo, *xo, *oo;
+    long long rows, cols;
+    if (!PyArg_ParseTuple(args, "OLLOO", &wo, &rows, &cols, &xo, &oo)) return nullptr;
+    if (rows < 0 || cols <= 0 || rows > (1LL << 30) || cols > (1LL << 30))
+        return PyErr_Format(PyExc_ValueError, "rows=%lld, cols=%lld out of range", rows, cols);
+    Buf w, x, o;
+    if (!w.get(wo, "w", false) || !x.get(xo, "x", false) || !o.get(oo, "out", true)) return nullptr;
+    if ((long long)w.len() != rows * cols * 4 || (long long)x.len() != cols * 4 || (long long)o.len() != rows * 4)
+        return PyErr_Format(PyExc_ValueError, "w/x/out have %zu/%zu/%zu bytes, expected %lld/%lld/%lld", w.len(), x.len(),
+                            o.len(), rows * cols * 4, cols * 4, rows * 4);
+    active_kernels()->f32_gemv(w.ptr<float>(), (size_t)cols, (int)rows, (int)cols, x.ptr<float>(), o.ptr<float>());
+    Py_RETURN_NONE;
+}
+
 PyMethodDef methods[] = {
     {"features", py_features, METH_NOARGS, "CPU flags and the active kernel variant."},
     {"variants", py_variants, METH_NOARGS, "Kernel variants this CPU can run."},
     {"_set_r16_prefetch", py_set_r16_prefetch, METH_O,
      "Fewest tokens per call for the Q4_K_R16 kernel's software prefetch; returns the old value."},
+    {"_set_moe_decode_split", py_set_moe_decode_split, METH_O,
+     "Tasks per thread in each phase of the fused MoE op on <= 4 tokens; returns the old value."},
     {"_force_variant", py_force_variant, METH_O, "Use a kernel variant by name (None: the best)."},
     {"set_num_threads", py_set_num_threads, METH_O, "Threads per op, the calling thread included."},
     {"get_num_threads", py_get_num_threads, METH_NOARGS, "Threads per op."},
     {"set_spin_us", py_set_spin_us, METH_O, "Microseconds an idle worker polls before sleeping."},
     {"type_info", py_type_info, METH_O, "Block facts of a supported ggml type, else None."},
     {"quantize_act", py_quantize_act, METH_VARARGS, "Quantize f32 rows to a weight type's activation format."},
+    {"f32_gemv", py_f32_gemv, METH_VARARGS, "out = W @ x for float32 rows W (routers), this thread."},
     {"matmul", py_matmul, METH_VARARGS, "out = x @ W^T with W quantized."},
     {"matmul_multi", py_matmul_multi, METH_VARARGS, "Several quantized matmuls of the same x in one job."},
     {"attn_decode", py_attn_decode, METH_VARARGS, "Decode attention over a float32 KV cache."},

@@ -416,7 +416,7 @@ void attention(const DecodeModel& m, int l, const Caches& cs, Buffers& b, float*
 void head_gemv(const QMat& M, int h, const float* x, float* y) {
     if (M.type == T_F32) {
         const float* W = reinterpret_cast<const float*>(M.w) + (size_t)h * M.rows * M.cols;
-        for (int r = 0; r < M.rows; ++r) y[r] = dot(W + (size_t)r * M.cols, x, M.cols);
+        active_kernels()->f32_gemv(W, (size_t)M.cols, M.rows, M.cols, x, y);
         return;
     }
     const KernelSet* ks = active_kernels();
@@ -579,7 +579,8 @@ void route(const DecodeModel& m, const DecodeLayer& L, Buffers& b, int B) {
         const int r = t / n_chunk, c = t % n_chunk;
         const float* xn = b.xn.data() + (size_t)r * D;
         float* lg = b.logit.data() + (size_t)r * E;
-        for (int e = c * per; e < std::min(E, (c + 1) * per); ++e) lg[e] = dot(L.router + (size_t)e * D, xn, D);
+        const int e0 = c * per, ne = std::min(E, (c + 1) * per) - e0;
+        active_kernels()->f32_gemv(L.router + (size_t)e0 * D, (size_t)D, ne, D, xn, lg + e0);
     });
     for (int r = 0; r < B; ++r) {
         float* lg = b.logit.data() + (size_t)r * E;

@@ -48,6 +48,9 @@ inline size_t attn_prefill_scratch(int rows, int dk, int dv) {
 // y[i] = the f16 value h[i] as a float, i < n (an f16 cache read in blocks).
 using F16RowFn = void (*)(const uint16_t* h, float* y, size_t n);
 
+// out[r] = <w + r*ldw, x> over n floats, r < nr: float32 rows (a router's, a head's small matrix).
+using F32GemvFn = void (*)(const float* w, size_t ldw, int nr, int n, const float* x, float* out);
+
 constexpr int MAX_TYPE_ID = 128;  // ggml ids (BF16 is 30) and the internal repacked ones (T_Q4_K_R16 .. T_Q8_0_R16)
 
 struct KernelSet {
@@ -58,6 +61,7 @@ struct KernelSet {
     AttnPartFn attn_part;
     AttnPrefillFn attn_prefill;
     F16RowFn f16_to_f32;
+    F32GemvFn f32_gemv;
     GemmFn gemm[MAX_TYPE_ID];  // indexed by ggml type id; nullptr when unsupported
 };
 

@@ -633,6 +633,14 @@ void gemm_32_r16(const uint8_t* w, size_t rb, int nr, int n_cols, const uint8_t*
             }
 }
 
+void f32_gemv(const float* w, size_t ldw, int nr, int n, const float* x, float* out) {
+    for (int r = 0; r < nr; ++r) {
+        float sum = 0.f;
+        for (int i = 0; i < n; ++i) sum += w[(size_t)r * ldw + i] * x[i];
+        out[r] = sum;
+    }
+}
+
 template <float (*CVT)(uint16_t)>
 void gemm_float(const uint8_t* w, size_t rb, int nr, int n_cols, const uint8_t* act, int nt, float* out, size_t ldo) {
     for (int t = 0; t < nt; ++t)
@@ -709,6 +717,7 @@ KernelSet make_scalar() {
     k.attn_part = attn_part;
     k.attn_prefill = attn_prefill;
     k.f16_to_f32 = f16_row;
+    k.f32_gemv = f32_gemv;
     k.gemm[T_Q4_0] = gemm<dot_q4_0, QK32, BlockQ8_0>;
     k.gemm[T_Q4_1] = gemm<dot_q4_1, QK32, BlockQ8_1>;
     k.gemm[T_Q5_0] = gemm<dot_q5_0, QK32, BlockQ8_0>;

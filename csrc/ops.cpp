@@ -454,6 +454,8 @@ std::string check_moe(const MoeArgs& a, const MoeLens& n) {
     return "";
 }
 
+int moe_decode_tasks_per_thread = 2;
+
 class MoeJob : public Job {
 public:
     void prepare(const MoeArgs& a, int threads);
@@ -534,9 +536,10 @@ void MoeJob::prepare(const MoeArgs& a, int threads) {
     // sequential, ~8 tasks per thread
     db_ = act_block(td->act);
     fc_ = db_;
+    const int tpt = moe_decode_tasks_per_thread;
     if (T <= 4) {
         const long long rows = (long long)active_.size() * F;
-        fc_ = (int)std::max((long long)db_, std::min((long long)F, rows / (8LL * threads) / db_ * db_));
+        fc_ = (int)std::max((long long)db_, std::min((long long)F, rows / ((long long)tpt * threads) / db_ * db_));
     }
     gu_tasks_.clear();
     for (int e : active_)
@@ -544,8 +547,8 @@ void MoeJob::prepare(const MoeArgs& a, int threads) {
     // down rows per task: every task walks all active experts, so ~8 tasks per thread balance well;
     // decode takes longer row runs (sequential weight stream, fewer cold prefetch starts)
     // (prefill: up to 128 rows, which halves how often each task re-reads all experts' activations)
-    const int dmax = T <= 4 ? 256 : 128;
-    dc_ = std::max(16, std::min(dmax, (ceil_div(D, 8 * threads) + 15) / 16 * 16));
+    const int dmax = T <= 4 ? std::max(256, D) : 128;
+    dc_ = std::max(16, std::min(dmax, (ceil_div(D, (T <= 4 ? tpt : 8) * threads) + 15) / 16 * 16));
     const int counts[3] = {ceil_div(T, tq_x_), (int)gu_tasks_.size(), ceil_div(D, dc_)};
     set_phases(counts, T > 0 ? 3 : 0);
 }

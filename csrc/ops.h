@@ -10,6 +10,10 @@
 
 namespace hmoe {
 
+// Fused MoE decode (<= 4 tokens): tasks per thread in each phase (fewer: longer runs of weight rows
+// per task, so fewer cold starts of the hardware prefetcher; more: finer load balance).
+extern int moe_decode_tasks_per_thread;
+
 // ---- variant dispatch (dispatch.cpp) ----
 struct CpuFeatures {
     bool avx2, fma, f16c, avx512f, avx512bw, avx512vl, avx512dq, avx512vnni;

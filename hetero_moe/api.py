@@ -244,9 +244,10 @@ class Model:
         if not all_logits and sparse_attn is self.net.sparse and len(token_ids) == 1 \
                 and pos0 < self.n_ctx:
             tok = token_ids[0]              # a decode step: one C++ call where the model has it
-            if type(tok) is int and 0 <= tok < self.config.n_vocab:
+            step = getattr(self.net, "decode_token", None)      # (a staged model has none)
+            if step is not None and type(tok) is int and 0 <= tok < self.config.n_vocab:
                 with torch.inference_mode():
-                    out = self.net.decode_token(tok, pos0)
+                    out = step(tok, pos0)
                 if out is not None:
                     return out
         ids = self._check_ids(token_ids)

@@ -275,6 +275,30 @@ def test_moe_prefill_threads_async():
 
 
 @needs_ext
+@pytest.mark.parametrize("T", [1, 4])
+def test_moe_decode_split_changes_no_result(T):
+    """How a decode step's experts are cut into tasks (_set_moe_decode_split) decides only who
+    computes which rows: the output is the same to the bit for any split."""
+    from hetero_moe import _cpu
+    types = ("Q4_K", "Q4_K", "Q6_K")
+    E, k, D, F = 16, 8, 512, 768
+    args = moe_inputs(T, k, E, D, F, types, seed=5)
+    old = _cpu._set_moe_decode_split(1)
+    try:
+        outs = []
+        for n in (1, 2, 8, 64):
+            _cpu._set_moe_decode_split(n)
+            outs.append(run_moe(*args, types, E, D, F))
+        assert all(torch.equal(outs[0], o) for o in outs[1:])
+        with pytest.raises(ValueError, match=r"\[1, 1024\]"):
+            _cpu._set_moe_decode_split(0)
+    finally:
+        _cpu._set_moe_decode_split(old)
+    ref = moe_reference(*args, types, D, F)
+    assert ((outs[0].double() - ref).norm() / ref.norm()).item() <= MOE_TOL
+
+
+@needs_ext
 def test_moe_duplicate_ids_and_unused_experts():
     types = ("Q8_0", "Q8_0", "Q8_0")
     E, D, F = 6, 64, 64
@@ -520,6 +544,26 @@ def test_attn_decode_bad_inputs():
         cb.attn_decode(torch.randn(4, 64), k.double(), k, 0.1)
     with pytest.raises(ValueError, match="at least one"):
         cb.attn_decode(torch.randn(4, 64), k[:0], k[:0], 0.1)
+
+
+@needs_ext
+@pytest.mark.parametrize("rows,cols", [(128, 2048), (16, 7), (5, 33), (64, 100), (1, 1)])
+def test_f32_gemv_vs_reference(rows, cols, variant_scope):
+    """Float32 rows times a vector (the fused step's router and MLA head matrices): every variant
+    against float64, tails shorter than a vector included, and the bad sizes refused."""
+    g = torch.Generator().manual_seed(rows * 31 + cols)
+    w = torch.randn(rows, cols, generator=g).numpy()
+    x = torch.randn(cols, generator=g).numpy()
+    want = w.astype(np.float64) @ x.astype(np.float64)
+    bound = 1e-6 * (np.abs(w).astype(np.float64) @ np.abs(x)) + 1e-30
+    lib = cb._lib()
+    for var in _variants():
+        variant_scope(var)
+        out = np.empty(rows, np.float32)
+        lib.f32_gemv(w, rows, cols, x, out)
+        assert np.all(np.abs(out - want) <= bound), var
+    with pytest.raises(ValueError, match="expected"):
+        lib.f32_gemv(w, rows, cols + 1, x, np.empty(rows, np.float32))
 
 
 # ---------------------------------------------------------------- prompt attention
