@@ -139,11 +139,13 @@ def test_cli_chat_reuses_turns_and_ctrl_c_cancels_the_reply(path):
     """Two turns over stdin: the second prefills only the new turn; SIGINT during a long reply
     ends that reply and the session goes on."""
     # a context (4096) the first reply cannot fill before the signal arrives (the tiny model
-    # decodes ~1300 tok/s: 3 s), so the signal always meets a reply in progress; greedy, because
-    # a sampled reply may draw the end-of-text token within the first second (the reply then ends
-    # before the signal), while the greedy one of this model and prompt runs to the context's end
+    # decodes ~1300-2100 tok/s: 2-3 s), so the signal always meets a reply in progress; greedy, so
+    # the reply is the same every run (this model and prompt: to the context's end, no early
+    # end-of-text). The child gets SIGINT's default disposition: a test run started in the
+    # background inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler.
     p = subprocess.Popen([sys.executable, "-m", "hetero_moe.cli", "run", path, "-n", "100000",
                           "--temp", "0", "-c", "4096"], stdin=subprocess.PIPE,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         p.stdin.write("Tell me a very long story.\n")
