@@ -95,6 +95,24 @@ def _post(y: torch.Tensor, w, eps: float) -> torch.Tensor:
     return y if w is None else rms_norm(y, w, eps)
 
 
+
+def _check_step(cache, pos0: int, lengths: bool = True) -> None:
+    """The checks LayerCache.append makes, for a fused step writing position pos0 of cache."""
+    for c in cache.layers:
+        if pos0 + 1 > c.n_ctx:
+            raise ContextLengthError(f"position {pos0 + 1} exceeds the context length {c.n_ctx}")
+        if lengths and pos0 > c.length:
+            raise ValueError(f"cache holds {c.length} positions; cannot write at {pos0}")
+
+
+def _advance(cache, pos0: int) -> None:
+    """After a fused step wrote position pos0: the cache holds pos0 + 1 positions."""
+    for c in cache.layers:
+        c.length = pos0 + 1
+        if c.sparse is not None:            # the rewritten position voids its blocks
+            c.sparse.truncate(pos0)
+    cache.pos = pos0 + 1
+
 class Transformer:
     """Embeddings -> blocks (attention + dense FFN or MoE) -> norm -> lm_head."""
 
@@ -276,17 +294,9 @@ class Transformer:
         if torch.get_num_threads() != 1:
             torch.set_num_threads(1)
             _pool_spin(DECODE_SPIN_US)
-        for c in cache.layers:                  # the checks LayerCache.append makes
-            if pos0 + 1 > c.n_ctx:
-                raise ContextLengthError(f"position {pos0 + 1} exceeds the context length "
-                                         f"{c.n_ctx}")
-        logits = self.fused.token_step(tok, pos0)
-        logits = self._softcap(logits)
-        for c in cache.layers:
-            c.length = pos0 + 1
-            if c.sparse is not None:            # the rewritten position voids its blocks
-                c.sparse.truncate(pos0)
-        cache.pos = pos0 + 1
+        _check_step(cache, pos0, lengths=False)
+        logits = self._softcap(self.fused.token_step(tok, pos0))
+        _advance(cache, pos0)
         return logits
 
     def _fused_step(self, ids: torch.Tensor, pos0: int) -> torch.Tensor:
@@ -295,12 +305,7 @@ class Transformer:
     def _fused_steps(self, ids: list[int], positions: list[int], caches: list) -> torch.Tensor:
         """One token of each of B sequences through the whole-model C++ step -> logits [B, V]."""
         for cache, pos0 in zip(caches, positions):
-            for c in cache.layers:                  # the checks LayerCache.append makes
-                if pos0 + 1 > c.n_ctx:
-                    raise ContextLengthError(f"position {pos0 + 1} exceeds the context length "
-                                             f"{c.n_ctx}")
-                if pos0 > c.length:
-                    raise ValueError(f"cache holds {c.length} positions; cannot write at {pos0}")
+            _check_step(cache, pos0)
         x = self._embed(torch.tensor(ids, dtype=torch.long)).float().clone()  # [B, D], in place
         if len(ids) == 1 and caches[0] is self._main_cache:
             logits = self.fused.step(x, positions[0])
@@ -308,11 +313,7 @@ class Transformer:
             logits = self.fused.steps(x, positions, caches)
         logits = self._softcap(logits)
         for cache, pos0 in zip(caches, positions):
-            for c in cache.layers:
-                c.length = pos0 + 1
-                if c.sparse is not None:        # the rewritten position voids its blocks
-                    c.sparse.truncate(pos0)
-            cache.pos = pos0 + 1
+            _advance(cache, pos0)
         return logits
 
     def new_cache(self):
