@@ -95,7 +95,6 @@ def _post(y: torch.Tensor, w, eps: float) -> torch.Tensor:
     return y if w is None else rms_norm(y, w, eps)
 
 
-
 def _check_step(cache, pos0: int, lengths: bool = True) -> None:
     """The checks LayerCache.append makes, for a fused step writing position pos0 of cache."""
     for c in cache.layers:
@@ -112,6 +111,7 @@ def _advance(cache, pos0: int) -> None:
         if c.sparse is not None:            # the rewritten position voids its blocks
             c.sparse.truncate(pos0)
     cache.pos = pos0 + 1
+
 
 class Transformer:
     """Embeddings -> blocks (attention + dense FFN or MoE) -> norm -> lm_head."""
@@ -279,8 +279,8 @@ class Transformer:
     def decode_token(self, tok: int, pos0: int) -> torch.Tensor | None:
         """forward([tok], pos0) of one token of the model's own cache in one C++ call (embedding
         row included) -> logits [1, V], or None where that call does not apply (a GPU tier, sparse
-        attention at this length, a model the fused step does not cover, an embedding table it
-        cannot read): the caller then runs forward(). Each decode step's Python costs ~10 us an
+        attention turned on, a model the fused step does not cover, an embedding table it cannot
+        read): the caller then runs forward(). Each decode step's Python costs ~10 us an
         operation, its caches cold after the step streamed the weights, so this path does little.
         The caller has checked tok against the vocabulary."""
         if self.executor is not None or self.cache is not self._main_cache \
