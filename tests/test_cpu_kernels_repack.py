@@ -158,7 +158,7 @@ def test_repack_32_layout_by_hand(tname):
 
 
 @needs_ext
-@pytest.mark.parametrize("T", [1, 2, 3, 5, 6, 8, 9, 17, 70])
+@pytest.mark.parametrize("T", [1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 17, 70])
 @pytest.mark.parametrize("tname", ALL_R16)
 def test_r16_matmul_all_variants(tname, T, variant_scope):
     t, tr, _ = R16[tname]
