@@ -585,12 +585,15 @@ def _prefill_reference(q, k, v, pos0, scale):
     (512, 0, 32, 4, 128, 128), (17, 5, 4, 2, 64, 64), (3, 100, 9, 3, 64, 64), (130, 0, 6, 6, 72, 72),
     (1, 7, 8, 1, 128, 128), (65, 64, 4, 4, 96, 96), (40, 3, 8, 8, 20, 20), (33, 31, 16, 2, 192, 128),
     (1, 0, 32, 4, 128, 128), (1, 530, 32, 4, 128, 128), (1, 40, 6, 6, 72, 72), (1, 20, 16, 2, 192, 128),
-    (1, 15, 8, 8, 20, 20), (1, 63, 64, 2, 64, 64)])
+    (1, 15, 8, 8, 20, 20), (1, 63, 64, 2, 64, 64), (1, 77, 14, 2, 64, 64), (1, 33, 6, 3, 48, 48),
+    (1, 95, 10, 2, 32, 32)])
 def test_attn_prefill_vs_reference(T, pos0, H, Hkv, dk, dv, variant_scope):
     """Every variant against float64 causal attention: odd head dims (not multiples of 8 or 16),
     prompts after a cached prefix, partial key blocks, a lone last row, dv != dk; cache views are
     prefixes of a longer buffer, and with dv == dk the output may overwrite q. T = 1 is the decode
-    kernel (dims a whole number of vectors, at most 32 heads per KV head; the others fall back)."""
+    kernel: up to 8 heads per KV head with dk a whole number of vectors take the one-token scores
+    (dot products against the key rows as they lie, 1 to 8 rows here), the others the general
+    path's transposed key blocks."""
     g = torch.Generator().manual_seed(T * 7 + pos0)
     L = pos0 + T
     k = torch.randn(L + 5, Hkv, dk, generator=g)[:L]
