@@ -178,35 +178,41 @@ PyObject* py_matmul_multi(PyObject*, PyObject* args) {
     Py_END_ALLOW_THREADS Py_RETURN_NONE;
 }
 
-// attn_decode(q, k, v, out, H, Hkv, dk, dv, L, ks, khs, vs, vhs, scale): see ops.h (strides in floats)
+// attn_decode(q, k, v, out, H, Hkv, dk, dv, L, ks, khs, vs, vhs, scale[, kv_f16]): see ops.h (strides in
+// cache elements: float32, or f16 when kv_f16 is true)
 PyObject* py_attn_decode(PyObject*, PyObject* args) {
     PyObject *qo, *ko, *vo, *oo;
     AttnArgs a{};
-    if (!PyArg_ParseTuple(args, "OOOOiiiiiLLLLf", &qo, &ko, &vo, &oo, &a.H, &a.Hkv, &a.dk, &a.dv, &a.L, &a.ks,
-                          &a.khs, &a.vs, &a.vhs, &a.scale))
+    int f16 = 0;
+    if (!PyArg_ParseTuple(args, "OOOOiiiiiLLLLf|p", &qo, &ko, &vo, &oo, &a.H, &a.Hkv, &a.dk, &a.dv, &a.L, &a.ks,
+                          &a.khs, &a.vs, &a.vhs, &a.scale, &f16))
         return nullptr;
+    a.kv_f16 = f16 != 0;
     Buf q, k, v, o;
     if (!q.get(qo, "q", false) || !k.get(ko, "k", false) || !v.get(vo, "v", false) || !o.get(oo, "out", true))
         return nullptr;
     if (set_error(check_attn(a, q.len(), k.len(), v.len(), o.len()))) return nullptr;
-    a.q = q.ptr<float>(), a.k = k.ptr<float>(), a.v = v.ptr<float>(), a.out = o.ptr<float>();
+    a.q = q.ptr<float>(), a.k = k.ptr<void>(), a.v = v.ptr<void>(), a.out = o.ptr<float>();
     Py_BEGIN_ALLOW_THREADS attn_decode(a);
     Py_END_ALLOW_THREADS Py_RETURN_NONE;
 }
 
-// attn_prefill(q, k, v, out, T, pos0, H, Hkv, dk, dv, qs, os, ks, khs, vs, vhs, scale[, window]): see ops.h
+// attn_prefill(q, k, v, out, T, pos0, H, Hkv, dk, dv, qs, os, ks, khs, vs, vhs, scale[, window[, kv_f16]]):
+// see ops.h
 PyObject* py_attn_prefill(PyObject*, PyObject* args) {
     PyObject *qo, *ko, *vo, *oo;
     AttnPrefillArgs a{};
-    if (!PyArg_ParseTuple(args, "OOOOiiiiiiLLLLLLf|i", &qo, &ko, &vo, &oo, &a.T, &a.pos0, &a.H, &a.Hkv, &a.dk, &a.dv,
-                          &a.qs, &a.os, &a.ks, &a.khs, &a.vs, &a.vhs, &a.scale, &a.window))
+    int f16 = 0;
+    if (!PyArg_ParseTuple(args, "OOOOiiiiiiLLLLLLf|ip", &qo, &ko, &vo, &oo, &a.T, &a.pos0, &a.H, &a.Hkv, &a.dk, &a.dv,
+                          &a.qs, &a.os, &a.ks, &a.khs, &a.vs, &a.vhs, &a.scale, &a.window, &f16))
         return nullptr;
+    a.kv_f16 = f16 != 0;
     const bool same = qo == oo;
     Buf q, k, v, o;
     if (!q.get(qo, "q", same) || !k.get(ko, "k", false) || !v.get(vo, "v", false)) return nullptr;
     if (!same && !o.get(oo, "out", true)) return nullptr;
     const Buf& ob = same ? q : o;
-    a.q = q.ptr<float>(), a.k = k.ptr<float>(), a.v = v.ptr<float>(), a.out = ob.ptr<float>();
+    a.q = q.ptr<float>(), a.k = k.ptr<void>(), a.v = v.ptr<void>(), a.out = ob.ptr<float>();
     if (set_error(check_attn_prefill(a, q.len(), k.len(), v.len(), ob.len()))) return nullptr;
     Py_BEGIN_ALLOW_THREADS attn_prefill(a);
     Py_END_ALLOW_THREADS Py_RETURN_NONE;
@@ -289,15 +295,17 @@ PyObject* py_moe_submit(PyObject*, PyObject* args) {
 }
 
 // attn_prep(q, k, v, bq, bk, bv, q_norm, k_norm, cos, sin, k_cache, v_cache,
-//           T, H, Hkv, Dh, n_rot, neox, qk_norm, pos0, eps): see decode.h (None for absent buffers)
+//           T, H, Hkv, Dh, n_rot, neox, qk_norm, pos0, eps[, cache_f16]): see decode.h (None for absent
+//           buffers; the caches hold f16 when cache_f16 is true, else float32)
 PyObject* py_attn_prep(PyObject*, PyObject* args) {
     PyObject* o[12];
     AttnPrepArgs a;
-    int neox;
-    if (!PyArg_ParseTuple(args, "OOOOOOOOOOOOiiiiiiiif", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6], &o[7],
+    int neox, f16 = 0;
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOOOOiiiiiiiif|p", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6], &o[7],
                           &o[8], &o[9], &o[10], &o[11], &a.T, &a.H, &a.Hkv, &a.Dh, &a.n_rot, &neox, &a.qk_norm,
-                          &a.pos0, &a.eps))
+                          &a.pos0, &a.eps, &f16))
         return nullptr;
+    a.cache_f16 = f16 != 0;
     a.neox = neox != 0;
     if (a.T < 0 || a.H <= 0 || a.Hkv <= 0 || a.Dh <= 0 || a.H > 65536 || a.Dh > 65536 || a.pos0 < 0 ||
         a.n_rot < 0 || a.n_rot > a.Dh || a.n_rot % 2 || a.qk_norm < 0 || a.qk_norm > 2)
@@ -319,8 +327,8 @@ PyObject* py_attn_prep(PyObject*, PyObject* args) {
             continue;
         }
         if (!b[i].get(o[i], names[i], i < 3 || i >= 10)) return nullptr;
-        const long long have = (long long)b[i].len();
-        if (want[i] >= 0 ? have != want[i] * 4 : have < (long long)(a.pos0 + a.T) * row[i] * 4 || have % (row[i] * 4))
+        const long long have = (long long)b[i].len(), es = i >= 10 && a.cache_f16 ? 2 : 4;
+        if (want[i] >= 0 ? have != want[i] * 4 : have < (long long)(a.pos0 + a.T) * row[i] * es || have % (row[i] * es))
             return PyErr_Format(PyExc_ValueError, "attn_prep: %s has %lld bytes, expected %s%lld", names[i], have,
                                 want[i] >= 0 ? "" : "rows of this width for positions up to ",
                                 want[i] >= 0 ? want[i] * 4 : (long long)(a.pos0 + a.T));
@@ -330,9 +338,9 @@ PyObject* py_attn_prep(PyObject*, PyObject* args) {
     a.bv = b[5].held ? b[5].ptr<float>() : nullptr;
     a.q_norm = b[6].held ? b[6].ptr<float>() : nullptr, a.k_norm = b[7].held ? b[7].ptr<float>() : nullptr;
     a.cos = b[8].held ? b[8].ptr<float>() : nullptr, a.sin = b[9].held ? b[9].ptr<float>() : nullptr;
-    a.k_cache = b[10].ptr<float>(), a.v_cache = b[11].ptr<float>();
+    a.k_cache = b[10].ptr<void>(), a.v_cache = b[11].ptr<void>();
     if (b[10].len() != b[11].len()) return PyErr_Format(PyExc_ValueError, "attn_prep: k_cache and v_cache differ in size");
-    a.cache_ctx = (int)(b[10].len() / ((size_t)kvd * 4));
+    a.cache_ctx = (int)(b[10].len() / ((size_t)kvd * (a.cache_f16 ? 2 : 4)));
     Py_BEGIN_ALLOW_THREADS attn_prep(a);
     Py_END_ALLOW_THREADS Py_RETURN_NONE;
 }
@@ -514,7 +522,7 @@ PyObject* py_decode_token(PyObject*, PyObject* args) {
 
 // decode_steps(plan, x, pos, caches, logits): B sequences one token each. x [B, D] float32 (overwritten),
 // pos int32 [B], caches int64 [B, n_layer, 4] = (k address, k bytes, v address, v bytes) of each row's
-// layer caches, each [Hkv, n_ctx, Dh] float32 like the plan's; logits [B, V] float32.
+// layer caches, each [Hkv, n_ctx, Dh] in the plan's element type (f16 or float32); logits [B, V] float32.
 PyObject* py_decode_steps(PyObject*, PyObject* args) {
     PyObject *cap, *xo, *po, *co, *lo;
     if (!PyArg_ParseTuple(args, "OOOOO", &cap, &xo, &po, &co, &lo)) return nullptr;
@@ -541,7 +549,7 @@ PyObject* py_decode_steps(PyObject*, PyObject* args) {
                                 m->n_ctx);
     // MLA: both entries name the latent cache ([n_ctx, C+R] in the plan's element type)
     const long long want = m->mla ? (long long)m->n_ctx * (m->C + m->R) * (m->latent_f16 ? 2 : 4)
-                                  : (long long)m->n_ctx * m->Hkv * m->Dh * 4;
+                                  : (long long)m->n_ctx * m->Hkv * m->Dh * (m->kv_f16 ? 2 : 4);
     const int64_t* ci = c.ptr<int64_t>();
     std::vector<SeqCache> seq((size_t)(B * L));
     for (long long i = 0; i < B * L; ++i) {
@@ -551,7 +559,7 @@ PyObject* py_decode_steps(PyObject*, PyObject* args) {
                                 "row %lld layer %lld: key/value caches of %lld/%lld bytes at %s; expected %lld bytes each",
                                 i / L, i % L, (long long)e[1], (long long)e[3], e[0] && e[2] ? "given addresses" : "a null address",
                                 want);
-        seq[i].k = reinterpret_cast<float*>(e[0]), seq[i].v = reinterpret_cast<float*>(e[2]);
+        seq[i].k = reinterpret_cast<void*>(e[0]), seq[i].v = reinterpret_cast<void*>(e[2]);
     }
     Py_BEGIN_ALLOW_THREADS decode_steps(*m, (int)B, x.ptr<float>(), pos, seq.data(), l.ptr<float>());
     Py_END_ALLOW_THREADS Py_RETURN_NONE;
@@ -633,7 +641,7 @@ PyMethodDef methods[] = {
     {"matmul", py_matmul, METH_VARARGS, "out = x @ W^T with W quantized."},
     {"matmul_multi", py_matmul_multi, METH_VARARGS, "Several quantized matmuls of the same x in one job."},
     {"attn_decode", py_attn_decode, METH_VARARGS, "Decode attention over a float32 KV cache."},
-    {"attn_prefill", py_attn_prefill, METH_VARARGS, "Causal prompt attention over a float32 KV cache."},
+    {"attn_prefill", py_attn_prefill, METH_VARARGS, "Causal prompt attention over a float32 or f16 KV cache."},
     {"moe_submit", py_moe_submit, METH_VARARGS, "Start the fused MoE FFN; returns a handle."},
     {"dequantize_rows", py_dequantize_rows, METH_VARARGS, "Rows of a quantized type to float32."},
     {"repack", py_repack, METH_VARARGS, "A matrix into its row-interleaved layout (or back), on the pool."},

@@ -18,11 +18,12 @@ namespace hmoe {
 // ints, in order (a "buffer" is two ints: address, byte length; address 0 = absent; a "matrix" is
 // a buffer followed by ggml type, rows, cols):
 //   n_layer D H Hkv Dh n_ctx n_rot V rope_neox E K sigmoid_gating norm_topk
-//   mla C N R Dv Cq latent_f16 n_group n_group_used
+//   mla C N R Dv Cq cache_f16 n_group n_group_used   (cache_f16: the latent or the K/V caches hold f16)
 //   rope_cos rope_sin out_norm (buffers)  lm_head (matrix)
 //   per layer: attn_norm (buffer)
 //              standard: q k v o (matrices)  bq bk bv bo (buffers)
-//                        qk_norm_kind  q_norm k_norm k_cache v_cache (buffers)
+//                        qk_norm_kind  q_norm k_norm (buffers)  k_cache v_cache (buffers of n_ctx*Hkv*Dh
+//                        elements)
 //              MLA:      Cq > 0: q_a (matrix) q_a_norm (buffer) q_b (matrix); else q (matrix)
 //                        kv_a (matrix) kv_a_norm (buffer) k_b v_b (matrices, rows/cols of one head, H
 //                        stacked; type 0: float32) o (matrix) latent (buffer of n_ctx * (C+R) elements)
@@ -58,7 +59,7 @@ std::string fmt(const char* f, const std::string& a, long long b = 0, long long 
 
 // A float buffer of exactly n floats (or absent when allowed).
 template <class T>
-bool read_buf(Reader& r, const std::string& name, long long n_floats, bool optional, T** out) {
+bool read_buf(Reader& r, const std::string& name, long long n_floats, bool optional, T** out, int es = 4) {
     const int64_t addr = r.next(name.c_str()), len = r.next(name.c_str());
     if (!r.err.empty()) return false;
     if (addr == 0) {
@@ -66,8 +67,8 @@ bool read_buf(Reader& r, const std::string& name, long long n_floats, bool optio
         *out = nullptr;
         return optional;
     }
-    if (len != n_floats * 4) {
-        r.err = fmt("%s has %lld bytes, expected %lld", name, len, n_floats * 4);
+    if (len != n_floats * es) {
+        r.err = fmt("%s has %lld bytes, expected %lld", name, len, n_floats * es);
         return false;
     }
     *out = reinterpret_cast<T*>(addr);
@@ -136,7 +137,7 @@ std::string parse_decode_model(const int64_t* ints, size_t n_ints, const double*
     if (m.H % m.Hkv) return fmt("%s: H = %lld is not a multiple of Hkv = %lld", "heads", m.H, m.Hkv);
     if (m.n_rot > m.Dh || m.n_rot % 2) return fmt("%s = %lld must be even and <= Dh = %lld", "n_rot", m.n_rot, m.Dh);
     if (m.E < 0 || m.K < 0 || m.K > m.E || m.K > 64) return fmt("%s: K = %lld must be in [0, min(E, 64)], E = %lld", "experts", m.K, m.E);
-    m.mla = h[13] != 0, m.latent_f16 = h[19] != 0;
+    m.mla = h[13] != 0, m.latent_f16 = h[19] != 0, m.kv_f16 = !m.mla && h[19] != 0;
     for (int i = 14; i < 22; ++i)
         if (h[i] < 0 || h[i] > (1LL << 20)) return fmt("%s = %lld must be in [0, 2^20]", hn[i], h[i]);
     m.C = (int)h[14], m.N = (int)h[15], m.R = (int)h[16], m.Dv = (int)h[17], m.Cq = (int)h[18];
@@ -200,8 +201,9 @@ std::string parse_decode_model(const int64_t* ints, size_t n_ints, const double*
             if (!read_buf(r, p + "attn_q_norm", nq, L.qk_norm == 0, &L.q_norm) ||
                 !read_buf(r, p + "attn_k_norm", nk, L.qk_norm == 0, &L.k_norm))
                 return r.err;
-            if (!read_buf(r, p + "k_cache", (long long)m.n_ctx * kvd, false, &L.k_cache) ||
-                !read_buf(r, p + "v_cache", (long long)m.n_ctx * kvd, false, &L.v_cache))
+            const int es = m.kv_f16 ? 2 : 4;
+            if (!read_buf(r, p + "k_cache", (long long)m.n_ctx * kvd, false, &L.k_cache, es) ||
+                !read_buf(r, p + "v_cache", (long long)m.n_ctx * kvd, false, &L.v_cache, es))
                 return r.err;
         }
         if (!read_buf(r, p + "ffn_norm", D, false, &L.ffn_norm)) return r.err;
@@ -342,8 +344,8 @@ struct Buffers {
 struct Caches {
     const DecodeModel& m;
     const SeqCache* seq;  // [B * n_layer] or nullptr: the plan's
-    float* k(int b, int l) const { return seq ? seq[(size_t)b * m.n_layer + l].k : m.layers[l].k_cache; }
-    float* v(int b, int l) const { return seq ? seq[(size_t)b * m.n_layer + l].v : m.layers[l].v_cache; }
+    void* k(int b, int l) const { return seq ? seq[(size_t)b * m.n_layer + l].k : m.layers[l].k_cache; }
+    void* v(int b, int l) const { return seq ? seq[(size_t)b * m.n_layer + l].v : m.layers[l].v_cache; }
 };
 
 void rms_rows(const float* x, const float* w, int B, int n, float eps, float* y) {
@@ -370,7 +372,7 @@ void attention(const DecodeModel& m, int l, const Caches& cs, Buffers& b, float*
     for (int r = 0; r < B; ++r) {
         float* q = b.q.data() + (size_t)r * qd;
         float* att = b.att.data() + (size_t)r * qd;
-        float *kc = cs.k(r, l), *vc = cs.v(r, l);
+        char *kc = static_cast<char*>(cs.k(r, l)), *vc = static_cast<char*>(cs.v(r, l));
         tm.next(PART_OTHER);
         AttnPrepArgs pa;
         pa.q = q, pa.k = b.k.data() + (size_t)r * kvd, pa.v = b.v.data() + (size_t)r * kvd, pa.T = 1;
@@ -378,24 +380,27 @@ void attention(const DecodeModel& m, int l, const Caches& cs, Buffers& b, float*
         pa.n_rot = m.n_rot, pa.pos0 = pos[r], pa.neox = m.rope_neox;
         pa.cos = L.rope_cos ? L.rope_cos : m.rope_cos, pa.sin = L.rope_sin ? L.rope_sin : m.rope_sin;
         pa.bq = L.bq, pa.bk = L.bk, pa.bv = L.bv, pa.qk_norm = L.qk_norm, pa.q_norm = L.q_norm, pa.k_norm = L.k_norm;
-        pa.eps = m.eps, pa.k_cache = kc, pa.v_cache = vc, pa.cache_ctx = m.n_ctx;
+        pa.eps = m.eps, pa.k_cache = kc, pa.v_cache = vc, pa.cache_ctx = m.n_ctx, pa.cache_f16 = m.kv_f16;
         attn_prep_token(pa, 0);
         tm.next(PART_ATTN);
         // a sliding-window layer reads only the window's positions [lo, pos]
         const int lo = L.window > 0 ? std::max(0, pos[r] - L.window + 1) : 0;
-        kc += (size_t)lo * m.Dh, vc += (size_t)lo * m.Dh;
+        const size_t es = m.kv_f16 ? 2 : 4;
+        kc += (size_t)lo * m.Dh * es, vc += (size_t)lo * m.Dh * es;
         if (m.Hkv >= ThreadPool::instance().threads()) {
             // one task per KV head keeps every thread busy: the register-tiled prompt kernel
             AttnPrefillArgs ap{};
             ap.q = q, ap.k = kc, ap.v = vc, ap.out = att;
             ap.T = 1, ap.pos0 = pos[r] - lo, ap.H = m.H, ap.Hkv = m.Hkv, ap.dk = m.Dh, ap.dv = m.Dh;
             ap.qs = qd, ap.os = qd, ap.ks = m.Dh, ap.khs = hs, ap.vs = m.Dh, ap.vhs = hs, ap.scale = m.attn_scale;
+            ap.kv_f16 = m.kv_f16;
             attn_prefill(ap);
         } else {  // few KV heads: split the positions too (flash-decoding)
             AttnArgs at{};
             at.q = q, at.k = kc, at.v = vc, at.out = att;
             at.H = m.H, at.Hkv = m.Hkv, at.dk = m.Dh, at.dv = m.Dh, at.L = pos[r] + 1 - lo;
             at.ks = m.Dh, at.khs = hs, at.vs = m.Dh, at.vhs = hs, at.scale = m.attn_scale;
+            at.kv_f16 = m.kv_f16;
             attn_decode(at);
         }
     }
@@ -455,7 +460,8 @@ void latent_attend(const DecodeModel& m, const float* q, const void* latent, int
             } else {
                 kb = static_cast<const float*>(latent) + (size_t)j0 * CR;
             }
-            ks->attn_part(q, H, CR, C, kb, CR, kb, CR, nj, m.attn_scale, p.data(), bm.data(), bs.data(), bo.data());
+            ks->attn_part(q, H, CR, C, kb, CR, kb, CR, nj, m.attn_scale, p.data(), bm.data(), bs.data(), bo.data(),
+                          false);
             for (int h = 0; h < H; ++h) {  // merge this block into the split's running state
                 const float mx = std::max(M[h], bm[h]);
                 const float a = std::exp(M[h] - mx), c = std::exp(bm[h] - mx);
@@ -511,7 +517,7 @@ void mla_attention(const DecodeModel& m, int l, const Caches& cs, Buffers& b, fl
         rms_norm(kv, L.kv_a_norm, C, m.eps, kv);
         rope_heads(kv + C, 1, R, R, false, cos, sin);
         rope_heads(b.q.data() + (size_t)r * H * Dq + N, H, Dq, R, false, cos, sin);
-        void* lat = cs.seq ? static_cast<void*>(cs.k(r, l)) : L.latent;
+        void* lat = cs.seq ? cs.k(r, l) : L.latent;
         if (m.latent_f16) {
             uint16_t* row = static_cast<uint16_t*>(lat) + (size_t)pos[r] * CR;
             for (int i = 0; i < CR; ++i) row[i] = fp32_to_fp16(kv[i]);
@@ -760,10 +766,16 @@ void attn_prep_token(const AttnPrepArgs& a, int t) {
         rope_heads(q, a.H, a.Dh, a.n_rot, a.neox, a.cos + off, a.sin + off);
         rope_heads(k, a.Hkv, a.Dh, a.n_rot, a.neox, a.cos + off, a.sin + off);
     }
+    const KernelSet* ks = a.cache_f16 ? active_kernels() : nullptr;
     for (int h = 0; h < a.Hkv; ++h) {  // head-major caches: head h's row of this position
         const size_t at = ((size_t)h * a.cache_ctx + a.pos0 + t) * a.Dh;
-        if (a.k_cache) std::copy(k + h * a.Dh, k + (h + 1) * a.Dh, a.k_cache + at);
-        if (a.v_cache) std::copy(v + h * a.Dh, v + (h + 1) * a.Dh, a.v_cache + at);
+        if (a.cache_f16) {
+            if (a.k_cache) ks->f32_to_f16(k + h * a.Dh, static_cast<uint16_t*>(a.k_cache) + at, (size_t)a.Dh);
+            if (a.v_cache) ks->f32_to_f16(v + h * a.Dh, static_cast<uint16_t*>(a.v_cache) + at, (size_t)a.Dh);
+        } else {
+            if (a.k_cache) std::copy(k + h * a.Dh, k + (h + 1) * a.Dh, static_cast<float*>(a.k_cache) + at);
+            if (a.v_cache) std::copy(v + h * a.Dh, v + (h + 1) * a.Dh, static_cast<float*>(a.v_cache) + at);
+        }
     }
 }
 

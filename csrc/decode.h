@@ -31,7 +31,7 @@ struct DecodeLayer {
     const float *bq = nullptr, *bk = nullptr, *bv = nullptr, *bo = nullptr;  // optional biases
     int qk_norm = 0;                                       // 0 none, 1 per head ([Dh]), 2 whole ([H*Dh])
     const float *q_norm = nullptr, *k_norm = nullptr;
-    float *k_cache = nullptr, *v_cache = nullptr;          // [Hkv, n_ctx, Dh] float32 (head-major)
+    void *k_cache = nullptr, *v_cache = nullptr;           // [Hkv, n_ctx, Dh] head-major, f16 (kv_f16) or float32
     const float* ffn_norm = nullptr;                       // [D]
     int window = 0;                                        // > 0: sliding window (keys pos-window+1..pos)
     const float *rope_cos = nullptr, *rope_sin = nullptr;  // this layer's RoPE tables (nullptr: the model's)
@@ -61,6 +61,7 @@ struct DecodeModel {
     float expert_scale = 1.f;                               // 1: unscaled
     int n_group = 0, n_group_used = 0;                      // > 1 groups: top-K within the best groups
     bool mla = false, latent_f16 = true;
+    bool kv_f16 = false;                                    // standard attention: f16 K/V caches (else float32)
     int C = 0, N = 0, R = 0, Dv = 0, Cq = 0;
     std::vector<DecodeLayer> layers;
     const float* out_norm = nullptr;                        // [D]
@@ -78,17 +79,18 @@ std::string parse_decode_model(const int64_t* ints, size_t n_ints, const double*
 void decode_step(const DecodeModel& m, float* x, int pos, float* logits);
 
 // B decode steps at once, one token of each of B sequences: x [B, D] (overwritten), pos[b] the position of
-// row b, caches[b * n_layer + l] row b's key/value caches of layer l (each [Hkv, n_ctx, Dh] float32 like the
-// plan's; nullptr: the plan's own, B must then be 1), logits [B, V]. Projections, experts and lm_head run
+// row b, caches[b * n_layer + l] row b's key/value caches of layer l (each [Hkv, n_ctx, Dh] in the plan's
+// element type; nullptr: the plan's own, B must then be 1), logits [B, V]. Projections, experts and lm_head run
 // over the B rows together (one weight read for all of them), attention per row against its own cache.
 struct SeqCache {
-    float *k = nullptr, *v = nullptr;  // MLA: k is the latent cache ([n_ctx, C+R], the plan's element type)
+    void *k = nullptr, *v = nullptr;  // MLA: k is the latent cache ([n_ctx, C+R], the plan's element type)
 };
 void decode_steps(const DecodeModel& m, int B, float* x, const int* pos, const SeqCache* caches, float* logits);
 
 // Attention input preparation for T tokens at positions pos0..pos0+T-1, parallel over tokens:
 // q/k/v biases, q/k RMSNorms (per head or over all heads), RoPE on q and k (in place), and k and v
-// written to positions pos0.. of the head-major caches k_cache/v_cache: [Hkv, cache_ctx, Dh] float32.
+// written to positions pos0.. of the head-major caches k_cache/v_cache: [Hkv, cache_ctx, Dh], float32 or
+// (cache_f16) f16 rounded to nearest even.
 struct AttnPrepArgs {
     float *q = nullptr, *k = nullptr, *v = nullptr;        // [T, H*Dh], [T, Hkv*Dh] x2
     int T = 0, H = 0, Hkv = 0, Dh = 0, n_rot = 0, pos0 = 0;
@@ -98,8 +100,9 @@ struct AttnPrepArgs {
     int qk_norm = 0;                                       // 0 none, 1 per head, 2 whole
     const float *q_norm = nullptr, *k_norm = nullptr;
     float eps = 1e-6f;
-    float *k_cache = nullptr, *v_cache = nullptr;          // null: leave the cache alone
+    void *k_cache = nullptr, *v_cache = nullptr;           // null: leave the cache alone
     int cache_ctx = 0;                                     // positions per head in the caches
+    bool cache_f16 = false;
 };
 void attn_prep_token(const AttnPrepArgs& a, int t);       // one token, on this thread
 void attn_prep(const AttnPrepArgs& a);                     // all T tokens on the pool

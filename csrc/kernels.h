@@ -26,20 +26,22 @@ using GemmFn = void (*)(const uint8_t* w, size_t w_row_bytes, int nr, int n_cols
 using SiluMulFn = void (*)(const float* g, const float* u, float* h, int n);
 
 // Decode attention of one KV head over n cached positions (one split of flash-decoding):
-// G query heads q [G, dk]; key l at k + l*ks, value l at v + l*vs (dk / dv floats each).
+// G query heads q [G, dk]; key l at k + l*ks, value l at v + l*vs (dk / dv elements each; strides in
+// elements). The cache elements are float32, or f16 when f16 is set (widened exactly on load).
 // Writes the split's softmax state: m[g] = max_l score, s[g] = sum_l exp(score - m[g]),
 // o[g*dv + j] = sum_l exp(score - m[g]) v_l[j]; score = scale * <q_g, k_l>. p: [G * n] scratch.
-using AttnPartFn = void (*)(const float* q, int G, int dk, int dv, const float* k, size_t ks, const float* v,
-                            size_t vs, int n, float scale, float* p, float* m, float* s, float* o);
+using AttnPartFn = void (*)(const float* q, int G, int dk, int dv, const void* k, size_t ks, const void* v,
+                            size_t vs, int n, float scale, float* p, float* m, float* s, float* o, bool f16);
 
 // Prompt attention of one KV head for nt consecutive tokens at positions p0..p0+nt-1, causal (token t
 // sees keys 0..p0+t): G query heads per token, head g of token t at q + t*qs + g*dk; key l at k + l*ks,
 // value l at v + l*vs; the normalized output of head g of token t goes to o + t*os + g*dv, written
 // after every read of q (o may be q when dv == dk). scratch: attn_prefill_scratch(G * nt, dk, dv) floats.
 // window > 0: a sliding window, token t sees only keys p0+t-window+1 .. p0+t (0: every earlier key).
-using AttnPrefillFn = void (*)(const float* q, size_t qs, int G, int nt, int p0, int dk, int dv, const float* k,
-                               size_t ks, const float* v, size_t vs, float scale, float* o, size_t os,
-                               float* scratch, int window);
+// Keys and values are float32, or f16 when f16 is set (strides in elements).
+using AttnPrefillFn = void (*)(const float* q, size_t qs, int G, int nt, int p0, int dk, int dv, const void* k,
+                               size_t ks, const void* v, size_t vs, float scale, float* o, size_t os,
+                               float* scratch, int window, bool f16);
 constexpr int ATTN_KEY_BLOCK = 32;
 inline size_t attn_prefill_scratch(int rows, int dk, int dv) {
     return (size_t)rows * ATTN_KEY_BLOCK + (size_t)rows * dv + 2 * (size_t)rows + (size_t)ATTN_KEY_BLOCK * (dk + dv);
@@ -47,6 +49,8 @@ inline size_t attn_prefill_scratch(int rows, int dk, int dv) {
 
 // y[i] = the f16 value h[i] as a float, i < n (an f16 cache read in blocks).
 using F16RowFn = void (*)(const uint16_t* h, float* y, size_t n);
+// h[i] = x[i] rounded to f16 (nearest, ties to even), i < n (an f16 cache written).
+using F32ToF16Fn = void (*)(const float* x, uint16_t* h, size_t n);
 
 // out[r] = <w + r*ldw, x> over n floats, r < nr: float32 rows (a router's, a head's small matrix).
 using F32GemvFn = void (*)(const float* w, size_t ldw, int nr, int n, const float* x, float* out);
@@ -61,6 +65,7 @@ struct KernelSet {
     AttnPartFn attn_part;
     AttnPrefillFn attn_prefill;
     F16RowFn f16_to_f32;
+    F32ToF16Fn f32_to_f16;
     F32GemvFn f32_gemv;
     GemmFn gemm[MAX_TYPE_ID];  // indexed by ggml type id; nullptr when unsupported
 };

@@ -648,16 +648,21 @@ void gemm_float(const uint8_t* w, size_t rb, int nr, int n_cols, const uint8_t* 
             out[t * ldo + r] = dot_float<CVT>(w + r * rb, act + t * sizeof(BlockF32), n_cols, nt * sizeof(BlockF32));
 }
 
-void attn_part(const float* q, int G, int dk, int dv, const float* k, size_t ks, const float* v, size_t vs, int n,
-               float scale, float* p, float* m, float* s, float* o) {
+// KV-cache elements: float32, or f16 (uint16_t bits) widened exactly.
+inline float kv1(const float* p) { return *p; }
+inline float kv1(const uint16_t* p) { return fp16_to_fp32(*p); }
+
+template <class KT>
+void attn_part_t(const float* q, int G, int dk, int dv, const KT* k, size_t ks, const KT* v, size_t vs, int n,
+                 float scale, float* p, float* m, float* s, float* o) {
     for (int g = 0; g < G; ++g) {
         const float* qg = q + (size_t)g * dk;
         float* pg = p + (size_t)g * n;
         float mx = -INFINITY;
         for (int l = 0; l < n; ++l) {
-            const float* kl = k + l * ks;
+            const KT* kl = k + l * ks;
             float acc = 0.f;
-            for (int j = 0; j < dk; ++j) acc += qg[j] * kl[j];
+            for (int j = 0; j < dk; ++j) acc += qg[j] * kv1(kl + j);
             pg[l] = acc * scale;
             mx = std::fmax(mx, pg[l]);
         }
@@ -667,16 +672,17 @@ void attn_part(const float* q, int G, int dk, int dv, const float* k, size_t ks,
         for (int l = 0; l < n; ++l) {
             const float e = std::exp(pg[l] - mx);
             sum += e;
-            const float* vl = v + l * vs;
-            for (int j = 0; j < dv; ++j) og[j] += e * vl[j];
+            const KT* vl = v + l * vs;
+            for (int j = 0; j < dv; ++j) og[j] += e * kv1(vl + j);
         }
         m[g] = mx;
         s[g] = sum;
     }
 }
 
-void attn_prefill(const float* q, size_t qs, int G, int nt, int p0, int dk, int dv, const float* k, size_t ks,
-                  const float* v, size_t vs, float scale, float* o, size_t os, float* scratch, int window) {
+template <class KT>
+void attn_prefill_t(const float* q, size_t qs, int G, int nt, int p0, int dk, int dv, const KT* k, size_t ks,
+                    const KT* v, size_t vs, float scale, float* o, size_t os, float* scratch, int window) {
     const int R = G * nt;
     float* O = scratch;  // [R][dv]: every row before any write, since o may be q
     std::vector<float> sc;
@@ -688,7 +694,7 @@ void attn_prefill(const float* q, size_t qs, int G, int nt, int p0, int dk, int 
         sc.assign(n, -INFINITY);
         for (int l = lo; l < n; ++l) {
             float acc = 0.f;
-            for (int j = 0; j < dk; ++j) acc += qr[j] * k[(size_t)l * ks + j];
+            for (int j = 0; j < dk; ++j) acc += qr[j] * kv1(k + (size_t)l * ks + j);
             sc[l] = acc * scale;
             mx = std::fmax(mx, sc[l]);
         }
@@ -698,12 +704,36 @@ void attn_prefill(const float* q, size_t qs, int G, int nt, int p0, int dk, int 
         for (int l = lo; l < n; ++l) {
             const float e = std::exp(sc[l] - mx);
             z += e;
-            for (int c = 0; c < dv; ++c) orow[c] += e * v[(size_t)l * vs + c];
+            for (int c = 0; c < dv; ++c) orow[c] += e * kv1(v + (size_t)l * vs + c);
         }
         for (int c = 0; c < dv; ++c) orow[c] /= z;
     }
     for (int r = 0; r < R; ++r)
         for (int c = 0; c < dv; ++c) o[(size_t)(r / G) * os + (size_t)(r % G) * dv + c] = O[(size_t)r * dv + c];
+}
+
+void attn_part(const float* q, int G, int dk, int dv, const void* k, size_t ks, const void* v, size_t vs, int n,
+               float scale, float* p, float* m, float* s, float* o, bool f16) {
+    if (f16)
+        attn_part_t(q, G, dk, dv, static_cast<const uint16_t*>(k), ks, static_cast<const uint16_t*>(v), vs, n, scale,
+                    p, m, s, o);
+    else
+        attn_part_t(q, G, dk, dv, static_cast<const float*>(k), ks, static_cast<const float*>(v), vs, n, scale, p, m,
+                    s, o);
+}
+
+void attn_prefill(const float* q, size_t qs, int G, int nt, int p0, int dk, int dv, const void* k, size_t ks,
+                  const void* v, size_t vs, float scale, float* o, size_t os, float* scratch, int window, bool f16) {
+    if (f16)
+        attn_prefill_t(q, qs, G, nt, p0, dk, dv, static_cast<const uint16_t*>(k), ks, static_cast<const uint16_t*>(v), vs,
+                       scale, o, os, scratch, window);
+    else
+        attn_prefill_t(q, qs, G, nt, p0, dk, dv, static_cast<const float*>(k), ks, static_cast<const float*>(v), vs,
+                       scale, o, os, scratch, window);
+}
+
+void f32_to_f16_row(const float* x, uint16_t* h, size_t n) {
+    for (size_t i = 0; i < n; ++i) h[i] = fp32_to_fp16(x[i]);
 }
 
 KernelSet make_scalar() {
@@ -717,6 +747,7 @@ KernelSet make_scalar() {
     k.attn_part = attn_part;
     k.attn_prefill = attn_prefill;
     k.f16_to_f32 = f16_row;
+    k.f32_to_f16 = f32_to_f16_row;
     k.f32_gemv = f32_gemv;
     k.gemm[T_Q4_0] = gemm<dot_q4_0, QK32, BlockQ8_0>;
     k.gemm[T_Q4_1] = gemm<dot_q4_1, QK32, BlockQ8_1>;

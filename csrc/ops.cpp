@@ -286,8 +286,11 @@ std::string check_attn(const AttnArgs& a, size_t q_len, size_t k_len, size_t v_l
         return fmt("out has %lld bytes, expected %lld", (long long)out_len, (long long)a.H * a.dv * 4);
     const long long kend = (a.L - 1LL) * a.ks + (a.Hkv - 1LL) * a.khs + a.dk;
     const long long vend = (a.L - 1LL) * a.vs + (a.Hkv - 1LL) * a.vhs + a.dv;
-    if (kend * 4 > (long long)k_len) return fmt("k has %lld floats, the shape and strides reach %lld", (long long)k_len / 4, kend);
-    if (vend * 4 > (long long)v_len) return fmt("v has %lld floats, the shape and strides reach %lld", (long long)v_len / 4, vend);
+    const long long es = a.kv_f16 ? 2 : 4;
+    if (kend * es > (long long)k_len)
+        return fmt("k has %lld elements, the shape and strides reach %lld", (long long)k_len / es, kend);
+    if (vend * es > (long long)v_len)
+        return fmt("v has %lld elements, the shape and strides reach %lld", (long long)v_len / es, vend);
     return "";
 }
 
@@ -314,10 +317,12 @@ public:
         if (phase == 0) {
             const int h = i / nc_, c = i % nc_, l0 = c * chunk_, n = std::min(chunk_, a.L - l0);
             const size_t slot = (size_t)(h * nc_ + c) * G_;
-            active_kernels()->attn_part(a.q + (size_t)h * G_ * a.dk, G_, a.dk, a.dv, a.k + h * a.khs + l0 * a.ks,
-                                        (size_t)a.ks, a.v + h * a.vhs + l0 * a.vs, (size_t)a.vs, n, a.scale,
-                                        scratch((size_t)G_ * n), m_.data() + slot, s_.data() + slot,
-                                        o_.data() + slot * a.dv);
+            const size_t es = a.kv_f16 ? 2 : 4;
+            const char* k = static_cast<const char*>(a.k) + (size_t)(h * a.khs + l0 * a.ks) * es;
+            const char* v = static_cast<const char*>(a.v) + (size_t)(h * a.vhs + l0 * a.vs) * es;
+            active_kernels()->attn_part(a.q + (size_t)h * G_ * a.dk, G_, a.dk, a.dv, k, (size_t)a.ks, v, (size_t)a.vs,
+                                        n, a.scale, scratch((size_t)G_ * n), m_.data() + slot, s_.data() + slot,
+                                        o_.data() + slot * a.dv, a.kv_f16);
             return;
         }
         const int h = i;
@@ -368,8 +373,11 @@ std::string check_attn_prefill(const AttnPrefillArgs& a, size_t q_len, size_t k_
     const long long L = (long long)a.pos0 + a.T;
     const long long kend = (L - 1) * a.ks + (a.Hkv - 1LL) * a.khs + a.dk;
     const long long vend = (L - 1) * a.vs + (a.Hkv - 1LL) * a.vhs + a.dv;
-    if (kend * 4 > (long long)k_len) return fmt("k has %lld floats, the shape and strides reach %lld", (long long)k_len / 4, kend);
-    if (vend * 4 > (long long)v_len) return fmt("v has %lld floats, the shape and strides reach %lld", (long long)v_len / 4, vend);
+    const long long es = a.kv_f16 ? 2 : 4;
+    if (kend * es > (long long)k_len)
+        return fmt("k has %lld elements, the shape and strides reach %lld", (long long)k_len / es, kend);
+    if (vend * es > (long long)v_len)
+        return fmt("v has %lld elements, the shape and strides reach %lld", (long long)v_len / es, vend);
     if (a.out != a.q && a.out < a.q + (a.T - 1LL) * a.qs + (long long)a.H * a.dk && a.q < a.out + (a.T - 1LL) * a.os + (long long)a.H * a.dv)
         return "out overlaps q without being q";
     if (a.out == a.q && (a.dv != a.dk || a.os != a.qs)) return "out may be q only with dv == dk and equal strides";
@@ -393,11 +401,12 @@ public:
         const int h = i % a.Hkv, b = nb_ - 1 - i / a.Hkv;  // the costliest (latest) blocks first
         const int t0 = b * tb_, nt = std::min(tb_, a.T - t0);
         float* sc = scratch(attn_prefill_scratch(G_ * nt, a.dk, a.dv));
+        const size_t es = a.kv_f16 ? 2 : 4;
         active_kernels()->attn_prefill(a.q + (size_t)t0 * a.qs + (size_t)h * G_ * a.dk, (size_t)a.qs, G_, nt,
-                                       a.pos0 + t0, a.dk, a.dv, a.k + (size_t)h * a.khs, (size_t)a.ks,
-                                       a.v + (size_t)h * a.vhs, (size_t)a.vs, a.scale,
-                                       a.out + (size_t)t0 * a.os + (size_t)h * G_ * a.dv, (size_t)a.os, sc,
-                                       a.window);
+                                       a.pos0 + t0, a.dk, a.dv, static_cast<const char*>(a.k) + (size_t)h * a.khs * es,
+                                       (size_t)a.ks, static_cast<const char*>(a.v) + (size_t)h * a.vhs * es,
+                                       (size_t)a.vs, a.scale, a.out + (size_t)t0 * a.os + (size_t)h * G_ * a.dv,
+                                       (size_t)a.os, sc, a.window, a.kv_f16);
     }
 
 private:

@@ -76,15 +76,17 @@ std::string check_moe(const MoeArgs& a, const MoeLens& lens);
 
 // ---- decode attention over a KV cache, split over (KV head, position chunk) on the pool ----
 // out[h] = softmax_l(scale * <q_h, k_l>) . v_l for query heads h (h / (H/Hkv) picks the KV head).
-// Key l of KV head j is at k + l*ks + j*khs (dk floats), value at v + l*vs + j*vhs (dv floats).
+// Key l of KV head j is at k + l*ks + j*khs (dk elements), value at v + l*vs + j*vhs (dv elements);
+// the cache elements are float32, or f16 with kv_f16 (strides in elements).
 struct AttnArgs {
     const float* q;  // [H, dk]
-    const float* k;
-    const float* v;
+    const void* k;
+    const void* v;
     float* out;      // [H, dv]
     int H, Hkv, dk, dv, L;
     long long ks, khs, vs, vhs;
     float scale;
+    bool kv_f16 = false;
 };
 std::string check_attn(const AttnArgs& a, size_t q_len, size_t k_len, size_t v_len, size_t out_len);
 void attn_decode(const AttnArgs& a);
@@ -94,13 +96,14 @@ void attn_decode(const AttnArgs& a);
 // AttnArgs with L = pos0 + T; out [T, H, dv] (token stride os) may be q itself when dv == dk.
 struct AttnPrefillArgs {
     const float* q;
-    const float* k;
-    const float* v;
+    const void* k;
+    const void* v;
     float* out;
     int T, pos0, H, Hkv, dk, dv;
     long long qs, os, ks, khs, vs, vhs;
     float scale;
     int window = 0;  // > 0: sliding window, token t sees keys pos0+t-window+1 .. pos0+t only
+    bool kv_f16 = false;  // f16 keys and values (else float32)
 };
 std::string check_attn_prefill(const AttnPrefillArgs& a, size_t q_len, size_t k_len, size_t v_len, size_t out_len);
 void attn_prefill(const AttnPrefillArgs& a);

@@ -568,7 +568,7 @@ def load(path: str | os.PathLike, threads: int | None = None, *, n_ctx: int | No
          sparse_attn: str | SparseAttnConfig | None = None, plan=None,
          vram: str | int | None = None, stream_min_tokens: int | None = None,
          stages: int | None = None, cluster: str | None = None, repack: bool = False,
-         lm_head: str | None = None, **options) -> Model:
+         lm_head: str | None = None, cache_type: str | None = None, **options) -> Model:
     """Open a GGUF model (single file, or the first part of a split model), or a Hugging Face
     folder (config.json, safetensors shards, tokenizer.json; float or GPTQ/AWQ int4 weights).
 
@@ -594,6 +594,11 @@ def load(path: str | os.PathLike, threads: int | None = None, *, n_ctx: int | No
             lm_head (or the tied embedding table) into Q8_0 at load. GPTQ/AWQ folders usually
             keep it in fp16, and decode reads it whole every token; Q8_0 halves those bytes
             (its effect on the logits: README, Hugging Face folders).
+        cache_type: the KV cache's element type on the CPU: "f16" (half the bytes and memory of
+            "f32"; llama.cpp's default, rounded the same way) or "f32". Default: "f16" where the
+            C++ attention kernels read the cache, "f32" on the torch path (cpu_kernels="torch",
+            kernels not built) and with sparse_attn (its torch ops read the cache). With a GPU
+            tier the plan's cache type applies (hetero_moe.plan(cache_type=...)).
         progress: show a progress bar on stderr while loading.
         sparse_attn: default attention for every call: "off" (dense, the default), "approx"
             (training-free block selection over mean-pooled keys), "nsa" (learned NSA weights
@@ -625,6 +630,9 @@ def load(path: str | os.PathLike, threads: int | None = None, *, n_ctx: int | No
         raise TypeError(f"unknown option(s) for load(): {', '.join(sorted(options))}")
     if cpu_kernels not in ("auto", "torch"):
         raise ValueError(f"cpu_kernels must be 'auto' or 'torch', got {cpu_kernels!r}")
+    if cache_type not in (None, "f16", "f32"):
+        raise ValueError(f"cache_type must be 'f16' or 'f32' (or None: the default), got "
+                         f"{cache_type!r}")
     t0 = time.perf_counter()
     threads = threads or default_threads()
     if threads < 1:
@@ -648,6 +656,10 @@ def load(path: str | os.PathLike, threads: int | None = None, *, n_ctx: int | No
         raise UnsupportedError(f"{path}: sparse_attn mode 'nsa' has no learned weights for "
                                f"Multi-head Latent Attention models ({cfg.arch}); use 'approx'")
     placement, n_ctx = _placement(g, cfg, gpu, plan, vram, n_ctx, sparse, threads)
+    if cache_type is not None and placement.has_gpu and placement.plan.cache_type != cache_type:
+        raise ValueError(f"cache_type={cache_type!r} differs from the GPU plan's "
+                         f"{placement.plan.cache_type!r} cache: plan with cache_type="
+                         f"{cache_type!r} (or leave cache_type out)")
     if stream_min_tokens is not None:
         if stream_min_tokens < 0:
             raise ValueError(f"stream_min_tokens must be >= 0 (0: never), got {stream_min_tokens}")
@@ -670,7 +682,7 @@ def load(path: str | os.PathLike, threads: int | None = None, *, n_ctx: int | No
 
         net = Transformer(cfg, g, placement, n_ctx,
                           KernelOptions(cpu_kernels=cpu_kernels, repack=repack, release=drop), cb,
-                          sparse=sparse)
+                          sparse=sparse, cache_type=cache_type)
     finally:
         if bar is not None:
             bar.close()

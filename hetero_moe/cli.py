@@ -24,6 +24,10 @@ def _add_model_opts(ap: argparse.ArgumentParser) -> None:
                     help="convert Q4_K/Q6_K/Q4_0/Q5_0/Q8_0 weights to the kernels' 16-row "
                          "interleaved layouts at load (same bytes): prompts ~1.5x faster (a3b "
                          "preset, Zen 4), decode as fast")
+    ap.add_argument("--cache-type", choices=["f16", "f32"], default=None,
+                    help="KV cache element type on the CPU (default: f16 with the C++ kernels, "
+                         "half the memory and bytes per decode step; f32 on the torch path and "
+                         "with --sparse)")
     ap.add_argument("--lm-head", choices=["q8_0"], default=None,
                     help="re-quantize a float (fp16/bf16/f32) lm_head into Q8_0 at load: GPTQ/AWQ "
                          "folders keep it in fp16 and decode reads it whole every token")
@@ -167,6 +171,7 @@ def _load(args, path: str):
                             cpu_kernels=args.cpu_kernels, progress=True,
                             repack=getattr(args, "repack", False), sparse_attn=args.sparse, gpu=getattr(args, "gpu", "none"),
                             lm_head=getattr(args, "lm_head", None),
+                            cache_type=getattr(args, "cache_type", None),
                             plan=getattr(args, "plan", None), vram=getattr(args, "vram", None),
                             stream_min_tokens=getattr(args, "stream_min_tokens", None))
     if model.executor is not None:
@@ -293,7 +298,7 @@ def cmd_serve(args) -> int:
     load_options = dict(threads=args.threads, n_ctx=args.ctx_size, cpu_kernels=args.cpu_kernels,
                         repack=args.repack, progress=True, sparse_attn=args.sparse, gpu=args.gpu, plan=args.plan,
                         vram=args.vram, stream_min_tokens=args.stream_min_tokens,
-                        lm_head=args.lm_head)
+                        lm_head=args.lm_head, cache_type=args.cache_type)
     staged = _stage_options(args)
     if staged:
         load_options = dict(threads=args.threads, n_ctx=args.ctx_size, progress=True,
@@ -455,7 +460,7 @@ def cmd_inspect(args) -> int:
 def run_bench(path: str, n_prompt: int = 512, n_gen: int = 64, threads=None, repeats: int = 1,
               cpu_kernels: str = "auto", seed: int = 0, sparse_attn=None, gpu="none", plan=None,
               vram=None, stream_min_tokens=None, repack: bool = False,
-              lm_head: str | None = None) -> dict:
+              lm_head: str | None = None, cache_type: str | None = None) -> dict:
     """Prefill tokens/s on an n_prompt-token prompt and decode tokens/s over n_gen tokens."""
     import numpy as np
     import psutil
@@ -465,7 +470,7 @@ def run_bench(path: str, n_prompt: int = 512, n_gen: int = 64, threads=None, rep
     model = hetero_moe.load(path, threads=threads, n_ctx=None if plan else n_prompt + n_gen + 8,
                             cpu_kernels=cpu_kernels, sparse_attn=sparse_attn, gpu=gpu, plan=plan,
                             vram=vram, stream_min_tokens=stream_min_tokens, repack=repack,
-                            lm_head=lm_head)
+                            lm_head=lm_head, cache_type=cache_type)
     load_s = time.perf_counter() - t0
     rng = np.random.default_rng(seed)
     ids = rng.integers(10, model.config.n_vocab, size=n_prompt).tolist()
@@ -505,7 +510,7 @@ def cmd_bench(args) -> int:
     r = run_bench(args.model, args.n_prompt, args.n_gen, args.threads, args.repeats,
                   args.cpu_kernels, sparse_attn=args.sparse, gpu=args.gpu, plan=args.plan,
                   vram=args.vram, stream_min_tokens=args.stream_min_tokens, repack=args.repack,
-                  lm_head=args.lm_head)
+                  lm_head=args.lm_head, cache_type=args.cache_type)
     if args.json:
         print(json.dumps(r, indent=2))
     else:

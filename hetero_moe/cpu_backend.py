@@ -247,13 +247,17 @@ def matmul_multi(mats, n_cols: int, x: torch.Tensor, outs=None) -> list[torch.Te
     return outs
 
 
+KV_DTYPES = (torch.float32, torch.float16)   # KV-cache element types the attention kernels read
+
+
 def _span_view(name: str, t: torch.Tensor) -> tuple[np.ndarray, int, int]:
-    """A [L, Hkv, d] float32 view (rows and heads may be strided, d contiguous) as one flat numpy
-    buffer from its first to its last element, plus its row and head strides in floats."""
+    """A [L, Hkv, d] float32 or float16 view (rows and heads may be strided, d contiguous) as one
+    flat numpy buffer from its first to its last element, plus its row and head strides in
+    elements."""
     if not isinstance(t, torch.Tensor) or t.dim() != 3:
         raise ValueError(f"{name} must be a 3-D torch.Tensor [L, n_head_kv, dim]")
-    if t.dtype != torch.float32 or not t.is_cpu:
-        raise ValueError(f"{name} must be a float32 CPU tensor, got {t.dtype} on {t.device}")
+    if t.dtype not in KV_DTYPES or not t.is_cpu:
+        raise ValueError(f"{name} must be a float32 or float16 CPU tensor, got {t.dtype} on {t.device}")
     if t.stride(2) != 1 or min(t.stride()) < 0:
         raise ValueError(f"{name} must be contiguous in its last dimension, strides {t.stride()}")
     L, H, d = t.shape
@@ -265,9 +269,9 @@ def _span_view(name: str, t: torch.Tensor) -> tuple[np.ndarray, int, int]:
 def attn_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """One query token's attention over L cached positions -> [H, dv] float32.
 
-    q [H, dk]; k [L, Hkv, dk] and v [L, Hkv, dv] float32 views into a KV cache (contiguous in the
-    last dimension; v may be a prefix of k's rows, as in MLA's latent cache). Query head h reads
-    KV head h // (H / Hkv).
+    q [H, dk] float32; k [L, Hkv, dk] and v [L, Hkv, dv] views into a KV cache, both float32 or
+    both float16 (contiguous in the last dimension; v may be a prefix of k's rows, as in MLA's
+    latent cache). Query head h reads KV head h // (H / Hkv).
     """
     m = _mod if _threads_set else _lib()
     q = _float_tensor("q", q, "[H, dk]")
@@ -276,11 +280,14 @@ def attn_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float)
     L, Hkv, dk = k.shape
     if v.shape[:2] != k.shape[:2]:
         raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} disagree on [L, n_head_kv]")
+    if k.dtype != v.dtype:
+        raise ValueError(f"k ({k.dtype}) and v ({v.dtype}) must have one element type")
     if q.dim() != 2 or q.shape[1] != dk:
         raise ValueError(f"q has shape {tuple(q.shape)}, expected [n_head, dk={dk}]")
     H, dv = q.shape[0], v.shape[2]
     out = np.empty((H, dv), dtype=np.float32)
-    m.attn_decode(q.numpy(), kb, vb, out, H, Hkv, dk, dv, L, ks, khs, vs, vhs, float(scale))
+    m.attn_decode(q.numpy(), kb, vb, out, H, Hkv, dk, dv, L, ks, khs, vs, vhs, float(scale),
+                  k.dtype == torch.float16)
     return torch.from_numpy(out)
 
 
@@ -352,8 +359,8 @@ def attn_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos0: int, s
                  out: torch.Tensor | None = None, window: int = 0) -> torch.Tensor:
     """Causal attention of T prompt tokens at positions pos0.. over the cache -> [T, H, dv].
 
-    q [T, H, dk] float32 (contiguous); k [L, Hkv, dk] and v [L, Hkv, dv] float32 cache views
-    (contiguous in the last dimension), L = pos0 + T. out: [T, H, dv] to write into, which may be
+    q [T, H, dk] float32 (contiguous); k [L, Hkv, dk] and v [L, Hkv, dv] cache views, both float32
+    or both float16 (contiguous in the last dimension), L = pos0 + T. out: [T, H, dv] to write into, which may be
     q itself (when dv == dk): each query block is read in full before its output is written.
     window > 0: a sliding window (the token at position p sees keys p-window+1..p only)."""
     m = _mod if _threads_set else _lib()
@@ -366,12 +373,15 @@ def attn_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos0: int, s
     L, Hkv = k.shape[0], k.shape[1]
     if k.shape[2] != dk or v.shape[:2] != k.shape[:2]:
         raise ValueError(f"k {tuple(k.shape)} / v {tuple(v.shape)} do not match q {tuple(q.shape)}")
+    if k.dtype != v.dtype:
+        raise ValueError(f"k ({k.dtype}) and v ({v.dtype}) must have one element type")
     if L != pos0 + T:
         raise ValueError(f"the cache holds {L} positions, expected pos0 + T = {pos0 + T}")
     dv = v.shape[2]
     y = _out_buffer(out, (T, H, dv))
     m.attn_prefill(q.numpy(), kb, vb, q.numpy() if y is q else y.numpy(), T, int(pos0), H, Hkv,
-                   dk, dv, H * dk, H * dv, ks, khs, vs, vhs, float(scale), int(window))
+                   dk, dv, H * dk, H * dv, ks, khs, vs, vhs, float(scale), int(window),
+                   k.dtype == torch.float16)
     return y
 
 
@@ -382,8 +392,8 @@ def attn_prep(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_store: torch.
     """Attention inputs of T tokens at positions pos0..: q [T, H, Dh], k and v [T, Hkv, Dh]
     float32 get their biases, q/k RMSNorms (qk_norm 1: per head with [Dh] weights, 2: over all
     heads) and RoPE (cos/sin [n_ctx, n_rot/2], NEOX or adjacent pairs) in place, and k and v are
-    written to positions pos0.. of the head-major caches k_store / v_store [Hkv, n_ctx, Dh].
-    Sizes are checked in C++ against the buffers."""
+    written to positions pos0.. of the head-major caches k_store / v_store [Hkv, n_ctx, Dh]
+    (float32, or float16: rounded to nearest even). Sizes are checked in C++ against the buffers."""
     m = _mod if _threads_set else _lib()
     T, H, Dh = q.shape
     Hkv = k.shape[1]
@@ -396,10 +406,19 @@ def attn_prep(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_store: torch.
             return None
         t = _float_tensor(name, t, "")
         return t.numpy()
+
+    def cache(name, t):
+        if not isinstance(t, torch.Tensor) or t.dtype not in KV_DTYPES or not t.is_cpu \
+                or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous float32 or float16 CPU tensor")
+        return t.detach().numpy()
+    if k_store.dtype != v_store.dtype:
+        raise ValueError(f"k_store ({k_store.dtype}) and v_store ({v_store.dtype}) must have one "
+                         f"element type")
     m.attn_prep(buf("q", q), buf("k", k), buf("v", v), *(buf("bias", b) for b in biases),
                 buf("q_norm", q_norm), buf("k_norm", k_norm), buf("cos", cos), buf("sin", sin),
-                buf("k_cache", k_store), buf("v_cache", v_store), T, H, Hkv, Dh, int(n_rot),
-                int(bool(neox)), int(qk_norm), int(pos0), float(eps))
+                cache("k_cache", k_store), cache("v_cache", v_store), T, H, Hkv, Dh, int(n_rot),
+                int(bool(neox)), int(qk_norm), int(pos0), float(eps), k_store.dtype == torch.float16)
 
 
 class Handle:

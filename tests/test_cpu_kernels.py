@@ -504,12 +504,13 @@ def _attn_reference(q, k, v, scale):
 @pytest.mark.parametrize("H,Hkv,dk,dv,L", [
     (32, 4, 128, 128, 1), (32, 4, 128, 128, 300), (9, 3, 64, 64, 1000), (8, 8, 60, 60, 77),
     (16, 2, 192, 128, 65), (7, 7, 8, 8, 5)])
-def test_attn_decode_vs_reference(H, Hkv, dk, dv, L, variant_scope):
+@pytest.mark.parametrize("kv", [torch.float32, torch.float16], ids=["f32", "f16"])
+def test_attn_decode_vs_reference(H, Hkv, dk, dv, L, kv, variant_scope):
     """Every variant against a float64 softmax reference; the cache is a prefix view of a longer
-    buffer, as in the runtime."""
+    buffer, as in the runtime, in float32 or f16 (the reference reads the same f16 values)."""
     g = torch.Generator().manual_seed(L)
-    k = torch.randn(L + 9, Hkv, dk, generator=g)[:L]
-    v = torch.randn(L + 9, Hkv, dv, generator=g)[:L]
+    k = torch.randn(L + 9, Hkv, dk, generator=g).to(kv)[:L]
+    v = torch.randn(L + 9, Hkv, dv, generator=g).to(kv)[:L]
     q = torch.randn(H, dk, generator=g)
     want = _attn_reference(q, k, v, dk ** -0.5)
     for var in _variants():
@@ -542,6 +543,8 @@ def test_attn_decode_bad_inputs():
         cb.attn_decode(torch.randn(4, 64), k.transpose(0, 2).contiguous().transpose(0, 2), k, 0.1)
     with pytest.raises(ValueError, match="float32"):
         cb.attn_decode(torch.randn(4, 64), k.double(), k, 0.1)
+    with pytest.raises(ValueError, match="one element type"):
+        cb.attn_decode(torch.randn(4, 64), k.half(), k, 0.1)
     with pytest.raises(ValueError, match="at least one"):
         cb.attn_decode(torch.randn(4, 64), k[:0], k[:0], 0.1)
 
@@ -587,17 +590,19 @@ def _prefill_reference(q, k, v, pos0, scale):
     (1, 0, 32, 4, 128, 128), (1, 530, 32, 4, 128, 128), (1, 40, 6, 6, 72, 72), (1, 20, 16, 2, 192, 128),
     (1, 15, 8, 8, 20, 20), (1, 63, 64, 2, 64, 64), (1, 77, 14, 2, 64, 64), (1, 33, 6, 3, 48, 48),
     (1, 95, 10, 2, 32, 32)])
-def test_attn_prefill_vs_reference(T, pos0, H, Hkv, dk, dv, variant_scope):
+@pytest.mark.parametrize("kv", [torch.float32, torch.float16], ids=["f32", "f16"])
+def test_attn_prefill_vs_reference(T, pos0, H, Hkv, dk, dv, kv, variant_scope):
     """Every variant against float64 causal attention: odd head dims (not multiples of 8 or 16),
     prompts after a cached prefix, partial key blocks, a lone last row, dv != dk; cache views are
     prefixes of a longer buffer, and with dv == dk the output may overwrite q. T = 1 is the decode
     kernel: up to 8 heads per KV head with dk a whole number of vectors take the one-token scores
     (dot products against the key rows as they lie, 1 to 8 rows here), the others the general
-    path's transposed key blocks."""
+    path's transposed key blocks. An f16 cache (kv) is widened on load: the reference reads the
+    same f16 values."""
     g = torch.Generator().manual_seed(T * 7 + pos0)
     L = pos0 + T
-    k = torch.randn(L + 5, Hkv, dk, generator=g)[:L]
-    v = torch.randn(L + 5, Hkv, dv, generator=g)[:L]
+    k = torch.randn(L + 5, Hkv, dk, generator=g).to(kv)[:L]
+    v = torch.randn(L + 5, Hkv, dv, generator=g).to(kv)[:L]
     q = torch.randn(T, H, dk, generator=g)
     want = _prefill_reference(q, k, v, pos0, dk ** -0.5)
     for var in _variants():
@@ -614,14 +619,16 @@ def test_attn_prefill_vs_reference(T, pos0, H, Hkv, dk, dv, variant_scope):
 @needs_ext
 @pytest.mark.parametrize("T,pos0,H,Hkv,dk,dv", [
     (1, 511, 32, 4, 128, 128), (1, 40, 6, 6, 72, 72), (1, 15, 8, 8, 20, 20), (3, 33, 16, 2, 192, 128),
-    (70, 0, 8, 2, 64, 64), (1, 0, 12, 1, 40, 40)])
-def test_attn_prefill_head_major_cache(T, pos0, H, Hkv, dk, dv, variant_scope):
+    (70, 0, 8, 2, 64, 64), (1, 0, 12, 1, 40, 40), (20, 40, 4, 1, 64, 64)])
+@pytest.mark.parametrize("kv", [torch.float32, torch.float16], ids=["f32", "f16"])
+def test_attn_prefill_head_major_cache(T, pos0, H, Hkv, dk, dv, kv, variant_scope):
     """Caches laid out head by head, [Hkv, n_ctx, d] (the fused decode step's): each head's rows
-    are back to back, so the kernel reads values in place; every variant against float64."""
+    are back to back, so the kernel reads values in place (f16 ones when one row tile reads a
+    block, else widened into scratch once per block); every variant against float64."""
     g = torch.Generator().manual_seed(T + pos0 + dk)
     L = pos0 + T
-    kh = torch.randn(Hkv, L + 9, dk, generator=g)
-    vh = torch.randn(Hkv, L + 9, dv, generator=g)
+    kh = torch.randn(Hkv, L + 9, dk, generator=g).to(kv)
+    vh = torch.randn(Hkv, L + 9, dv, generator=g).to(kv)
     k, v = kh[:, :L].permute(1, 0, 2), vh[:, :L].permute(1, 0, 2)      # [L, Hkv, d] views
     q = torch.randn(T, H, dk, generator=g)
     want = _prefill_reference(q, k, v, pos0, dk ** -0.5)
@@ -636,12 +643,13 @@ def test_attn_prefill_head_major_cache(T, pos0, H, Hkv, dk, dv, variant_scope):
     (100, 0, 4, 1, 64, 8), (40, 70, 4, 1, 64, 33), (65, 3, 8, 2, 72, 64), (1, 90, 4, 1, 32, 5),
     (20, 10, 2, 2, 16, 1), (30, 0, 4, 4, 32, 100), (1, 300, 32, 4, 128, 40), (1, 17, 8, 2, 64, 16),
     (1, 5, 8, 2, 64, 1)])
-def test_attn_prefill_sliding_window(T, pos0, H, Hkv, dk, window, variant_scope):
+@pytest.mark.parametrize("kv", [torch.float32, torch.float16], ids=["f32", "f16"])
+def test_attn_prefill_sliding_window(T, pos0, H, Hkv, dk, window, kv, variant_scope):
     """A sliding window (token at position p sees keys p-window+1..p): windows smaller than a key
     block, not a multiple of it, of one key, and longer than the context; every variant."""
     g = torch.Generator().manual_seed(T + window)
     L = pos0 + T
-    k, v = torch.randn(L, Hkv, dk, generator=g), torch.randn(L, Hkv, dk, generator=g)
+    k, v = torch.randn(L, Hkv, dk, generator=g).to(kv), torch.randn(L, Hkv, dk, generator=g).to(kv)
     q = torch.randn(T, H, dk, generator=g)
     G = H // Hkv
     kk, vv = k.double().repeat_interleave(G, 1), v.double().repeat_interleave(G, 1)
@@ -669,6 +677,8 @@ def test_attn_prefill_bad_inputs():
         cb.attn_prefill(q, k[:8], k[:8], 4, 0.1, out=torch.empty(4, 4, 32))
     with pytest.raises(ValueError, match="float32"):
         cb.attn_prefill(q, k[:8].double(), k[:8], 4, 0.1)
+    with pytest.raises(ValueError, match="one element type"):
+        cb.attn_prefill(q, k[:8], k[:8].half(), 4, 0.1)
     with pytest.raises(ValueError, match="window=-1"):
         cb.attn_prefill(q, k[:8], k[:8], 4, 0.1, window=-1)
 
@@ -676,8 +686,10 @@ def test_attn_prefill_bad_inputs():
 @needs_ext
 @pytest.mark.parametrize("qk_norm", [0, 1, 2])
 @pytest.mark.parametrize("neox", [False, True])
-def test_attn_prep_vs_torch(qk_norm, neox, variant_scope):
-    """Norms, RoPE (partial rotary dims) and the cache write against the per-op torch path."""
+@pytest.mark.parametrize("kv", [torch.float32, torch.float16], ids=["f32", "f16"])
+def test_attn_prep_vs_torch(qk_norm, neox, kv, variant_scope):
+    """Norms, RoPE (partial rotary dims) and the cache write against the per-op torch path; an
+    f16 cache gets the values rounded to nearest even (torch's .half())."""
     from hetero_moe.layers.attention import rms_norm
     T, H, Hkv, Dh, n_rot, pos0, eps = 7, 6, 2, 64, 48, 3, 1e-6
     g = torch.Generator().manual_seed(qk_norm * 2 + neox)
@@ -704,18 +716,28 @@ def test_attn_prep_vs_torch(qk_norm, neox, variant_scope):
         wq = rms_norm(wq.reshape(T, -1), qn, eps).view(T, H, Dh)
         wk = rms_norm(wk.reshape(T, -1), kn, eps).view(T, Hkv, Dh)
     wq, wk = rope(wq), rope(wk)
-    ks, vs = torch.zeros(Hkv, 16, Dh), torch.zeros(Hkv, 16, Dh)     # head-major stores
+    ks, vs = torch.zeros(Hkv, 16, Dh, dtype=kv), torch.zeros(Hkv, 16, Dh, dtype=kv)  # head-major
     kc, vc = ks.transpose(0, 1), vs.transpose(0, 1)                  # [n_ctx, Hkv, Dh] views
-    cb.attn_prep(q, k, v, ks, vs, pos0, q_norm=qn, k_norm=kn, qk_norm=qk_norm, cos=cos, sin=sin,
-                 n_rot=n_rot, neox=neox, eps=eps)
-    torch.testing.assert_close(q, wq, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(kc[pos0:pos0 + T], wk, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(vc[pos0:pos0 + T], v, rtol=0, atol=0)
-    assert not kc[:pos0].any() and not kc[pos0 + T:].any()
+    v_in = v.clone()
+    for var in _variants():
+        variant_scope(var)
+        qq, kk, vv = q.clone(), k.clone(), v.clone()
+        ks.zero_(), vs.zero_()
+        cb.attn_prep(qq, kk, vv, ks, vs, pos0, q_norm=qn, k_norm=kn, qk_norm=qk_norm, cos=cos,
+                     sin=sin, n_rot=n_rot, neox=neox, eps=eps)
+        torch.testing.assert_close(qq, wq, rtol=1e-5, atol=1e-5)
+        if kv == torch.float32:
+            torch.testing.assert_close(kc[pos0:pos0 + T], wk, rtol=1e-5, atol=1e-5)
+        else:   # within one f16 step of the rounded reference (the f32 values agree to 1e-5)
+            torch.testing.assert_close(kc[pos0:pos0 + T].float(), wk.half().float(), rtol=1e-3,
+                                       atol=1e-4)
+        assert torch.equal(vc[pos0:pos0 + T], v_in.to(kv))      # exact, rounded to nearest even
+        assert not kc[:pos0].any() and not kc[pos0 + T:].any()
     with pytest.raises(ValueError, match="k_cache"):
         cb.attn_prep(q, k, v, ks[:, :9], vs[:, :9], pos0 + 5, cos=cos, sin=sin, n_rot=n_rot)
     with pytest.raises(ValueError, match="differ"):
-        cb.attn_prep(q, k, v, ks, torch.zeros(Hkv, 12, Dh), pos0, cos=cos, sin=sin, n_rot=n_rot)
+        cb.attn_prep(q, k, v, ks, torch.zeros(Hkv, 12, Dh, dtype=kv), pos0, cos=cos, sin=sin,
+                     n_rot=n_rot)
     with pytest.raises(ValueError, match="q_norm"):
         cb.attn_prep(q, k, v, ks, vs, pos0, qk_norm=1, k_norm=torch.ones(Dh), cos=cos, sin=sin,
                      n_rot=n_rot)

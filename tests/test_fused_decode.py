@@ -33,8 +33,15 @@ def _step(m, prompt, tok, fused):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_fused_step_equals_per_op_path(llama_cpp, arch):
-    m = hetero_moe.load(tiny_model(arch), threads=2, n_ctx=128)
+@pytest.mark.parametrize("cache", ["f32", "f16"])
+def test_fused_step_equals_per_op_path(llama_cpp, arch, cache):
+    """With an f16 cache a last-bit difference of a key or value between the paths can flip its
+    rounding by one f16 step (2^-11 relative): the rows agree to that step, and the logits of the
+    step that reads them to 5e-3 of their largest (measured up to 1.6e-3)."""
+    m = hetero_moe.load(tiny_model(arch), threads=2, n_ctx=128, cache_type=cache)
+    assert m.net.cache.layers[0].k_store.dtype == {"f32": torch.float32, "f16": torch.float16}[cache]
+    tol = 1e-3 if cache == "f32" else 5e-3
+    row_tol = 1e-4 if cache == "f32" else 1e-3
     V = m.config.n_vocab
     for seed, n in ((0, 1), (1, 17), (2, 90)):
         ids = _ids(n + 1, V, seed)
@@ -43,11 +50,11 @@ def test_fused_step_equals_per_op_path(llama_cpp, arch):
         want, want_rows = _step(m, ids[:-1], ids[-1], fused=False)
         assert m.net.fused is False
         # same kernels and math; only float summation order differs (norms, router, softmax)
-        torch.testing.assert_close(got, want, atol=1e-3 * float(want.abs().max()), rtol=0)
+        torch.testing.assert_close(got, want, atol=tol * float(want.abs().max()), rtol=0)
         assert int(got.argmax()) == int(want.argmax())
         for (gk, gv), (wk, wv) in zip(got_rows, want_rows):
-            torch.testing.assert_close(gk, wk, atol=1e-4, rtol=1e-4)
-            torch.testing.assert_close(gv, wv, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(gk.float(), wk.float(), atol=row_tol, rtol=row_tol)
+            torch.testing.assert_close(gv.float(), wv.float(), atol=row_tol, rtol=row_tol)
 
 
 def test_fused_generation_matches_per_op_greedy(llama_cpp):

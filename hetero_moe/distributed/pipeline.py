@@ -144,7 +144,7 @@ class StagedNet:
         self.executor = None
         self.embed = None
         self.plan = PlacementPlan()
-        per_layer = _cache_bytes_per_token(cfg) // cfg.n_layer
+        per_layer = _cache_bytes_per_token(cfg, cpu_kernels) // cfg.n_layer
         self._bytes_per_token = per_layer * cfg.n_layer
         self._lock = threading.Lock()
         self._closed = False
@@ -402,9 +402,15 @@ def _no_sparse(sparse) -> None:
         raise UnsupportedError("sparse attention does not run on pipeline stages yet")
 
 
-def _cache_bytes_per_token(cfg) -> int:
+def stage_cache_type(cfg, cpu_kernels: str) -> str:
+    """The stages' KV cache element type: f16 (MLA latents always; K/V where the C++ kernels
+    read it), f32 on the torch path."""
+    return "f16" if cfg.mla is not None or cpu_kernels != "torch" else "f32"
+
+
+def _cache_bytes_per_token(cfg, cpu_kernels: str = "auto") -> int:
     from ..runtime.planner import cache_bytes_per_token
-    return cache_bytes_per_token(cfg, "f16" if cfg.mla is not None else "f32")
+    return cache_bytes_per_token(cfg, stage_cache_type(cfg, cpu_kernels))
 
 
 SPREAD_TIMEOUT_S = 60.0       # for a STRICT_SPREAD placement group the cluster could hold
@@ -468,7 +474,7 @@ def load_staged(path, *, stages: int, cluster: str | None = "local", threads: in
     if not 1 <= n_ctx <= (1 << 20):
         raise ValueError(f"n_ctx must be in 1..{1 << 20}, got {n_ctx}")
     split = split_stages(g, cfg, stages, n_ctx=n_ctx, sequences=sequences,
-                         cache_type="f16" if cfg.mla is not None else "f32",
+                         cache_type=stage_cache_type(cfg, cpu_kernels),
                          ram_per_host=ram_per_host, layers=layers)
     if progress:
         print(split.summary(), file=out, flush=True)

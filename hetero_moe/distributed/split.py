@@ -175,8 +175,8 @@ def split_stages(g, cfg, n_stages: int, *, n_ctx: int = 4096, sequences: int = 1
     """Split the model's layers into `n_stages` contiguous stages that balance host RAM
     (weights + KV cache). layers: explicit boundaries [0, b1, ..., L] instead.
 
-    cache_type: the KV cache's element type on the stages (the CPU path keeps float32 K/V;
-    MLA latents f16)."""
+    cache_type: the KV cache's element type on the stages (pipeline.stage_cache_type: f16, f32
+    K/V on the torch path)."""
     import os
     L = cfg.n_layer
     if not isinstance(n_stages, int) or isinstance(n_stages, bool) or n_stages < 1:

@@ -255,8 +255,10 @@ class Stage:
         self.g = StageGGUF(path, spec)
         self.cfg = config_from_gguf(self.g)
         self.g.prefault()      # before the layers: repacked tensors then drop their pages
+        from .pipeline import stage_cache_type
         self.net = Transformer(self.cfg, self.g, plan_placement("none"), n_ctx,
-                               KernelOptions(cpu_kernels=cpu_kernels))
+                               KernelOptions(cpu_kernels=cpu_kernels),
+                               cache_type=stage_cache_type(self.cfg, cpu_kernels))
         self.caches: dict[int, object] = {}
         self._fused = None
         self.trace: collections.deque = collections.deque(maxlen=TRACE_LEN)

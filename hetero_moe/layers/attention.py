@@ -28,8 +28,8 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     The C++ op reads the cache in place on the kernels' thread pool (measured on 2 threads: equal
     to torch's single-thread matmuls at 512-2k cached positions, 14% faster at 8k, 5% faster
     decode end to end); torch's matmuls otherwise."""
-    if CPP_DECODE_ATTENTION and q.is_cpu and q.dtype == keys.dtype == torch.float32 \
-            and _cpu_attention():
+    if CPP_DECODE_ATTENTION and q.is_cpu and q.dtype == torch.float32 \
+            and keys.dtype in CPP_KV_DTYPES and values.dtype == keys.dtype and _cpu_attention():
         from .. import cpu_backend
         return cpu_backend.attn_decode(q.contiguous(), keys, values, scale)
     q, keys, values = same_dtype(q, keys, values)
@@ -51,6 +51,7 @@ def same_dtype(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor):
 
 
 CPP_DECODE_ATTENTION = True
+CPP_KV_DTYPES = (torch.float32, torch.float16)   # cache element types the C++ ops read in place
 CPP_ATTN_PREP = True      # also: prompts' attention through cpu_backend.attn_prefill      # q/k norms, RoPE and the cache write through cpu_backend.attn_prep
 _CPU_ATTN: list[bool] = []
 
@@ -125,13 +126,13 @@ class Attention:
         self._cpp_prep: bool | None = None
 
     def _prep_in_cpp(self, q: torch.Tensor, cache: LayerCache) -> bool:
-        """Whether the C++ pass can prepare this call's q/k/v: CPU float32 tensors, a float32
-        cache and the kernels built (decided once per layer)."""
+        """Whether the C++ pass can prepare this call's q/k/v: CPU float32 tensors, a float32 or
+        f16 cache and the kernels built (decided once per layer)."""
         if self._cpp_prep is None:
             self._cpp_prep = (CPP_ATTN_PREP and _cpu_attention()
                               and self.cfg.qk_norm in _QK_KIND
                               and getattr(cache, "k_store", None) is not None
-                              and cache.k.dtype == torch.float32 and cache.k.is_cpu
+                              and cache.k.dtype in CPP_KV_DTYPES and cache.k.is_cpu
                               and self.rope.cos.is_cpu)
         return self._cpp_prep and q.is_cpu and q.dtype == torch.float32
 
@@ -171,6 +172,8 @@ class Attention:
         if cache.sparse is not None:            # rewritten positions void their compressed blocks
             cache.sparse.truncate(pos0)
         n_sparse = 0 if sparse is None else sparse.sparse_rows(T, L)
+        if n_sparse and keys.dtype != q.dtype:   # sparse attention's torch ops read float32
+            keys, values = keys.to(q.dtype), values.to(q.dtype)
         if n_sparse == T:
             return self.o(sparse_cpu.attend(q, keys, values, pos0, cache, sparse, self.scale,
                                             self.nsa, x))

@@ -117,7 +117,8 @@ class Transformer:
     """Embeddings -> blocks (attention + dense FFN or MoE) -> norm -> lm_head."""
 
     def __init__(self, cfg: ModelConfig, g: GGUFFile, plan: PlacementPlan, n_ctx: int,
-                 options: KernelOptions, progress=None, sparse: SparseAttnConfig | None = None):
+                 options: KernelOptions, progress=None, sparse: SparseAttnConfig | None = None,
+                 cache_type: str | None = None):
         self.cfg, self.plan, self.n_ctx = cfg, plan, n_ctx
         self.sparse = sparse or SparseAttnConfig()   # the default; forward(sparse=) overrides
         self.nsa_missing: str | None = None          # first absent NSA tensor, if any
@@ -222,11 +223,14 @@ class Transformer:
             # sparse attention reads a few blocks of the latent in place: f32, so no call has to
             # convert the whole cache (the dense path's f16 matches llama.cpp's rounding)
             self.cache = LatentKVCache(cfg.n_layer, n_ctx, cfg.mla.latent_dim, plan.gpu_device,
-                                       plan.cache_dtype or (torch.float32 if self.sparse.enabled
-                                                            else torch.float16))
+                                       plan.cache_dtype or (
+                                           self._cpu_cache_dtype(cache_type, options)
+                                           if cache_type is not None else torch.float32
+                                           if self.sparse.enabled else torch.float16))
         else:
             self.cache = KVCache(cfg.n_layer, n_ctx, cfg.n_head_kv, cfg.head_dim,
-                                 plan.gpu_device, plan.cache_dtype or torch.float32)
+                                 plan.gpu_device, plan.cache_dtype
+                                 or self._cpu_cache_dtype(cache_type, options))
         self._main_cache = self.cache                # the cache self.fused is built on
         if plan.has_gpu:
             for i, c in enumerate(self.cache.layers):
@@ -234,6 +238,21 @@ class Transformer:
                     (c.latent,) if hasattr(c, "latent") else (c.k_store, c.v_store)))
             from ..runtime.hetero import HeteroExecutor
             self.executor = HeteroExecutor(self)
+
+    def _cpu_cache_dtype(self, cache_type: str | None, options: KernelOptions) -> torch.dtype:
+        """The CPU KV cache's element type: cache_type's, else f16 where the C++ attention
+        kernels read it (half the bytes per decode step; llama.cpp's default and rounding), f32
+        where torch's ops would have to widen the whole cache on every call (the torch path,
+        sparse attention)."""
+        if cache_type is not None:
+            return {"f16": torch.float16, "f32": torch.float32}[cache_type]
+        if options.cpu_kernels == "torch" or self.sparse.enabled:
+            return torch.float32
+        try:
+            from .. import cpu_backend
+            return torch.float16 if cpu_backend.available() else torch.float32
+        except ImportError:
+            return torch.float32
 
     def _cpu_norm(self) -> bool:
         """Whether the residual stream is on the CPU with the C++ kernels built (norms and

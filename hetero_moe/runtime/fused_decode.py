@@ -55,7 +55,10 @@ class FusedDecode:
             ints += [1, mla.kv_lora, mla.qk_nope, mla.qk_rope, mla.v_head, mla.q_lora,
                      int(net.cache.layers[0].latent.dtype == torch.float16)]
         else:
-            ints += [0] * 7
+            kd = net.cache.layers[0].k_store.dtype
+            if kd not in (torch.float16, torch.float32):
+                raise Unsupported(f"a {kd} KV cache")
+            ints += [0] * 6 + [int(kd == torch.float16)]
         ints += [cfg.n_expert_groups if cfg.n_expert_groups > 1 else 0,
                  cfg.n_group_used if cfg.n_expert_groups > 1 else 0]
         ints += self._buf(rope.cos, "rope cos") + self._buf(rope.sin, "rope sin")
@@ -130,8 +133,8 @@ class FusedDecode:
         ints += [kind]
         ints += self._buf(a.q_norm, f"blk.{i}.attn_q_norm", optional=kind == 0)
         ints += self._buf(a.k_norm, f"blk.{i}.attn_k_norm", optional=kind == 0)
-        ints += self._buf(c.k_store, f"blk.{i} key cache")         # [Hkv, n_ctx, Dh]
-        ints += self._buf(c.v_store, f"blk.{i} value cache")
+        ints += self._buf(c.k_store, f"blk.{i} key cache", cache=True)     # [Hkv, n_ctx, Dh]
+        ints += self._buf(c.v_store, f"blk.{i} value cache", cache=True)
         return ints
 
     def _mla(self, i: int, a, c) -> list[int]:
@@ -169,16 +172,18 @@ class FusedDecode:
         ints += [lat.data_ptr(), lat.numel() * lat.element_size()]
         return ints
 
-    def _buf(self, t, what: str, optional: bool = False) -> list[int]:
+    def _buf(self, t, what: str, optional: bool = False, cache: bool = False) -> list[int]:
+        """cache: a KV cache (float32 or f16, the element type the description's header says)."""
         if t is None:
             if not optional:
                 raise Unsupported(f"{what} is missing")
             return [0, 0]
-        if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.device.type != "cpu" \
+        types = (torch.float32, torch.float16) if cache else (torch.float32,)
+        if not isinstance(t, torch.Tensor) or t.dtype not in types or t.device.type != "cpu" \
                 or not t.is_contiguous():
             raise Unsupported(f"{what} is not a contiguous float32 CPU tensor")
         self._keep.append(t)
-        return [t.data_ptr(), t.numel() * 4]
+        return [t.data_ptr(), t.numel() * t.element_size()]
 
     def _mat(self, lin: QuantLinear) -> list[int]:
         if not isinstance(lin.method, CpuKernelMethod):
@@ -238,12 +243,13 @@ class FusedDecode:
                     rows.append([lat.data_ptr(), n, lat.data_ptr(), n])
                     continue
                 for t, what in ((c.k_store, "key"), (c.v_store, "value")):
-                    if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or \
+                    if not isinstance(t, torch.Tensor) or t.dtype not in (torch.float32,
+                                                                          torch.float16) or \
                             t.device.type != "cpu" or not t.is_contiguous():
-                        raise Unsupported(f"blk.{i} {what} cache is not a contiguous float32 CPU "
-                                          f"tensor")
-                rows.append([c.k_store.data_ptr(), c.k_store.numel() * 4,
-                             c.v_store.data_ptr(), c.v_store.numel() * 4])
+                        raise Unsupported(f"blk.{i} {what} cache is not a contiguous float32 or "
+                                          f"f16 CPU tensor")
+                rows.append([c.k_store.data_ptr(), c.k_store.numel() * c.k_store.element_size(),
+                             c.v_store.data_ptr(), c.v_store.numel() * c.v_store.element_size()])
             a = cache._fused_addrs = np.asarray(rows, dtype=np.int64)
         return a
 
