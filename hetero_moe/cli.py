@@ -571,7 +571,7 @@ def cmd_profile(args) -> int:
     if not prompts:
         raise HeteroMoEError(f"{args.prompts} has no prompts (one per line)")
     model = hetero_moe.load(path, threads=args.threads, n_ctx=args.ctx_size, gpu="none",
-                            progress=True)
+                            progress=True, cache_type=args.cache_type)
     if not model.config.is_moe:
         raise HeteroMoEError(f"{path} has no routed experts to profile")
     moes = [(i, b.ffn) for i, b in enumerate(model.net.blocks) if hasattr(b.ffn, "router")]
