@@ -573,8 +573,8 @@ float dot_q6_k_r16(const uint8_t* g, int i, const uint8_t* a, int nb, size_t as)
                 for (int h = 0; h < 2; ++h) {  // the 16-value group 8n + 2m + h
                     int s = 0;
                     for (int l = 16 * h; l < 16 * h + 16; ++l) {
-                        const int lo = (x[b].ql[n][m % 2][l / 4][i][l % 4] >> (4 * (m / 2))) & 15;
-                        const int hi = (x[b].qh[n][l / 4][i][l % 4] >> (2 * m)) & 3;
+                        const int lo = (x[b].ql(n, m % 2, l / 4, i)[l % 4] >> (4 * (m / 2))) & 15;
+                        const int hi = (x[b].qh(n, l / 4, i)[l % 4] >> (2 * m)) & 3;
                         s += ((lo | hi << 4) - 32) * y[b].qs[128 * n + 32 * m + l];
                     }
                     const int grp = 8 * n + 2 * m + h;
@@ -878,9 +878,9 @@ void repack_q6_k_r16(const uint8_t* src, int n_cols, int r0, int r1, uint8_t* ds
                 for (int g = 0; g < 16; ++g) o.scales[g / 2][i][g % 2] = x.scales[g];
                 for (int n = 0; n < 2; ++n)
                     for (int c = 0; c < 8; ++c) {
-                        std::memcpy(o.ql[n][0][c][i], x.ql + 64 * n + 4 * c, 4);
-                        std::memcpy(o.ql[n][1][c][i], x.ql + 64 * n + 32 + 4 * c, 4);
-                        std::memcpy(o.qh[n][c][i], x.qh + 32 * n + 4 * c, 4);
+                        std::memcpy(o.ql(n, 0, c, i), x.ql + 64 * n + 4 * c, 4);
+                        std::memcpy(o.ql(n, 1, c, i), x.ql + 64 * n + 32 + 4 * c, 4);
+                        std::memcpy(o.qh(n, c, i), x.qh + 32 * n + 4 * c, 4);
                     }
             }
         }
@@ -900,9 +900,9 @@ void unpack_q6_k_r16(const uint8_t* src, int n_cols, int r0, int r1, uint8_t* ds
                 for (int k = 0; k < 16; ++k) x.scales[k] = g.scales[k / 2][i][k % 2];
                 for (int n = 0; n < 2; ++n)
                     for (int c = 0; c < 8; ++c) {
-                        std::memcpy(x.ql + 64 * n + 4 * c, g.ql[n][0][c][i], 4);
-                        std::memcpy(x.ql + 64 * n + 32 + 4 * c, g.ql[n][1][c][i], 4);
-                        std::memcpy(x.qh + 32 * n + 4 * c, g.qh[n][c][i], 4);
+                        std::memcpy(x.ql + 64 * n + 4 * c, g.ql(n, 0, c, i), 4);
+                        std::memcpy(x.ql + 64 * n + 32 + 4 * c, g.ql(n, 1, c, i), 4);
+                        std::memcpy(x.qh + 32 * n + 4 * c, g.qh(n, c, i), 4);
                     }
             }
         }

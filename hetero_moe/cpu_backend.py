@@ -347,7 +347,8 @@ def _huge_buffer(n: int) -> np.ndarray:
     and the weight stream of every token walks far fewer TLB entries."""
     if n < HUGE_MIN or not hasattr(mmap, "MADV_HUGEPAGE"):
         return np.empty(n, dtype=np.uint8)
-    mm = mmap.mmap(-1, n)
+    # private: a shared anonymous mapping is shmem, whose huge pages most systems turn off
+    mm = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     try:
         mm.madvise(mmap.MADV_HUGEPAGE)
     except OSError:

@@ -118,8 +118,9 @@ def test_repack_q6_k_layout_by_hand():
     d = r16[0:32].view(np.float16).astype(np.float64)               # d[16]
     np.testing.assert_array_equal(r16[0:32].view(np.uint16), w[:, 208:210].copy().view(np.uint16)[:, 0])
     scales = r16[32:288].view(np.int8).reshape(8, 16, 2)            # [pair, row, e]
-    ql = r16[288:2336].reshape(2, 2, 8, 16, 4)                      # [n, m % 2, c, row, byte]
-    qh = r16[2336:].reshape(2, 8, 16, 4)                            # [n, c, row, byte]
+    q = r16[288:].reshape(2, 2, 4, 3, 16, 4)                       # [n, c // 4, c % 4, slot, row, byte]
+    ql = q[:, :, :, [0, 2]].transpose(0, 3, 1, 2, 4, 5).reshape(2, 2, 8, 16, 4)  # [n, m % 2, c, row, byte]
+    qh = q[:, :, :, 1].reshape(2, 8, 16, 4)                         # [n, c, row, byte]
     for i in range(16):
         for n in range(2):
             for m in range(4):
