@@ -17,8 +17,9 @@ over time as a fraction of measured read bandwidth.
 
 --depth also measures decode after that many cached positions (long context), for each engine.
 
---repack adds our runtime with Q4_K weights repacked at load (load(repack=True)) as an engine of
-its own, to measure what the row-interleaved layout gains on this CPU.
+--repack adds our runtime with its weights repacked at load (load(repack=True): Q4_K, Q6_K, Q8_0,
+Q4_0 and Q5_0 in 16-row interleaved layouts) as an engine of its own, the counterpart of ik_llama.cpp's
+`-rtr 1`.
 --ik-bench PATH adds ik_llama.cpp as a third engine, twice: as is and with run-time repacking
 (`-rtr 1`), through its own `llama-bench` (PATH; built from ik_llama.cpp's source, see README), on
 the same file and threads; absent, those columns are left out. Its decode is llama-bench's
@@ -91,11 +92,11 @@ def _child(engine: str, path: str, threads: int, n_prompt: int, n_gen: int,
     rng = np.random.default_rng(0)
     n_ctx = max([n_prompt] + depths) + n_gen + 8
     at = {}
-    if engine in ("hetero-moe", PLAIN):
+    if engine in ("hetero-moe", REPACKED):
         import hetero_moe
         import hetero_moe.api    # noqa: F401 (load's imports, torch's included, before measuring)
         imports = _rss("VmRSS")
-        m = hetero_moe.load(path, threads=threads, n_ctx=n_ctx, repack=engine == PLAIN)
+        m = hetero_moe.load(path, threads=threads, n_ctx=n_ctx, repack=engine == REPACKED)
         ids = rng.integers(10, m.config.n_vocab, size=n_prompt).tolist()
         m.eval(ids[:8], 0)                                   # warm-up
         t0 = time.perf_counter()
@@ -169,7 +170,7 @@ def _child(engine: str, path: str, threads: int, n_prompt: int, n_gen: int,
 
 
 IK_ENGINES = {"ik_llama.cpp": 0, "ik_llama.cpp -rtr": 1}
-PLAIN = "hetero-moe --repack"     # --repack: ours with weights repacked at load (Q4_K_R16, Q6_K_R16)
+REPACKED = "hetero-moe --repack"  # --repack: ours with weights repacked at load (*_R16 layouts)
 
 
 def run_ik(bench: str, rtr: int, path, threads, n_prompt, n_gen, depths=()) -> dict:
@@ -243,8 +244,8 @@ def main() -> None:
                          "(e.g. 8192,32768)")
     ap.add_argument("--ik-bench", metavar="PATH", default="",
                     help="ik_llama.cpp's llama-bench: adds it as an engine, as is and with -rtr 1")
-    ap.add_argument("--repack", dest="plain", action="store_true",
-                    help=f"also run hetero-moe with Q4_K repacked at load ({PLAIN!r})")
+    ap.add_argument("--repack", action="store_true",
+                    help=f"also run hetero-moe with its weights repacked at load ({REPACKED!r})")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -263,7 +264,7 @@ def main() -> None:
         raise SystemExit(f"--ik-bench {a.ik_bench!r} is not an executable llama-bench")
     quants = [q.strip() for q in a.quant.split(",") if q.strip()]
     paths = {q: resolve_model(a.model, a.layers, q) for q in quants}
-    engines = ["hetero-moe"] + ([PLAIN] if a.plain else []) + ["llama.cpp"] \
+    engines = ["hetero-moe"] + ([REPACKED] if a.repack else []) + ["llama.cpp"] \
         + (list(IK_ENGINES) if a.ik_bench else [])
     runs = {q: {e: [] for e in engines} for q in quants}
     cpu = cpu_facts()
@@ -358,11 +359,11 @@ def summarize(path: str, runs: dict, a, bw) -> dict:
                                   / med["llama.cpp"][f"decode_tps@{d}"] for d in a.depths},
         "decode_bytes_per_token": bpt, "read_bandwidth_gbs": bw,
     }
-    for ours, key in (("hetero-moe", "ratios"), (PLAIN, "ratios_repack")):
+    for ours, key in (("hetero-moe", "ratios"), (REPACKED, "ratios_repack")):
         if ours not in runs:
             continue
         for e in runs:          # every peer's ratios (ours / theirs)
-            if e not in ("hetero-moe", PLAIN):
+            if e not in ("hetero-moe", REPACKED):
                 out.setdefault(key, {})[e] = {
                     "prefill": med[ours]["prefill_tps"] / med[e]["prefill_tps"],
                     "decode": med[ours]["decode_tps"] / med[e]["decode_tps"],

@@ -435,7 +435,7 @@ void head_gemv(const QMat& M, int h, const float* x, float* y) {
 
 // Absorbed queries q [H, C+R] over the latent cache's positions [0, n) -> out [H, C] (softmax-weighted sums
 // of the latents' first C dims): flash-decoding over position splits on the pool, 64 positions at a time
-// (an f16 cache is widened one such block at a time).
+// (an f16 cache read as it lies, widened in the kernel's registers).
 void latent_attend(const DecodeModel& m, const float* q, const void* latent, int n, float* out, std::vector<float>& state) {
     const KernelSet* ks = active_kernels();
     const int H = m.H, C = m.C, CR = m.C + m.R, blk = 64;
@@ -447,21 +447,16 @@ void latent_attend(const DecodeModel& m, const float* q, const void* latent, int
         const int b0 = (int)((long long)n_blk * sp / n_split), b1 = (int)((long long)n_blk * (sp + 1) / n_split);
         float* M = state.data() + per * sp;
         float *S = M + H, *O = S + H;
-        thread_local std::vector<float> kbuf, p, bm, bs, bo;
-        kbuf.resize((size_t)blk * CR), p.resize((size_t)H * blk), bm.resize(H), bs.resize(H), bo.resize((size_t)H * C);
+        thread_local std::vector<float> p, bm, bs, bo;
+        p.resize((size_t)H * blk), bm.resize(H), bs.resize(H), bo.resize((size_t)H * C);
         for (int h = 0; h < H; ++h) M[h] = -INFINITY, S[h] = 0.f;
         std::fill(O, O + (size_t)H * C, 0.f);
         for (int bi = b0; bi < b1; ++bi) {
             const int j0 = bi * blk, nj = std::min(blk, n - j0);
-            const float* kb;
-            if (m.latent_f16) {
-                ks->f16_to_f32(static_cast<const uint16_t*>(latent) + (size_t)j0 * CR, kbuf.data(), (size_t)nj * CR);
-                kb = kbuf.data();
-            } else {
-                kb = static_cast<const float*>(latent) + (size_t)j0 * CR;
-            }
+            const void* kb = m.latent_f16 ? static_cast<const void*>(static_cast<const uint16_t*>(latent) + (size_t)j0 * CR)
+                                          : static_cast<const void*>(static_cast<const float*>(latent) + (size_t)j0 * CR);
             ks->attn_part(q, H, CR, C, kb, CR, kb, CR, nj, m.attn_scale, p.data(), bm.data(), bs.data(), bo.data(),
-                          false);
+                          m.latent_f16);
             for (int h = 0; h < H; ++h) {  // merge this block into the split's running state
                 const float mx = std::max(M[h], bm[h]);
                 const float a = std::exp(M[h] - mx), c = std::exp(bm[h] - mx);
@@ -533,8 +528,13 @@ void mla_attention(const DecodeModel& m, int l, const Caches& cs, Buffers& b, fl
         float* qa = b.qabs.data() + ((size_t)r * H + h) * CR;
         head_gemv(L.k_b, h, qh, qa);
         std::copy(qh + N, qh + Dq, qa + C);
-        if (m.latent_f16)  // the query meets an f16 cache in f16, as llama.cpp's matmul does
-            for (int i = 0; i < CR; ++i) qa[i] = fp16_to_fp32(fp32_to_fp16(qa[i]));
+        if (m.latent_f16) {  // the query meets an f16 cache in f16, as llama.cpp's matmul does
+            thread_local std::vector<uint16_t> h16;
+            h16.resize(CR);
+            const KernelSet* ks = active_kernels();
+            ks->f32_to_f16(qa, h16.data(), (size_t)CR);
+            ks->f16_to_f32(h16.data(), qa, (size_t)CR);
+        }
     });
     tm.next(PART_ATTN);
     for (int r = 0; r < B; ++r) {

@@ -86,10 +86,9 @@ void unpack_q6_k_r16(const uint8_t* src, int n_cols, int r0, int r1, uint8_t* ds
 // The same for Q4_0 / Q5_0 / Q8_0 (type: the plain one) and their _R16 layouts (the row bytes unchanged).
 void repack_32_r16(int type, const uint8_t* src, int n_cols, int r0, int r1, uint8_t* dst);
 void unpack_32_r16(int type, const uint8_t* src, int n_cols, int r0, int r1, uint8_t* dst);
-// Software prefetch of the Q4_K_R16 and Q6_K_R16 kernels: a call of at least this many tokens
-// prefetches ahead while its first pass streams a 16-row group; fewer tokens (decode) leave the stream
-// to the hardware prefetcher, which reads faster alone there. (The 32-value _R16 kernels always
-// prefetch: their one-pass GEMV is faster with it.)
+// Software prefetch of the _R16 kernels: a call of at least this many tokens prefetches ahead while
+// its first pass streams a 16-row group; fewer tokens (decode) leave the stream to the hardware
+// prefetcher, which reads faster alone there (each layout is read front to back).
 extern int r16_prefetch_min_tokens;
 const KernelSet* kernels_avx2();    // nullptr if the compiler could not build it
 const KernelSet* kernels_avx512();  // nullptr if the compiler could not build it
