@@ -17,9 +17,10 @@ over time as a fraction of measured read bandwidth.
 
 --depth also measures decode after that many cached positions (long context), for each engine.
 
---repack adds our runtime with its weights repacked at load (load(repack=True): Q4_K, Q6_K, Q8_0,
-Q4_0 and Q5_0 in 16-row interleaved layouts) as an engine of its own, the counterpart of ik_llama.cpp's
-`-rtr 1`.
+hetero-moe runs as load() does by default (repack="auto": on a CPU whose kernels have them, the
+weights converted at load to 16-row interleaved layouts, the counterpart of ik_llama.cpp's
+`-rtr 1`; the JSON's "repack" says what was done). --plain adds it with the file's layout as mapped
+(load(repack="off")) as an engine of its own.
 --ik-bench PATH adds ik_llama.cpp as a third engine, twice: as is and with run-time repacking
 (`-rtr 1`), through its own `llama-bench` (PATH; built from ik_llama.cpp's source, see README), on
 the same file and threads; absent, those columns are left out. Its decode is llama-bench's
@@ -92,11 +93,14 @@ def _child(engine: str, path: str, threads: int, n_prompt: int, n_gen: int,
     rng = np.random.default_rng(0)
     n_ctx = max([n_prompt] + depths) + n_gen + 8
     at = {}
-    if engine in ("hetero-moe", REPACKED):
+    repack = None
+    if engine in ("hetero-moe", PLAIN):
         import hetero_moe
         import hetero_moe.api    # noqa: F401 (load's imports, torch's included, before measuring)
         imports = _rss("VmRSS")
-        m = hetero_moe.load(path, threads=threads, n_ctx=n_ctx, repack=engine == REPACKED)
+        m = hetero_moe.load(path, threads=threads, n_ctx=n_ctx,
+                            repack="off" if engine == PLAIN else "auto")
+        repack = {k: m.repack[k] for k in ("on", "why", "tensors", "bytes")}
         ids = rng.integers(10, m.config.n_vocab, size=n_prompt).tolist()
         m.eval(ids[:8], 0)                                   # warm-up
         t0 = time.perf_counter()
@@ -164,13 +168,15 @@ def _child(engine: str, path: str, threads: int, n_prompt: int, n_gen: int,
     peak = _rss("VmHWM")
     out = {"prefill_tps": n_prompt / pre, "decode_tps": n_gen / dec, "decode_empty_tps": n_gen / empty,
            "peak_rss": peak, "import_rss": imports}
+    if repack is not None:
+        out["repack"] = repack
     for d, v in at.items():
         out[f"decode_tps@{d}"] = v
     return out
 
 
 IK_ENGINES = {"ik_llama.cpp": 0, "ik_llama.cpp -rtr": 1}
-REPACKED = "hetero-moe --repack"  # --repack: ours with weights repacked at load (*_R16 layouts)
+PLAIN = "hetero-moe --repack off"  # --plain: ours on the file's layout (no 16-row repacking)
 
 
 def run_ik(bench: str, rtr: int, path, threads, n_prompt, n_gen, depths=()) -> dict:
@@ -244,8 +250,8 @@ def main() -> None:
                          "(e.g. 8192,32768)")
     ap.add_argument("--ik-bench", metavar="PATH", default="",
                     help="ik_llama.cpp's llama-bench: adds it as an engine, as is and with -rtr 1")
-    ap.add_argument("--repack", action="store_true",
-                    help=f"also run hetero-moe with its weights repacked at load ({REPACKED!r})")
+    ap.add_argument("--plain", action="store_true",
+                    help=f"also run hetero-moe on the file's layout, not repacked at load ({PLAIN!r})")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -264,7 +270,7 @@ def main() -> None:
         raise SystemExit(f"--ik-bench {a.ik_bench!r} is not an executable llama-bench")
     quants = [q.strip() for q in a.quant.split(",") if q.strip()]
     paths = {q: resolve_model(a.model, a.layers, q) for q in quants}
-    engines = ["hetero-moe"] + ([REPACKED] if a.repack else []) + ["llama.cpp"] \
+    engines = ["hetero-moe"] + ([PLAIN] if a.plain else []) + ["llama.cpp"] \
         + (list(IK_ENGINES) if a.ik_bench else [])
     runs = {q: {e: [] for e in engines} for q in quants}
     cpu = cpu_facts()
@@ -346,7 +352,8 @@ def cpu_facts() -> dict:
 
 
 def summarize(path: str, runs: dict, a, bw) -> dict:
-    med = {e: {k: statistics.median(x[k] for x in v) for k in v[0]} for e, v in runs.items()}
+    med = {e: {k: statistics.median(x[k] for x in v) for k in v[0] if k != "repack"}
+           for e, v in runs.items()}
     size = os.path.getsize(path)
     bpt = decode_bytes_per_token(path)
     out = {
@@ -358,12 +365,13 @@ def summarize(path: str, runs: dict, a, bw) -> dict:
         "decode_ratio_at_depth": {d: med["hetero-moe"][f"decode_tps@{d}"]
                                   / med["llama.cpp"][f"decode_tps@{d}"] for d in a.depths},
         "decode_bytes_per_token": bpt, "read_bandwidth_gbs": bw,
+        "repack": runs["hetero-moe"][0].get("repack"),     # what load(repack="auto") did
     }
-    for ours, key in (("hetero-moe", "ratios"), (REPACKED, "ratios_repack")):
+    for ours, key in (("hetero-moe", "ratios"), (PLAIN, "ratios_plain")):
         if ours not in runs:
             continue
         for e in runs:          # every peer's ratios (ours / theirs)
-            if e not in ("hetero-moe", REPACKED):
+            if e not in ("hetero-moe", PLAIN):
                 out.setdefault(key, {})[e] = {
                     "prefill": med[ours]["prefill_tps"] / med[e]["prefill_tps"],
                     "decode": med[ours]["decode_tps"] / med[e]["decode_tps"],
@@ -387,11 +395,16 @@ def report(out: dict, a) -> None:
         print(f"{e:32s}{med[e]['prefill_tps']:15.1f}{med[e]['decode_tps']:15.1f}"
               f"{med[e]['decode_empty_tps']:15.1f}{med[e]['peak_rss'] / size:15.2f}"
               + (f"{imp / size:14.2f}" if imp else ""))
-    for key, label in (("ratios", "ratio vs "), ("ratios_repack", "--repack vs ")):
+    for key, label in (("ratios", "ratio vs "), ("ratios_plain", "--repack off vs ")):
         for e, r in out.get(key, {}).items():
             print(f"{label + e:32s}{r['prefill']:15.2f}{r['decode']:15.2f}{r['decode_empty']:15.2f}")
     print(f"CPU: {out['cpu']['model']} ({out['cpu']['flags']}); hetero-moe kernels: "
           f"{out['cpu']['variant']}")
+    rp = out.get("repack")
+    if rp:
+        print(f"hetero-moe repack (auto): " + (f"{rp['tensors']} tensors, {rp['bytes'] / 2**20:.0f} "
+                                              f"MiB in 16-row layouts" if rp["on"] else "off")
+              + f" ({rp['why']})")
     for d in a.depths:
         print(f"decode after {d} cached positions: " + ", ".join(
             f"{e} {med[e][f'decode_tps@{d}']:.1f} tok/s" for e in med) + "; ours / theirs: " +

@@ -2,7 +2,7 @@
 cache, routing, lm_head and everything else, in ms per token.
 
     python benchmarks/profile_decode.py [--model qwen3moe-a3b] [--threads 2] [--ctx 512] [--json]
-        [--per-op] [--batch 1,2,4,8] [--repack]
+        [--per-op] [--batch 1,2,4,8] [--repack auto|on|off]
 
 By default decode runs as one C++ step per token (runtime/fused_decode.py), which times its parts
 itself; "Python" is the token's total minus the step (embedding row, call, sampling). --per-op
@@ -37,7 +37,8 @@ def main(argv=None) -> int:
     ap.add_argument("--per-op", action="store_true", help="profile the per-op path")
     ap.add_argument("--batch", help="batched decode: comma-separated sequence counts, e.g. 1,2,4,8")
     ap.add_argument("--rounds", type=int, default=3, help="--batch rounds (3)")
-    ap.add_argument("--repack", action="store_true", help="load with repack=True (row-interleaved weights)")
+    ap.add_argument("--repack", choices=["auto", "on", "off"], default="auto",
+                    help="load(repack=...): the 16-row interleaved layouts (auto: as load's default)")
     args = ap.parse_args(argv)
     if args.per_op:
         os.environ["HETERO_MOE_FUSED_DECODE"] = "0"

@@ -12,7 +12,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .config_env import default_threads, malloc_tuning
+from .config_env import default_repack, default_threads, malloc_tuning
 from .errors import ContextLengthError, HeteroMoEError, MissingTensorError, UnsupportedError
 from .gguf import GGUFFile
 from .layers.linear import KernelOptions
@@ -104,6 +104,8 @@ class Model:
         config: the typed hyper-parameters (`ModelConfig`).
         path: the GGUF file (first part of a split model).
         n_ctx: the context window this instance was created with.
+        repack: what load(repack=...) did: {"mode", "on", "why", "tensors", "bytes"} (the
+            tensors converted to the kernels' 16-row layouts and their bytes).
     """
 
     def __init__(self, gguf: GGUFFile, config: ModelConfig, net: Transformer, threads: int,
@@ -122,6 +124,7 @@ class Model:
         self._owner_thread: int | None = None
         self._closed = False
         self.last_completion: Completion | None = None
+        self.repack: dict = {"mode": "off", "on": False, "why": "", "tensors": 0, "bytes": 0}
 
     # -- one model, many callers -----------------------------------------------------------------
     @contextmanager
@@ -567,7 +570,7 @@ def load(path: str | os.PathLike, threads: int | None = None, *, n_ctx: int | No
          gpu: str | bool = "auto", cpu_kernels: str = "auto", progress: bool = False,
          sparse_attn: str | SparseAttnConfig | None = None, plan=None,
          vram: str | int | None = None, stream_min_tokens: int | None = None,
-         stages: int | None = None, cluster: str | None = None, repack: bool = False,
+         stages: int | None = None, cluster: str | None = None, repack: bool | str | None = None,
          lm_head: str | None = None, cache_type: str | None = None, **options) -> Model:
     """Open a GGUF model (single file, or the first part of a split model), or a Hugging Face
     folder (config.json, safetensors shards, tokenizer.json; float or GPTQ/AWQ int4 weights).
@@ -586,11 +589,15 @@ def load(path: str | os.PathLike, threads: int | None = None, *, n_ctx: int | No
             the cold experts they hit to the GPU instead of running them on the CPU (default
             (experts / experts per token) * 32; 0: never).
         cpu_kernels: "auto" (C++ quantized kernels when built) or "torch" (reference path).
-        repack: convert the weights the C++ kernels have a 16-row interleaved layout for (Q4_0,
-            Q5_0; Q4_K, Q6_K and Q8_0 where the kernels have VNNI) to it at load (same bytes; the
-            copy replaces the mapped pages, so memory stays ~the file size). Prompts run ~1.7x
-            and decode ~1.35x faster (a3b preset, Zen 4); off by default for the conversion at
-            load (~1 GB/s on 2 threads).
+        repack: "auto" (default; HETERO_MOE_REPACK sets another), "on"/True or "off"/False: convert the CPU's weights that the
+            C++ kernels have a 16-row interleaved layout for (Q4_0, Q5_0; Q4_K, Q6_K and Q8_0
+            where the kernels have VNNI) to it at load (same bytes; the copy replaces the mapped
+            pages, so memory stays ~the file size). Prompts run ~1.7x and decode ~1.35x faster
+            (a3b preset, Zen 4) for ~1 s per GB at load (2 threads). "auto" repacks when the C++
+            kernels run and the copies fit in the memory available now with room to spare
+            (else the weights stay mapped from the file, which also runs models larger than
+            RAM) and no GPU tier runs (its expert uploads read the file's blocks); Model.repack
+            says what was done and why.
         lm_head: None (default: as stored) or "q8_0": re-quantize a float (F32/F16/BF16)
             lm_head (or the tied embedding table) into Q8_0 at load. GPTQ/AWQ folders usually
             keep it in fp16, and decode reads it whole every token; Q8_0 halves those bytes
@@ -617,16 +624,20 @@ def load(path: str | os.PathLike, threads: int | None = None, *, n_ctx: int | No
         MissingTensorError / MissingKeyError: the file lacks what its architecture needs.
         UnsupportedError: unknown architecture or tensor type.
     """
+    repack_mode = {True: "on", False: "off", None: default_repack()}.get(repack, repack) \
+        if isinstance(repack, (bool, type(None))) else repack
+    if repack_mode not in ("auto", "on", "off"):
+        raise ValueError(f"repack must be 'auto', 'on' or 'off' (or a bool), got {repack!r}")
     if stages is not None or cluster is not None:
         from .distributed import load_staged
         if gpu not in ("auto", "none", False, None) or plan is not None or sparse_attn not in (
-                None, "off") or repack or lm_head is not None:
+                None, "off") or lm_head is not None:
             raise UnsupportedError("pipeline stages run on the CPU with dense attention and "
-                                   "the mapped weights: drop gpu=, plan=, sparse_attn=, "
-                                   "repack= and lm_head= (or stages=)")
+                                   "the file's weights: drop gpu=, plan=, sparse_attn= and "
+                                   "lm_head= (or stages=)")
         return load_staged(path, stages=1 if stages is None else stages, cluster=cluster,
                            threads=threads, n_ctx=n_ctx, cpu_kernels=cpu_kernels,
-                           progress=progress, **options)
+                           repack=repack_mode, progress=progress, **options)
     if options:
         raise TypeError(f"unknown option(s) for load(): {', '.join(sorted(options))}")
     if cpu_kernels not in ("auto", "torch"):
@@ -665,6 +676,7 @@ def load(path: str | os.PathLike, threads: int | None = None, *, n_ctx: int | No
         if stream_min_tokens < 0:
             raise ValueError(f"stream_min_tokens must be >= 0 (0: never), got {stream_min_tokens}")
         placement.stream_min_tokens = stream_min_tokens
+    repack_info = _resolve_repack(repack_mode, g, placement, cpu_kernels)
     bar = None
     cb = None
     if progress:
@@ -682,7 +694,8 @@ def load(path: str | os.PathLike, threads: int | None = None, *, n_ctx: int | No
             release(g, [name])
 
         net = Transformer(cfg, g, placement, n_ctx,
-                          KernelOptions(cpu_kernels=cpu_kernels, repack=repack, release=drop), cb,
+                          KernelOptions(cpu_kernels=cpu_kernels, repack=repack_info["on"],
+                                        release=drop), cb,
                           sparse=sparse, cache_type=cache_type)
     finally:
         if bar is not None:
@@ -693,4 +706,18 @@ def load(path: str | os.PathLike, threads: int | None = None, *, n_ctx: int | No
               if v == "gpu"}
     prefault(g, {"token_embd.weight", "output.weight"} | on_gpu | repacked)
     release(g, on_gpu)
-    return Model(g, cfg, net, threads, time.perf_counter() - t0)
+    repack_info["tensors"] = len(repacked)
+    repack_info["bytes"] = sum(g.tensors[n].nbytes for n in repacked if n in g.tensors)
+    model = Model(g, cfg, net, threads, time.perf_counter() - t0)
+    model.repack = repack_info
+    return model
+
+
+def _resolve_repack(mode: str, g, placement, cpu_kernels: str) -> dict:
+    """Whether load() repacks (runtime/memory.resolve_repack): never in "auto" with a GPU tier,
+    whose expert uploads read the file's blocks (repack="on" may)."""
+    if mode == "auto" and placement.has_gpu:
+        return {"mode": mode, "on": False, "why": "a GPU tier: its expert uploads read the "
+                                                  "file's blocks"}
+    from .runtime.memory import resolve_repack
+    return resolve_repack(mode, g.tensors.values(), cpu_kernels)

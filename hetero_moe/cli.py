@@ -20,10 +20,14 @@ def _add_model_opts(ap: argparse.ArgumentParser) -> None:
                     help="context window in tokens (default: model's, capped at 4096)")
     ap.add_argument("--cpu-kernels", choices=["auto", "torch"], default="auto",
                     help="CPU matmul path: C++ quantized kernels (auto) or torch reference")
-    ap.add_argument("--repack", action="store_true",
+    ap.add_argument("--repack", choices=["auto", "on", "off"], nargs="?", const="on",
+                    default=None,
                     help="convert Q4_K/Q6_K/Q4_0/Q5_0/Q8_0 weights to the kernels' 16-row "
-                         "interleaved layouts at load (same bytes, ~1 GB/s): prompts ~1.7x and "
-                         "decode ~1.35x faster (a3b preset, Zen 4)")
+                         "interleaved layouts at load (same bytes, ~1 GB/s on 2 threads): prompts "
+                         "~1.7x and decode ~1.35x faster (a3b preset, Zen 4). auto (default): when "
+                         "the copies fit the memory available (HETERO_MOE_REPACK sets another "
+                         "default); on (or a bare --repack): always; off: run on the file's "
+                         "layout as mapped")
     ap.add_argument("--cache-type", choices=["f16", "f32"], default=None,
                     help="KV cache element type on the CPU (default: f16 with the C++ kernels, "
                          "half the memory and bytes per decode step; f32 on the torch path and "
@@ -166,16 +170,22 @@ def _load(args, path: str):
     staged = _stage_options(args)
     if staged:
         return hetero_moe.load(path, threads=args.threads, n_ctx=args.ctx_size,
-                               cpu_kernels=args.cpu_kernels, progress=True, **staged)
+                               cpu_kernels=args.cpu_kernels, repack=getattr(args, "repack", None),
+                               progress=True, **staged)
     model = hetero_moe.load(path, threads=args.threads, n_ctx=args.ctx_size,
                             cpu_kernels=args.cpu_kernels, progress=True,
-                            repack=getattr(args, "repack", False), sparse_attn=args.sparse, gpu=getattr(args, "gpu", "none"),
+                            repack=getattr(args, "repack", None), sparse_attn=args.sparse, gpu=getattr(args, "gpu", "none"),
                             lm_head=getattr(args, "lm_head", None),
                             cache_type=getattr(args, "cache_type", None),
                             plan=getattr(args, "plan", None), vram=getattr(args, "vram", None),
                             stream_min_tokens=getattr(args, "stream_min_tokens", None))
     if model.executor is not None:
         print(model.plan.summary(), file=sys.stderr)
+    rp = model.repack
+    if rp["on"] and rp["tensors"]:
+        print(f"loaded in {model.load_seconds:.1f} s, {rp['tensors']} tensors ("
+              f"{_fmt_bytes(rp['bytes'])}) repacked into the kernels' 16-row layouts"
+              + (" (--repack off skips it)" if rp["mode"] == "auto" else ""), file=sys.stderr)
     return model
 
 
@@ -302,7 +312,8 @@ def cmd_serve(args) -> int:
     staged = _stage_options(args)
     if staged:
         load_options = dict(threads=args.threads, n_ctx=args.ctx_size, progress=True,
-                            cpu_kernels=args.cpu_kernels, sequences=args.parallel, **staged)
+                            cpu_kernels=args.cpu_kernels, repack=args.repack,
+                            sequences=args.parallel, **staged)
         if args.batch == "auto" and staged["stages"] > 1:
             args.batch = "on"    # a step's slots go through the stages as a pipeline
     if args.replicas is not None:
@@ -459,7 +470,7 @@ def cmd_inspect(args) -> int:
 
 def run_bench(path: str, n_prompt: int = 512, n_gen: int = 64, threads=None, repeats: int = 1,
               cpu_kernels: str = "auto", seed: int = 0, sparse_attn=None, gpu="none", plan=None,
-              vram=None, stream_min_tokens=None, repack: bool = False,
+              vram=None, stream_min_tokens=None, repack: bool | str | None = None,
               lm_head: str | None = None, cache_type: str | None = None) -> dict:
     """Prefill tokens/s on an n_prompt-token prompt and decode tokens/s over n_gen tokens."""
     import numpy as np
@@ -499,7 +510,7 @@ def run_bench(path: str, n_prompt: int = 512, n_gen: int = 64, threads=None, rep
         "load_seconds": load_s, "prefill_seconds": pre_s, "prefill_tps": n_prompt / pre_s,
         "decode_seconds": dec_s, "decode_tps": n_gen / dec_s, "peak_rss_bytes": peak,
         "rss_over_file": peak / model.gguf.file_size if peak else None,
-        "cpu_kernels": cpu_kernels, "repack": repack, "lm_head": lm_head, "sparse_attn": model.sparse_attn.mode,
+        "cpu_kernels": cpu_kernels, "repack": model.repack, "lm_head": lm_head, "sparse_attn": model.sparse_attn.mode,
         "gpu": model.memory(),
     }
 

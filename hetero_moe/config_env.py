@@ -30,3 +30,12 @@ def triton_interpret() -> bool:
 def malloc_tuning() -> bool:
     """HETERO_MOE_MALLOC_TUNE=0 keeps glibc's default malloc policy (see runtime/memory.py)."""
     return os.environ.get("HETERO_MOE_MALLOC_TUNE", "1") != "0"
+
+
+def default_repack() -> str:
+    """HETERO_MOE_REPACK (auto, on, off), else "auto": load()'s repack when the call leaves it
+    out."""
+    v = os.environ.get("HETERO_MOE_REPACK", "").strip().lower() or "auto"
+    if v not in ("auto", "on", "off"):
+        raise ValueError(f"HETERO_MOE_REPACK must be auto, on or off, got {v!r}")
+    return v

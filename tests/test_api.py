@@ -13,7 +13,8 @@ from .reference import LlamaRef, assert_same_greedy
 
 N_GEN = 32
 TIE_MARGIN = 0.75   # greedy runs may part only where llama.cpp prefers its pick by <= this
-PROMPT_SEED = {("llama", "tiny"): 7, ("llama-moe", "tiny"): 230}   # seeds other than 1 (below)
+PROMPT_SEED = {("llama", "tiny"): 7, ("llama-moe", "tiny"): 230,   # seeds other than 1 (below)
+               ("qwen2moe", "tiny"): 52}
 PROMPTS = ["The quick brown fox jumps over the lazy dog. Once upon a time,",
            "<|im_start|>user\nName three prime numbers.<|im_end|>\n<|im_start|>assistant\n"]
 
@@ -67,7 +68,10 @@ def test_tiny_greedy_matches_llama_cpp(arch, preset, llama_cpp):
     # (llama tiny parts at a near-tie at token 0 with seed 1; llama-moe tiny's llama.cpp run has
     # a 0.078-logit margin at token 0 with seed 1, and among seeds 1-300 seed 230's smallest
     # margin over 16 tokens is the largest, 0.69 logits: above 3 sqrt(2) x 0.086, the median
-    # per-logit RMS difference between our logits and llama.cpp's on this file)
+    # per-logit RMS difference between our logits and llama.cpp's on this file; qwen2moe tiny's
+    # llama.cpp run has a 0.043-logit margin at token 9 with seed 1, which float summation order
+    # decides (the repacked layouts part there, the file's blocks did not), and among seeds
+    # 1-120 seed 52's smallest margin over 16 tokens is the largest, 0.56 logits)
     seed = PROMPT_SEED.get((arch, preset), 1)
     ids = np.random.default_rng(seed).integers(3, 49152, size=16).tolist()
     got = m.generate(ids, max_tokens=N_GEN, temperature=0)

@@ -67,6 +67,14 @@ def test_bench_json(moe_path):
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     assert res["prefill_tps"] > 0 and res["decode_tps"] > 0 and res["peak_rss_bytes"] > 0
+    assert res["repack"]["mode"] == os.environ.get("HETERO_MOE_REPACK", "auto") \
+        and isinstance(res["repack"]["on"], bool)
+    r = cli("bench", moe_path, "-p", "16", "-n", "4", "--json", "--repack", "off")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["repack"] == {"mode": "off", "on": False, "why": "repack='off'",
+                                              "tensors": 0, "bytes": 0}
+    r = cli("bench", moe_path, "--repack", "sometimes")
+    assert r.returncode != 0 and "--repack" in r.stderr
 
 
 def test_missing_file_names_path(tmp_path):

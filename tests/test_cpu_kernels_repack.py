@@ -278,7 +278,7 @@ def test_bad_repack_inputs():
 @pytest.mark.parametrize("arch,preset", [("qwen3moe", "tiny"), ("llama", "tiny"),
                                          ("deepseek2", "tiny-lite")])
 def test_model_repacked_equals_plain(arch, preset, monkeypatch):
-    """Repacked at load vs the mapped blocks (the default), the fused decode step on R16 weights
+    """Repacked at load vs the mapped blocks (repack="off"), the fused decode step on R16 weights
     included: greedy tokens equal, and the same distance from the exact float result (our runtime on
     llama.cpp's F32 twin of the file). With a per-position KV cache the logits also agree up to
     float32 summation order at almost every position (a last-bit difference can move one int8 step
@@ -291,7 +291,7 @@ def test_model_repacked_equals_plain(arch, preset, monkeypatch):
     monkeypatch.setattr(cb, "repack_pays", lambda t: cb.repacked_type(t) is not None)
     ct = None if arch == "deepseek2" else "f32"
     a = hetero_moe.load(path, threads=2, n_ctx=128, repack=True, cache_type=ct)
-    b = hetero_moe.load(path, threads=2, n_ctx=128, cache_type=ct)
+    b = hetero_moe.load(path, threads=2, n_ctx=128, repack="off", cache_type=ct)
     ktypes = {l.ktype for l in _linears(a)}
     assert Q4_K_R16 in ktypes, f"nothing was repacked: kernel types {ktypes}"
     assert Q4_K_R16 not in {l.ktype for l in _linears(b)}
@@ -351,3 +351,46 @@ def _linears(m):
                 walk(v, depth + 1)
     walk(m.net)
     return out
+
+
+@needs_ext
+def test_repack_auto_default(monkeypatch):
+    """load()'s default repack="auto": on where the kernels have a layout that pays (Q4_0/Q5_0
+    everywhere, the K-quants and Q8_0 with VNNI) and the copies fit the memory available less the
+    reserve; off on the torch path, when memory is short, or by HETERO_MOE_REPACK=off; "on"/"off"
+    and the bools as asked; a bad value named."""
+    import collections
+
+    from hetero_moe.runtime import memory
+    path = tiny_model("qwen3moe")
+    monkeypatch.delenv("HETERO_MOE_REPACK", raising=False)
+    from hetero_moe.gguf import GGUFFile
+    pays = any(cb.repack_pays(t.ggml_type) for t in GGUFFile(path).tensors.values())
+    m = hetero_moe.load(path, threads=1, n_ctx=64)
+    assert m.repack["mode"] == "auto" and m.repack["on"] == pays, m.repack
+    ktypes = {l.ktype for l in _linears(m)}
+    assert (m.repack["tensors"] > 0 and m.repack["bytes"] > 0
+            and ktypes & {115, 116, 117, Q4_K_R16, Q6_K_R16}) if pays else not m.repack["tensors"]
+    on = hetero_moe.load(path, threads=1, n_ctx=64, repack=True)
+    assert on.repack["mode"] == "on" and on.repack["on"] and (on.repack["tensors"] > 0) == pays
+    for off in (hetero_moe.load(path, threads=1, n_ctx=64, repack="off"),
+                hetero_moe.load(path, threads=1, n_ctx=64, repack=False),
+                hetero_moe.load(path, threads=1, n_ctx=64, cpu_kernels="torch")):
+        assert not off.repack["on"] and off.repack["tensors"] == 0
+        assert not {l.ktype for l in _linears(off)} & {115, 116, 117, Q4_K_R16, Q6_K_R16}
+    monkeypatch.setenv("HETERO_MOE_REPACK", "off")
+    assert hetero_moe.load(path, threads=1, n_ctx=64).repack["mode"] == "off"
+    monkeypatch.setenv("HETERO_MOE_REPACK", "sometimes")
+    with pytest.raises(ValueError, match="HETERO_MOE_REPACK"):
+        hetero_moe.load(path, threads=1, n_ctx=64)
+    monkeypatch.delenv("HETERO_MOE_REPACK")
+    with pytest.raises(ValueError, match="repack must be"):
+        hetero_moe.load(path, threads=1, n_ctx=64, repack="always")
+    # memory short: the copies would not fit what is available less the reserve
+    VM = collections.namedtuple("VM", "total available")
+    import psutil
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: VM(24 << 30, (2 << 30) + (1 << 20)))
+    short = hetero_moe.load(path, threads=1, n_ctx=64)
+    if pays:
+        assert not short.repack["on"] and "would not fit" in short.repack["why"], short.repack
+    assert memory.resolve_repack("auto", [], "auto")["on"] is False

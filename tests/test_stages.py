@@ -262,7 +262,12 @@ def test_pipelined_engine_equals_single_process(staged, single):
     assert eng.pipelined and eng.groups == 2
     eng.start()
     try:
-        prompts = [PROMPT, PROMPT[3:], PROMPT[7:], PROMPT[1:20]]
+        # batches of two sum some products in another order than one sequence alone (the plain
+        # Q4_K/Q5_K kernels differ by ~1e-6 between one and several tokens), which a routing or
+        # logit near-tie can turn into another token: prompts whose 16 greedy tokens are decided
+        # by >= 0.14 logits with the file's blocks and the 16-row layouts alike (PROMPT[7:] and
+        # PROMPT[1:20] had 0.012 and 0.005; PROMPT[1:20] parted at a 0.057 tie once repacked)
+        prompts = [PROMPT[4:22], PROMPT[3:], PROMPT[5:19], PROMPT[10:23]]
         got = _serve(eng, prompts, 16, logprobs=0)
     finally:
         eng.stop(5)

@@ -130,7 +130,8 @@ class StagedNet:
     """Transformer's interface (forward, forward_batch, new_cache, cache) over stage actors."""
 
     def __init__(self, path: str, cfg, split: StageSplit, n_ctx: int, *, threads: int = 1,
-                 stage_cpus: float = 1, cpu_kernels: str = "auto", micro_batches: int | None = None,
+                 stage_cpus: float = 1, cpu_kernels: str = "auto", repack: str = "auto",
+                 micro_batches: int | None = None,
                  timeout_s: float = DEFAULT_TIMEOUT_S, max_restarts: int = DEFAULT_MAX_RESTARTS,
                  resources: list[dict] | None = None, placement_group=None):
         ray = ray_module()
@@ -163,7 +164,7 @@ class StagedNet:
                 opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                     placement_group=placement_group, placement_group_bundle_index=s.index)
             a = actor_cls.options(**{k: v for k, v in opts.items() if v is not None}).remote(
-                str(path), s, n_ctx, threads, cpu_kernels)
+                str(path), s, n_ctx, threads, cpu_kernels, repack)
             self.stages.append(_Stage(s, a))
         self._get([st.actor.ping.remote() for st in self.stages], what="loading the stages")
         self._caches: "weakref.WeakSet[RemoteCache]" = weakref.WeakSet()
@@ -444,7 +445,8 @@ def spread_group(stages: int, stage_cpus: float, timeout_s: float = SPREAD_TIMEO
 
 
 def load_staged(path, *, stages: int, cluster: str | None = "local", threads: int | None = None,
-                n_ctx: int | None = None, cpu_kernels: str = "auto", stage_cpus: float | None = None,
+                n_ctx: int | None = None, cpu_kernels: str = "auto", repack: str = "auto",
+                stage_cpus: float | None = None,
                 micro_batches: int | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
                 max_restarts: int = DEFAULT_MAX_RESTARTS, sequences: int = 1,
                 ram_per_host=None, layers: list[int] | None = None, progress: bool = False,
@@ -456,7 +458,8 @@ def load_staged(path, *, stages: int, cluster: str | None = "local", threads: in
     for on each stage (the server's slots). layers: explicit stage boundaries [0, b1, .., L].
     ram_per_host: refuse (HeteroMoEError naming the stage, the split printed) when a stage's
     weights and KV caches exceed it. spread: each stage on its own host (spread_group), failing
-    at once when the cluster has fewer nodes than stages."""
+    at once when the cluster has fewer nodes than stages. repack: "auto", "on" or "off", as
+    load()'s, decided by each stage for the tensors it maps (and the memory of its host)."""
     from ..api import DEFAULT_MAX_CTX, Model
     from ..models.base import config_from_gguf
     from .split import split_stages
@@ -495,7 +498,7 @@ def load_staged(path, *, stages: int, cluster: str | None = "local", threads: in
     pg = spread_group(stages, stage_cpus) if spread else None
     try:
         net = StagedNet(str(path), cfg, split, n_ctx, threads=threads, stage_cpus=stage_cpus,
-                        cpu_kernels=cpu_kernels, micro_batches=micro_batches,
+                        cpu_kernels=cpu_kernels, repack=repack, micro_batches=micro_batches,
                         timeout_s=timeout_s, max_restarts=max_restarts, placement_group=pg)
     except BaseException:
         if pg is not None:

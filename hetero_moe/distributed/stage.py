@@ -237,12 +237,12 @@ class Stage:
     returns hidden states, or logits [T or 1, V] float32 on the last stage."""
 
     def __init__(self, path: str, spec: StageSpec, n_ctx: int, threads: int = 1,
-                 cpu_kernels: str = "auto"):
+                 cpu_kernels: str = "auto", repack: str = "auto"):
         from ..config_env import malloc_tuning
         from ..layers.linear import KernelOptions
         from ..models.base import config_from_gguf
         from ..models.transformer import Transformer
-        from ..runtime.memory import return_large_blocks_to_os
+        from ..runtime.memory import resolve_repack, return_large_blocks_to_os
         from ..runtime.placement import plan_placement
         t0 = time.perf_counter()
         self.spec, self.path = spec, str(path)
@@ -256,8 +256,11 @@ class Stage:
         self.cfg = config_from_gguf(self.g)
         self.g.prefault()      # before the layers: repacked tensors then drop their pages
         from .pipeline import stage_cache_type
+        self.repack = resolve_repack(repack, [t for _, t in self.g._span_of.values()],
+                                     cpu_kernels)
         self.net = Transformer(self.cfg, self.g, plan_placement("none"), n_ctx,
-                               KernelOptions(cpu_kernels=cpu_kernels),
+                               KernelOptions(cpu_kernels=cpu_kernels, repack=self.repack["on"],
+                                             release=self.g.release),
                                cache_type=stage_cache_type(self.cfg, cpu_kernels))
         self.caches: dict[int, object] = {}
         self._fused = None

@@ -62,7 +62,8 @@ def kernel_weights(t_name: str, raw, ggml_type: int, n_rows: int, n_cols: int,
     """(bytes, type) the C++ kernels multiply: the GGUF blocks as mapped, or their row-interleaved
     copy when options.repack and the kernels have a layout for the type (rows a multiple of its
     group); the mapped pages of a repacked tensor are then released."""
-    if not options.repack or not isinstance(raw, np.ndarray) or t_name in NOT_REPACKED:
+    if not options.repack or not isinstance(raw, np.ndarray) or t_name in NOT_REPACKED \
+            or not raw.flags.c_contiguous:    # a pipeline stage's placeholder for another's tensor
         return raw, ggml_type
     from .. import cpu_backend
     to = cpu_backend.repacked_type(ggml_type) if cpu_backend.repack_pays(ggml_type) else None

@@ -111,3 +111,40 @@ def release(g, names) -> int:
                 continue
             done += b - a
     return done
+
+
+REPACK_RESERVE = 2 << 30        # bytes repack="auto" leaves free beside the repacked copies ...
+REPACK_RESERVE_FRACTION = 0.10  # ... or this share of RAM, whichever is larger
+
+
+def resolve_repack(mode: str, tensors, cpu_kernels: str) -> dict:
+    """What load(repack=mode) does with these tensors (the ones this process maps): {"mode", "on",
+    "why"}. "auto": on when the C++ kernels run and the copies of the tensors they have a 16-row
+    layout for fit the memory available now, less max(REPACK_RESERVE, REPACK_RESERVE_FRACTION of
+    RAM): anonymous memory cannot be paged back to the file, so a model near the size of RAM
+    stays mapped (and streams through the page cache)."""
+    if mode != "auto":
+        return {"mode": mode, "on": mode == "on", "why": f"repack={mode!r}"}
+    try:
+        from .. import cpu_backend
+        built = cpu_backend.available()
+    except ImportError:
+        built = False
+    if cpu_kernels == "torch" or not built:
+        return {"mode": mode, "on": False, "why": "the C++ kernels do not run (torch path)"}
+    from ..layers.linear import NOT_REPACKED
+    need = sum(t.nbytes for t in tensors
+               if t.name not in NOT_REPACKED and cpu_backend.repack_pays(t.ggml_type))
+    if need == 0:
+        return {"mode": mode, "on": False, "why": "no tensor has a 16-row layout that pays with "
+                                                  "this CPU's kernels"}
+    import psutil
+    vm = psutil.virtual_memory()
+    room = vm.available - max(REPACK_RESERVE, int(REPACK_RESERVE_FRACTION * vm.total))
+    if need > room:
+        return {"mode": mode, "on": False,
+                "why": f"the repacked copies ({need / 2**30:.1f} GiB) would not fit the memory "
+                       f"available ({vm.available / 2**30:.1f} GiB, less a reserve)"}
+    return {"mode": mode, "on": True, "why": f"{need / 2**30:.2f} GiB of weights with a 16-row "
+                                             f"layout fit the {vm.available / 2**30:.1f} GiB "
+                                             f"available"}
