@@ -130,7 +130,7 @@ class StagedNet:
     """Transformer's interface (forward, forward_batch, new_cache, cache) over stage actors."""
 
     def __init__(self, path: str, cfg, split: StageSplit, n_ctx: int, *, threads: int = 1,
-                 stage_cpus: float = 1, cpu_kernels: str = "auto", repack: str = "auto",
+                 stage_cpus: float = 1, cpu_kernels: str = "auto", repack: str | None = None,
                  micro_batches: int | None = None,
                  timeout_s: float = DEFAULT_TIMEOUT_S, max_restarts: int = DEFAULT_MAX_RESTARTS,
                  resources: list[dict] | None = None, placement_group=None):
@@ -445,7 +445,7 @@ def spread_group(stages: int, stage_cpus: float, timeout_s: float = SPREAD_TIMEO
 
 
 def load_staged(path, *, stages: int, cluster: str | None = "local", threads: int | None = None,
-                n_ctx: int | None = None, cpu_kernels: str = "auto", repack: str = "auto",
+                n_ctx: int | None = None, cpu_kernels: str = "auto", repack: str | None = None,
                 stage_cpus: float | None = None,
                 micro_batches: int | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
                 max_restarts: int = DEFAULT_MAX_RESTARTS, sequences: int = 1,
@@ -459,12 +459,15 @@ def load_staged(path, *, stages: int, cluster: str | None = "local", threads: in
     ram_per_host: refuse (HeteroMoEError naming the stage, the split printed) when a stage's
     weights and KV caches exceed it. spread: each stage on its own host (spread_group), failing
     at once when the cluster has fewer nodes than stages. repack: "auto", "on" or "off", as
-    load()'s, decided by each stage for the tensors it maps (and the memory of its host)."""
+    load()'s (None: HETERO_MOE_REPACK, else "auto"), decided by each stage for the tensors it
+    maps (and the memory of its host)."""
     from ..api import DEFAULT_MAX_CTX, Model
     from ..models.base import config_from_gguf
     from .split import split_stages
     from .stage import STAGE_ARCHS, StageGGUF
     t0 = time.perf_counter()
+    from ..config_env import default_repack
+    repack = repack or default_repack()       # the driver's setting, not each host's
     if not isinstance(stages, int) or isinstance(stages, bool) or stages < 1:
         raise ValueError(f"stages must be a positive integer, got {stages!r}")
     g = StageGGUF(path, None)                     # the header: metadata, tokenizer, tensor table

@@ -237,7 +237,7 @@ class Stage:
     returns hidden states, or logits [T or 1, V] float32 on the last stage."""
 
     def __init__(self, path: str, spec: StageSpec, n_ctx: int, threads: int = 1,
-                 cpu_kernels: str = "auto", repack: str = "auto"):
+                 cpu_kernels: str = "auto", repack: str | None = None):
         from ..config_env import malloc_tuning
         from ..layers.linear import KernelOptions
         from ..models.base import config_from_gguf
@@ -256,8 +256,9 @@ class Stage:
         self.cfg = config_from_gguf(self.g)
         self.g.prefault()      # before the layers: repacked tensors then drop their pages
         from .pipeline import stage_cache_type
-        self.repack = resolve_repack(repack, [t for _, t in self.g._span_of.values()],
-                                     cpu_kernels)
+        from ..config_env import default_repack
+        self.repack = resolve_repack(repack or default_repack(),
+                                     [t for _, t in self.g._span_of.values()], cpu_kernels)
         self.net = Transformer(self.cfg, self.g, plan_placement("none"), n_ctx,
                                KernelOptions(cpu_kernels=cpu_kernels, repack=self.repack["on"],
                                              release=self.g.release),
