@@ -689,9 +689,11 @@ def load(path: str | os.PathLike, threads: int | None = None, *, n_ctx: int | No
     try:
         repacked: set[str] = set()
 
-        def drop(name: str) -> None:          # a repacked tensor's mapped pages leave the process
-            repacked.add(name)
-            release(g, [name])
+        def drop(name: str, part: tuple[int, int] | None = None) -> None:
+            """A repacked tensor's mapped pages leave the process (part: a chunk of it so far)."""
+            if part is None:
+                repacked.add(name)
+            release(g, [name], part)
 
         net = Transformer(cfg, g, placement, n_ctx,
                           KernelOptions(cpu_kernels=cpu_kernels, repack=repack_info["on"],

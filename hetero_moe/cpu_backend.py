@@ -321,18 +321,25 @@ def repack_pays(ggml_type: int) -> bool:
     return bool(info is not None and info["repack_pays"])
 
 
-def repack(w, ggml_type: int, n_rows: int, n_cols: int, unpack: bool = False) -> np.ndarray:
+def repack(w, ggml_type: int, n_rows: int, n_cols: int, unpack: bool = False,
+           out: np.ndarray | None = None) -> np.ndarray:
     """The n_rows x n_cols matrix w (uint8 blocks of ggml_type) in its row-interleaved layout, a new
-    uint8 array (unpack=True: w is that layout, back to ggml_type). Rows of whole expert stacks may
-    be passed as one matrix: groups never cross an expert when its row count is a multiple of the
-    group. Runs on the kernel thread pool."""
+    uint8 array or `out` (unpack=True: w is that layout, back to ggml_type). Rows of whole expert
+    stacks may be passed as one matrix: groups never cross an expert when its row count is a
+    multiple of the group; the layout keeps each group's rows together, so whole groups of rows
+    may also be converted a slice at a time. Runs on the kernel thread pool."""
     to = repacked_type(ggml_type)
     if to is None:
         raise UnsupportedError(f"ggml type {ggml_type} has no row-interleaved layout")
     n_rows, n_cols = _positive("n_rows", n_rows), _positive("n_cols", n_cols)
     src_t, dst_t = (to, ggml_type) if unpack else (ggml_type, to)
     w = _weight_buffer("w", w, n_rows * row_bytes(src_t, n_cols))
-    out = _huge_buffer(n_rows * row_bytes(dst_t, n_cols))
+    if out is None:
+        out = _huge_buffer(n_rows * row_bytes(dst_t, n_cols))
+    else:
+        out = _weight_buffer("out", out, n_rows * row_bytes(dst_t, n_cols))
+        if not out.flags.writeable:
+            raise ValueError("out must be writable")
     m = _mod if _threads_set else _lib()
     m.repack(int(ggml_type), w, n_rows, n_cols, out, bool(unpack))
     return out

@@ -394,3 +394,25 @@ def test_repack_auto_default(monkeypatch):
     if pays:
         assert not short.repack["on"] and "would not fit" in short.repack["why"], short.repack
     assert memory.resolve_repack("auto", [], "auto")["on"] is False
+
+
+@needs_ext
+@pytest.mark.parametrize("tname", ALL_R16)
+def test_repack_in_slices_equals_whole(tname, monkeypatch):
+    """kernel_weights converts a large tensor a slice of whole row groups at a time, releasing each
+    slice's mapped bytes as it goes (then the whole tensor): the same bytes as one conversion."""
+    import hetero_moe.layers.linear as lin
+    t, tr, _ = R16[tname]
+    monkeypatch.setattr(cb, "repack_pays", lambda ty: cb.repacked_type(ty) is not None)
+    monkeypatch.setattr(lin, "REPACK_CHUNK_BYTES", 40_000)
+    rows, cols = 16 * 37, 512
+    w = np.random.default_rng(3).integers(0, 256, rows * cb.row_bytes(t, cols), dtype=np.uint8)
+    parts = []
+    got, to = lin.kernel_weights("x", w, t, rows, cols, lin.KernelOptions(
+        repack=True, release=lambda name, part=None: parts.append(part)))
+    assert to == tr and np.array_equal(np.asarray(got), cb.repack(w, t, rows, cols))
+    assert parts[-1] is None and len(parts) > 2
+    spans = parts[:-1]
+    assert spans[0][0] == 0 and spans[-1][1] == w.nbytes
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    assert all((hi - lo) % (16 * cb.row_bytes(t, cols)) == 0 for lo, hi in spans[:-1])

@@ -169,17 +169,20 @@ class StageGGUF(GGUFFile):
             done += len(s.mm)
         return done
 
-    def release(self, name: str) -> int:
+    def release(self, name: str, part: tuple[int, int] | None = None) -> int:
         """Drop this process's pages wholly inside the named tensor (its repacked copy replaced
-        them); they stay in the page cache. Returns the bytes released."""
+        them; part=(lo, hi): inside those bytes of it, a chunk repacked so far); they stay in the
+        page cache. Returns the bytes released."""
         hit = getattr(self, "_span_of", {}).get(name)
         if hit is None or not hasattr(mmap, "MADV_DONTNEED"):
             return 0
         span, t = hit
-        self.repacked_bytes += t.nbytes
+        lo, hi = part if part is not None else (0, t.nbytes)
+        if part is None:
+            self.repacked_bytes += t.nbytes
         page = mmap.PAGESIZE
-        a = -(-(t.offset - span.start) // page) * page
-        b = (t.offset - span.start + t.nbytes) // page * page
+        a = -(-(t.offset - span.start + lo) // page) * page
+        b = (t.offset - span.start + min(hi, t.nbytes)) // page * page
         if b <= a:
             return 0
         try:

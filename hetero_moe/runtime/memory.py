@@ -90,10 +90,10 @@ def prefault(g, skip: set[str] = frozenset()) -> int:
     return done
 
 
-def release(g, names) -> int:
+def release(g, names, part: tuple[int, int] | None = None) -> int:
     """Drop this process's mapping of the pages wholly inside the named tensors (the GPU tier
-    holds its own copies): they leave the process's RSS and stay in the page cache. Returns the
-    bytes released."""
+    holds its own copies): they leave the process's RSS and stay in the page cache. part=(lo, hi):
+    only the pages inside those bytes of each tensor. Returns the bytes released."""
     by_path = {p.path: p.mm for p in getattr(g, "_parts", [])}
     page = mmap.PAGESIZE
     done = 0
@@ -102,8 +102,9 @@ def release(g, names) -> int:
         mm = by_path.get(t.path) if t is not None else None
         if mm is None or not hasattr(mmap, "MADV_DONTNEED"):
             continue
-        a = -(-t.offset // page) * page                  # whole pages only: neighbours keep theirs
-        b = (t.offset + t.nbytes) // page * page
+        lo, hi = part if part is not None else (0, t.nbytes)
+        a = -(-(t.offset + lo) // page) * page           # whole pages only: neighbours keep theirs
+        b = (t.offset + min(hi, t.nbytes)) // page * page
         if b > a:
             try:
                 mm.madvise(mmap.MADV_DONTNEED, a, b - a)
