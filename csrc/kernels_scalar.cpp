@@ -595,6 +595,40 @@ void gemm_q6_k_r16(const uint8_t* w, size_t rb, int nr, int n_cols, const uint8_
                     dot_q6_k_r16(w + r * rb, i, act + t * sizeof(BlockQ8_K), nb, nt * sizeof(BlockQ8_K));
 }
 
+// Q3_K_R16 (quant_blocks.h), row i of the group at g against one token's activation blocks.
+float dot_q3_k_r16(const uint8_t* g, int i, const uint8_t* a, int nb, size_t as) {
+    auto* x = reinterpret_cast<const BlockQ3_K_R16*>(g);
+    CStrided<BlockQ8_K> y{a, as};
+    float acc = 0.f;
+    for (int b = 0; b < nb; ++b) {
+        int sumi = 0;
+        for (int grp = 0; grp < 16; ++grp) {
+            const int lo = (x[b].sc[grp % 8][i] >> (4 * (grp / 8))) & 15;
+            const int hi = (x[b].sc[8 + grp % 4][i] >> (2 * (grp / 4))) & 3;
+            const int h = grp / 8, sh = (grp % 8) / 2;  // value 128h + 32sh + l, l = 16 (grp % 2) ..
+            int s = 0;
+            for (int l = 16 * (grp % 2); l < 16 * (grp % 2) + 16; ++l) {
+                const int low = (x[b].qs(h, l / 4, i)[l % 4] >> (2 * sh)) & 3;
+                const int hb = (x[b].hm(l / 4, i)[l % 4] >> (4 * h + sh)) & 1;
+                s += ((low | hb << 2) - 4) * y[b].qs[128 * h + 32 * sh + l];
+            }
+            sumi += ((lo | hi << 4) - 32) * s;
+        }
+        acc += half(x[b].d[i]) * y[b].d * (float)sumi;
+    }
+    return acc;
+}
+
+void gemm_q3_k_r16(const uint8_t* w, size_t rb, int nr, int n_cols, const uint8_t* act, int nt, float* out,
+                   size_t ldo) {
+    const int nb = n_cols / QK_K;
+    for (int t = 0; t < nt; ++t)
+        for (int r = 0; r + 16 <= nr; r += 16)
+            for (int i = 0; i < 16; ++i)
+                out[t * ldo + r + i] =
+                    dot_q3_k_r16(w + r * rb, i, act + t * sizeof(BlockQ8_K), nb, nt * sizeof(BlockQ8_K));
+}
+
 // The 32-value _R16 layouts (quant_blocks.h): code (u, before - OFF) of value j (< 32) of row i.
 template <int T> inline int code32(const uint8_t* blk, int i, int j);
 template <> inline int code32<T_Q8_0>(const uint8_t* blk, int i, int j) {
@@ -765,6 +799,7 @@ KernelSet make_scalar() {
     k.gemm[T_BF16] = gemm_float<bf16_to_fp32>;
     k.gemm[T_Q4_K_R16] = gemm_q4_k_r16;
     k.gemm[T_Q6_K_R16] = gemm_q6_k_r16;
+    k.gemm[T_Q3_K_R16] = gemm_q3_k_r16;
     k.gemm[T_Q4_0_R16] = gemm_32_r16<T_Q4_0>;
     k.gemm[T_Q5_0_R16] = gemm_32_r16<T_Q5_0>;
     k.gemm[T_Q8_0_R16] = gemm_32_r16<T_Q8_0>;
@@ -816,6 +851,7 @@ static const TypeInfo kTypes[] = {
     {T_IQ4_XS, "IQ4_XS", QK_K, (int)sizeof(BlockIQ4_XS), ACT_Q8_K},
     {T_Q4_K_R16, "Q4_K_R16", QK_K, (int)sizeof(BlockQ4_K_R16) / 16, ACT_Q8_K, 16},
     {T_Q6_K_R16, "Q6_K_R16", QK_K, (int)sizeof(BlockQ6_K_R16) / 16, ACT_Q8_K, 16},
+    {T_Q3_K_R16, "Q3_K_R16", QK_K, (int)sizeof(BlockQ3_K_R16) / 16, ACT_Q8_K, 16},
     {T_Q4_0_R16, "Q4_0_R16", QK32, (int)sizeof(BlockQ4_0_R16) / 16, ACT_Q8_0, 16},
     {T_Q5_0_R16, "Q5_0_R16", QK32, (int)sizeof(BlockQ5_0_R16) / 16, ACT_Q8_0, 16},
     {T_Q8_0_R16, "Q8_0_R16", QK32, (int)sizeof(BlockQ8_0_R16) / 16, ACT_Q8_0, 16},
@@ -904,6 +940,48 @@ void unpack_q6_k_r16(const uint8_t* src, int n_cols, int r0, int r1, uint8_t* ds
                         std::memcpy(x.ql + 64 * n + 32 + 4 * c, g.ql(n, 1, c, i), 4);
                         std::memcpy(x.qh + 32 * n + 4 * c, g.qh(n, c, i), 4);
                     }
+            }
+        }
+    }
+}
+
+void repack_q3_k_r16(const uint8_t* src, int n_cols, int r0, int r1, uint8_t* dst) {
+    const int nb = n_cols / QK_K;
+    const size_t rb = (size_t)nb * sizeof(BlockQ3_K);
+    for (int r = r0; r < r1; r += 16) {
+        auto* out = reinterpret_cast<BlockQ3_K_R16*>(dst + (size_t)r * rb);
+        for (int b = 0; b < nb; ++b) {
+            BlockQ3_K_R16& o = out[b];
+            for (int i = 0; i < 16; ++i) {
+                const BlockQ3_K& x = reinterpret_cast<const BlockQ3_K*>(src + (size_t)(r + i) * rb)[b];
+                o.d[i] = x.d;
+                for (int k = 0; k < 12; ++k) o.sc[k][i] = x.scales[k];
+                for (int c = 0; c < 8; ++c) {
+                    std::memcpy(o.hm(c, i), x.hmask + 4 * c, 4);
+                    std::memcpy(o.qs(0, c, i), x.qs + 4 * c, 4);
+                    std::memcpy(o.qs(1, c, i), x.qs + 32 + 4 * c, 4);
+                }
+            }
+        }
+    }
+}
+
+void unpack_q3_k_r16(const uint8_t* src, int n_cols, int r0, int r1, uint8_t* dst) {
+    const int nb = n_cols / QK_K;
+    const size_t rb = (size_t)nb * sizeof(BlockQ3_K);
+    for (int r = r0; r < r1; r += 16) {
+        auto* in = reinterpret_cast<const BlockQ3_K_R16*>(src + (size_t)r * rb);
+        for (int b = 0; b < nb; ++b) {
+            const BlockQ3_K_R16& g = in[b];
+            for (int i = 0; i < 16; ++i) {
+                BlockQ3_K& x = reinterpret_cast<BlockQ3_K*>(dst + (size_t)(r + i) * rb)[b];
+                x.d = g.d[i];
+                for (int k = 0; k < 12; ++k) x.scales[k] = g.sc[k][i];
+                for (int c = 0; c < 8; ++c) {
+                    std::memcpy(x.hmask + 4 * c, g.hm(c, i), 4);
+                    std::memcpy(x.qs + 4 * c, g.qs(0, c, i), 4);
+                    std::memcpy(x.qs + 32 + 4 * c, g.qs(1, c, i), 4);
+                }
             }
         }
     }

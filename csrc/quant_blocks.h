@@ -16,7 +16,7 @@ enum GgmlType : int {
     T_Q8_1 = 9, T_Q2_K = 10, T_Q3_K = 11, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14, T_Q8_K = 15,
     T_IQ4_NL = 20, T_IQ4_XS = 23, T_BF16 = 30,
     // Internal layouts made at load (never in a file; ids no ggml type uses): see the blocks below.
-    T_Q4_K_R16 = 112, T_Q6_K_R16 = 114, T_Q4_0_R16 = 115, T_Q5_0_R16 = 116, T_Q8_0_R16 = 117,
+    T_Q3_K_R16 = 111, T_Q4_K_R16 = 112, T_Q6_K_R16 = 114, T_Q4_0_R16 = 115, T_Q5_0_R16 = 116, T_Q8_0_R16 = 117,
 };
 
 // ---- weight blocks ----
@@ -73,6 +73,22 @@ struct BlockQ6_K_R16 {
     uint8_t* qh(int n, int c, int i) { return q[n][c / 4][c % 4][1][i]; }
     const uint8_t* qh(int n, int c, int i) const { return q[n][c / 4][c % 4][1][i]; }
 };
+// Q3_K_R16: one super-block of sixteen consecutive Q3_K rows, interleaved as Q4_K_R16 (int32 lane i =
+// row i): d[i]; sc[b][i] = byte b of the row's 12 packed scale bytes (Q3_K's own packing);
+// hm(c, i)[e] = byte 4c+e of the row's hmask, qs(h, c, i)[e] = byte 32h+4c+e of its qs. Value
+// 128h+32s+l (l = 4c+e < 32) is code ((qs(h, c, i)[e] >> 2s) & 3) | ((hm(c, i)[e] >> (4h+s)) & 1) << 2
+// in 0..7, and x = d[i] * scale(group 8h+2s+l/16) * (code - 4), as Q3_K. In the kernels' read order
+// (for h = 0 each c's hm then qs, then h = 1's qs): 110 bytes per row and super-block, as Q3_K.
+struct BlockQ3_K_R16 {
+    uint16_t d[16];
+    uint8_t sc[12][16];
+    uint8_t q0[8][2][16][4];  // [c][hm(c), qs(0, c)][i][e]
+    uint8_t q1[8][16][4];     // qs(1, c)
+    uint8_t* hm(int c, int i) { return q0[c][0][i]; }
+    const uint8_t* hm(int c, int i) const { return q0[c][0][i]; }
+    uint8_t* qs(int h, int c, int i) { return h ? q1[c][i] : q0[c][1][i]; }
+    const uint8_t* qs(int h, int c, int i) const { return h ? q1[c][i] : q0[c][1][i]; }
+};
 // The 32-value types with sixteen rows interleaved: per block of 32 columns d[i] (row i), then the
 // codes as unsigned bytes u, value = u - OFF, 4 per row in each int32 lane. Q8_0_R16: qs[c][i][e] =
 // q + 128 of value 4c+e (OFF 128). Q4_0_R16: qs[c][i][e] = byte 4c+e of the row's qs (low nibble:
@@ -103,6 +119,7 @@ static_assert(sizeof(BlockQ5_K) == 176, "Q5_K layout");
 static_assert(sizeof(BlockQ6_K) == 210, "Q6_K layout");
 static_assert(sizeof(BlockQ4_K_R16) == 16 * 144, "Q4_K_R16 layout");
 static_assert(sizeof(BlockQ6_K_R16) == 16 * 210, "Q6_K_R16 layout");
+static_assert(sizeof(BlockQ3_K_R16) == 16 * 110, "Q3_K_R16 layout");
 static_assert(sizeof(BlockQ4_0_R16) == 16 * 18 && sizeof(BlockQ5_0_R16) == 16 * 22 && sizeof(BlockQ8_0_R16) == 16 * 34,
               "32-value R16 layouts");
 static_assert(sizeof(BlockQ8_K) == 324, "Q8_K layout");

@@ -1,4 +1,4 @@
-"""Row-interleaved weights (Q4_K, Q6_K, Q4_0, Q5_0, Q8_0 -> their _R16 forms, csrc/quant_blocks.h),
+"""Row-interleaved weights (Q3_K, Q4_K, Q6_K, Q4_0, Q5_0, Q8_0 -> their _R16 forms, csrc/quant_blocks.h),
 converted at load.
 
 The layout is checked three ways: repack then unpack gives back every byte (a transcription of
@@ -17,11 +17,27 @@ import hetero_moe
 from hetero_moe import cpu_backend as cb
 
 from .conftest import tiny_model
-from .test_cpu_kernels import (ACC_TOL, MOE_TOL, Q8_DOT_TOL, dequant, dequant_act, gaussian,
-                               make_weights, moe_inputs, moe_reference)
+from . import test_cpu_kernels as _k
+from . import test_cpu_kernels_lowbit as _lowbit
+from .test_cpu_kernels import ACC_TOL, MOE_TOL, Q8_DOT_TOL, gaussian, moe_inputs, moe_reference
+
+
+# Q3_K weights come from the low-bit tests' maker (random quant bytes: every code, hmask bit and
+# 6-bit scale pattern occurs) and gguf's dequantizer; its activations are Q8_K blocks, as Q6_K's
+def make_weights(name, n_rows, n_cols, seed=0):
+    return (_lowbit if name == "Q3_K" else _k).make_weights(name, n_rows, n_cols, seed)
+
+
+def dequant(name, w, n_cols):
+    return (_lowbit if name == "Q3_K" else _k).dequant(name, w, n_cols)
+
+
+def dequant_act(name, q, n_cols):
+    return _k.dequant_act("Q6_K" if name == "Q3_K" else name, q, n_cols)
 
 Q4_K, Q4_K_R16, Q6_K, Q6_K_R16 = 12, 112, 14, 114
-R16 = {"Q4_K": (Q4_K, Q4_K_R16, 144), "Q6_K": (Q6_K, Q6_K_R16, 210), "Q4_0": (2, 115, 18),
+R16 = {"Q4_K": (Q4_K, Q4_K_R16, 144), "Q6_K": (Q6_K, Q6_K_R16, 210), "Q3_K": (11, 111, 110),
+       "Q4_0": (2, 115, 18),
        "Q5_0": (6, 116, 22), "Q8_0": (8, 117, 34)}
 ALL_R16 = list(R16)
 needs_ext = pytest.mark.skipif(not cb.available(), reason=f"extension not built: {cb.unavailable_reason()}")
@@ -158,6 +174,31 @@ def test_repack_32_layout_by_hand(tname):
         np.testing.assert_allclose(d[i] * u, W[i], rtol=0, atol=1e-6)
 
 
+def test_repack_q3_k_layout_by_hand():
+    """Q3_K_R16, one group, one super-block: each value decoded where quant_blocks.h says it is,
+    against gguf's dequantizer."""
+    w = make_weights("Q3_K", 16, 256, seed=7).reshape(16, 110)
+    r16 = cb.repack(w.reshape(-1), 11, 16, 256)
+    W = dequant("Q3_K", w, 256)                                     # [16, 256]
+    np.testing.assert_array_equal(r16[0:32].view(np.uint16), w[:, 108:110].copy().view(np.uint16)[:, 0])
+    d = r16[0:32].view(np.float16).astype(np.float64)               # d[16]
+    sc = r16[32:224].reshape(12, 16).astype(np.int64)               # [byte, row]
+    q0 = r16[224:1248].reshape(8, 2, 16, 4)                         # [c, hm | qs(0, c), row, byte]
+    q1 = r16[1248:].reshape(8, 16, 4)                               # qs(1, c)
+    l = np.arange(32)
+    for i in range(16):
+        for h in range(2):
+            qs = q1 if h else q0[:, 1]
+            for s_ in range(4):
+                low = (qs[l // 4, i, l % 4] >> (2 * s_)) & 3
+                hb = (q0[l // 4, 0, i, l % 4] >> (4 * h + s_)) & 1
+                g = 8 * h + 2 * s_ + l // 16
+                scale = (((sc[g % 8, i] >> (4 * (g // 8))) & 15) | (((sc[8 + g % 4, i] >> (2 * (g // 4))) & 3) << 4)) - 32
+                v = 128 * h + 32 * s_ + l
+                np.testing.assert_allclose(d[i] * scale * ((low | hb << 2).astype(np.float64) - 4), W[i, v],
+                                           rtol=0, atol=1e-6)
+
+
 @needs_ext
 @pytest.mark.parametrize("T", [1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 17, 70])
 @pytest.mark.parametrize("tname", ALL_R16)
@@ -275,9 +316,10 @@ def test_bad_repack_inputs():
 
 
 @needs_ext
-@pytest.mark.parametrize("arch,preset", [("qwen3moe", "tiny"), ("llama", "tiny"),
-                                         ("deepseek2", "tiny-lite")])
-def test_model_repacked_equals_plain(arch, preset, monkeypatch):
+@pytest.mark.parametrize("arch,preset,quant", [("qwen3moe", "tiny", "Q4_K_M"), ("llama", "tiny", "Q4_K_M"),
+                                               ("deepseek2", "tiny-lite", "Q4_K_M"),
+                                               ("qwen3moe", "tiny", "Q3_K_M")])
+def test_model_repacked_equals_plain(arch, preset, quant, monkeypatch):
     """Repacked at load vs the mapped blocks (repack="off"), the fused decode step on R16 weights
     included: greedy tokens equal, and the same distance from the exact float result (our runtime on
     llama.cpp's F32 twin of the file). With a per-position KV cache the logits also agree up to
@@ -287,14 +329,15 @@ def test_model_repacked_equals_plain(arch, preset, monkeypatch):
     cache keeps the comparison on the weights' layouts: an f16 cache would carry such a step on as
     well (a last-bit difference can flip the rounding of a cached key). Every type with a layout
     is converted here, also where the kernels would not choose to (AVX2)."""
-    path = tiny_model(arch, preset=preset)
+    path = tiny_model(arch, preset=preset, quant=quant)
     monkeypatch.setattr(cb, "repack_pays", lambda t: cb.repacked_type(t) is not None)
     ct = None if arch == "deepseek2" else "f32"
     a = hetero_moe.load(path, threads=2, n_ctx=128, repack=True, cache_type=ct)
     b = hetero_moe.load(path, threads=2, n_ctx=128, repack="off", cache_type=ct)
     ktypes = {l.ktype for l in _linears(a)}
-    assert Q4_K_R16 in ktypes, f"nothing was repacked: kernel types {ktypes}"
-    assert Q4_K_R16 not in {l.ktype for l in _linears(b)}
+    want = 111 if quant == "Q3_K_M" else Q4_K_R16            # Q3_K_M: the experts are Q3_K
+    assert want in ktypes, f"nothing was repacked: kernel types {ktypes}"
+    assert not {l.ktype for l in _linears(b)} & {want, Q4_K_R16}
     ids = a.tokenize("The quick brown fox jumps over the lazy dog. " * 6)
     la, lb = a.logits(ids), b.logits(ids)
     if arch != "deepseek2":
