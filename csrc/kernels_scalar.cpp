@@ -629,6 +629,36 @@ void gemm_q3_k_r16(const uint8_t* w, size_t rb, int nr, int n_cols, const uint8_
                     dot_q3_k_r16(w + r * rb, i, act + t * sizeof(BlockQ8_K), nb, nt * sizeof(BlockQ8_K));
 }
 
+// Q2_K_R16 (quant_blocks.h), row i of the group at g against one token's activation blocks.
+float dot_q2_k_r16(const uint8_t* g, int i, const uint8_t* a, int nb, size_t as) {
+    auto* x = reinterpret_cast<const BlockQ2_K_R16*>(g);
+    CStrided<BlockQ8_K> y{a, as};
+    float acc = 0.f;
+    for (int b = 0; b < nb; ++b) {
+        int sumi = 0, summ = 0;
+        for (int grp = 0; grp < 16; ++grp) {
+            const int h = grp / 8, sh = (grp % 8) / 2;  // value 128h + 32sh + l, l = 16 (grp % 2) ..
+            int s = 0;
+            for (int l = 16 * (grp % 2); l < 16 * (grp % 2) + 16; ++l)
+                s += ((x[b].qs(h, l / 4, i)[l % 4] >> (2 * sh)) & 3) * y[b].qs[128 * h + 32 * sh + l];
+            sumi += (x[b].sc[grp][i] & 15) * s;
+            summ += (x[b].sc[grp][i] >> 4) * y[b].bsums[grp];
+        }
+        acc += y[b].d * (half(x[b].d[i]) * (float)sumi - half(x[b].dmin[i]) * (float)summ);
+    }
+    return acc;
+}
+
+void gemm_q2_k_r16(const uint8_t* w, size_t rb, int nr, int n_cols, const uint8_t* act, int nt, float* out,
+                   size_t ldo) {
+    const int nb = n_cols / QK_K;
+    for (int t = 0; t < nt; ++t)
+        for (int r = 0; r + 16 <= nr; r += 16)
+            for (int i = 0; i < 16; ++i)
+                out[t * ldo + r + i] =
+                    dot_q2_k_r16(w + r * rb, i, act + t * sizeof(BlockQ8_K), nb, nt * sizeof(BlockQ8_K));
+}
+
 // The 32-value _R16 layouts (quant_blocks.h): code (u, before - OFF) of value j (< 32) of row i.
 template <int T> inline int code32(const uint8_t* blk, int i, int j);
 template <> inline int code32<T_Q8_0>(const uint8_t* blk, int i, int j) {
@@ -800,6 +830,7 @@ KernelSet make_scalar() {
     k.gemm[T_Q4_K_R16] = gemm_q4_k_r16;
     k.gemm[T_Q6_K_R16] = gemm_q6_k_r16;
     k.gemm[T_Q3_K_R16] = gemm_q3_k_r16;
+    k.gemm[T_Q2_K_R16] = gemm_q2_k_r16;
     k.gemm[T_Q4_0_R16] = gemm_32_r16<T_Q4_0>;
     k.gemm[T_Q5_0_R16] = gemm_32_r16<T_Q5_0>;
     k.gemm[T_Q8_0_R16] = gemm_32_r16<T_Q8_0>;
@@ -852,6 +883,7 @@ static const TypeInfo kTypes[] = {
     {T_Q4_K_R16, "Q4_K_R16", QK_K, (int)sizeof(BlockQ4_K_R16) / 16, ACT_Q8_K, 16},
     {T_Q6_K_R16, "Q6_K_R16", QK_K, (int)sizeof(BlockQ6_K_R16) / 16, ACT_Q8_K, 16},
     {T_Q3_K_R16, "Q3_K_R16", QK_K, (int)sizeof(BlockQ3_K_R16) / 16, ACT_Q8_K, 16},
+    {T_Q2_K_R16, "Q2_K_R16", QK_K, (int)sizeof(BlockQ2_K_R16) / 16, ACT_Q8_K, 16},
     {T_Q4_0_R16, "Q4_0_R16", QK32, (int)sizeof(BlockQ4_0_R16) / 16, ACT_Q8_0, 16},
     {T_Q5_0_R16, "Q5_0_R16", QK32, (int)sizeof(BlockQ5_0_R16) / 16, ACT_Q8_0, 16},
     {T_Q8_0_R16, "Q8_0_R16", QK32, (int)sizeof(BlockQ8_0_R16) / 16, ACT_Q8_0, 16},
@@ -982,6 +1014,42 @@ void unpack_q3_k_r16(const uint8_t* src, int n_cols, int r0, int r1, uint8_t* ds
                     std::memcpy(x.qs + 4 * c, g.qs(0, c, i), 4);
                     std::memcpy(x.qs + 32 + 4 * c, g.qs(1, c, i), 4);
                 }
+            }
+        }
+    }
+}
+
+void repack_q2_k_r16(const uint8_t* src, int n_cols, int r0, int r1, uint8_t* dst) {
+    const int nb = n_cols / QK_K;
+    const size_t rb = (size_t)nb * sizeof(BlockQ2_K);
+    for (int r = r0; r < r1; r += 16) {
+        auto* out = reinterpret_cast<BlockQ2_K_R16*>(dst + (size_t)r * rb);
+        for (int b = 0; b < nb; ++b) {
+            BlockQ2_K_R16& o = out[b];
+            for (int i = 0; i < 16; ++i) {
+                const BlockQ2_K& x = reinterpret_cast<const BlockQ2_K*>(src + (size_t)(r + i) * rb)[b];
+                o.d[i] = x.d, o.dmin[i] = x.dmin;
+                for (int k = 0; k < 16; ++k) o.sc[k][i] = x.scales[k];
+                for (int h = 0; h < 2; ++h)
+                    for (int c = 0; c < 8; ++c) std::memcpy(o.qs(h, c, i), x.qs + 32 * h + 4 * c, 4);
+            }
+        }
+    }
+}
+
+void unpack_q2_k_r16(const uint8_t* src, int n_cols, int r0, int r1, uint8_t* dst) {
+    const int nb = n_cols / QK_K;
+    const size_t rb = (size_t)nb * sizeof(BlockQ2_K);
+    for (int r = r0; r < r1; r += 16) {
+        auto* in = reinterpret_cast<const BlockQ2_K_R16*>(src + (size_t)r * rb);
+        for (int b = 0; b < nb; ++b) {
+            const BlockQ2_K_R16& g = in[b];
+            for (int i = 0; i < 16; ++i) {
+                BlockQ2_K& x = reinterpret_cast<BlockQ2_K*>(dst + (size_t)(r + i) * rb)[b];
+                x.d = g.d[i], x.dmin = g.dmin[i];
+                for (int k = 0; k < 16; ++k) x.scales[k] = g.sc[k][i];
+                for (int h = 0; h < 2; ++h)
+                    for (int c = 0; c < 8; ++c) std::memcpy(x.qs + 32 * h + 4 * c, g.qs(h, c, i), 4);
             }
         }
     }

@@ -47,6 +47,7 @@ void quantize_rows(ActKind a, const float* x, int rows, int cols, uint8_t* out) 
 
 int repacked_type(int from) {
     switch (from) {
+        case T_Q2_K: return T_Q2_K_R16;
         case T_Q3_K: return T_Q3_K_R16;
         case T_Q4_K: return T_Q4_K_R16;
         case T_Q6_K: return T_Q6_K_R16;
@@ -90,6 +91,7 @@ public:
         const int r0 = i * per, r1 = std::min(n_rows, r0 + per);
         if (from == T_Q6_K) (unpack ? unpack_q6_k_r16 : repack_q6_k_r16)(src, n_cols, r0, r1, dst);
         else if (from == T_Q3_K) (unpack ? unpack_q3_k_r16 : repack_q3_k_r16)(src, n_cols, r0, r1, dst);
+        else if (from == T_Q2_K) (unpack ? unpack_q2_k_r16 : repack_q2_k_r16)(src, n_cols, r0, r1, dst);
         else if (from == T_Q4_K) (unpack ? unpack_q4_k_r16 : repack_q4_k_r16)(src, n_cols, r0, r1, dst);
         else (unpack ? unpack_32_r16 : repack_32_r16)(from, src, n_cols, r0, r1, dst);
     }

@@ -16,7 +16,7 @@ enum GgmlType : int {
     T_Q8_1 = 9, T_Q2_K = 10, T_Q3_K = 11, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14, T_Q8_K = 15,
     T_IQ4_NL = 20, T_IQ4_XS = 23, T_BF16 = 30,
     // Internal layouts made at load (never in a file; ids no ggml type uses): see the blocks below.
-    T_Q3_K_R16 = 111, T_Q4_K_R16 = 112, T_Q6_K_R16 = 114, T_Q4_0_R16 = 115, T_Q5_0_R16 = 116, T_Q8_0_R16 = 117,
+    T_Q2_K_R16 = 110, T_Q3_K_R16 = 111, T_Q4_K_R16 = 112, T_Q6_K_R16 = 114, T_Q4_0_R16 = 115, T_Q5_0_R16 = 116, T_Q8_0_R16 = 117,
 };
 
 // ---- weight blocks ----
@@ -89,6 +89,18 @@ struct BlockQ3_K_R16 {
     uint8_t* qs(int h, int c, int i) { return h ? q1[c][i] : q0[c][1][i]; }
     const uint8_t* qs(int h, int c, int i) const { return h ? q1[c][i] : q0[c][1][i]; }
 };
+// Q2_K_R16: one super-block of sixteen consecutive Q2_K rows, interleaved as Q4_K_R16 (int32 lane i =
+// row i): d[i], dmin[i]; sc[g][i] = the row's scales[g] (scale: low nibble, min: high nibble);
+// qs(h, c, i)[e] = byte 32h+4c+e of its qs. Value 128h+32s+l (l = 4c+e < 32) is code
+// (qs(h, c, i)[e] >> 2s) & 3, and x = d[i]*scale_g*code - dmin[i]*min_g with g = 8h+2s+l/16, as
+// Q2_K. 84 bytes per row and super-block, as Q2_K.
+struct BlockQ2_K_R16 {
+    uint16_t d[16], dmin[16];
+    uint8_t sc[16][16];
+    uint8_t q[2][8][16][4];
+    uint8_t* qs(int h, int c, int i) { return q[h][c][i]; }
+    const uint8_t* qs(int h, int c, int i) const { return q[h][c][i]; }
+};
 // The 32-value types with sixteen rows interleaved: per block of 32 columns d[i] (row i), then the
 // codes as unsigned bytes u, value = u - OFF, 4 per row in each int32 lane. Q8_0_R16: qs[c][i][e] =
 // q + 128 of value 4c+e (OFF 128). Q4_0_R16: qs[c][i][e] = byte 4c+e of the row's qs (low nibble:
@@ -120,6 +132,7 @@ static_assert(sizeof(BlockQ6_K) == 210, "Q6_K layout");
 static_assert(sizeof(BlockQ4_K_R16) == 16 * 144, "Q4_K_R16 layout");
 static_assert(sizeof(BlockQ6_K_R16) == 16 * 210, "Q6_K_R16 layout");
 static_assert(sizeof(BlockQ3_K_R16) == 16 * 110, "Q3_K_R16 layout");
+static_assert(sizeof(BlockQ2_K_R16) == 16 * 84, "Q2_K_R16 layout");
 static_assert(sizeof(BlockQ4_0_R16) == 16 * 18 && sizeof(BlockQ5_0_R16) == 16 * 22 && sizeof(BlockQ8_0_R16) == 16 * 34,
               "32-value R16 layouts");
 static_assert(sizeof(BlockQ8_K) == 324, "Q8_K layout");

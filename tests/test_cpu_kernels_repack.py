@@ -1,4 +1,4 @@
-"""Row-interleaved weights (Q3_K, Q4_K, Q6_K, Q4_0, Q5_0, Q8_0 -> their _R16 forms, csrc/quant_blocks.h),
+"""Row-interleaved weights (Q2_K, Q3_K, Q4_K, Q6_K, Q4_0, Q5_0, Q8_0 -> their _R16 forms, csrc/quant_blocks.h),
 converted at load.
 
 The layout is checked three ways: repack then unpack gives back every byte (a transcription of
@@ -22,21 +22,25 @@ from . import test_cpu_kernels_lowbit as _lowbit
 from .test_cpu_kernels import ACC_TOL, MOE_TOL, Q8_DOT_TOL, gaussian, moe_inputs, moe_reference
 
 
-# Q3_K weights come from the low-bit tests' maker (random quant bytes: every code, hmask bit and
+LOWBIT = ("Q2_K", "Q3_K")
+
+
+# Q2_K and Q3_K weights come from the low-bit tests' maker (random quant bytes: every code, hmask bit and
 # 6-bit scale pattern occurs) and gguf's dequantizer; its activations are Q8_K blocks, as Q6_K's
 def make_weights(name, n_rows, n_cols, seed=0):
-    return (_lowbit if name == "Q3_K" else _k).make_weights(name, n_rows, n_cols, seed)
+    return (_lowbit if name in LOWBIT else _k).make_weights(name, n_rows, n_cols, seed)
 
 
 def dequant(name, w, n_cols):
-    return (_lowbit if name == "Q3_K" else _k).dequant(name, w, n_cols)
+    return (_lowbit if name in LOWBIT else _k).dequant(name, w, n_cols)
 
 
 def dequant_act(name, q, n_cols):
-    return _k.dequant_act("Q6_K" if name == "Q3_K" else name, q, n_cols)
+    return _k.dequant_act("Q6_K" if name in LOWBIT else name, q, n_cols)
 
 Q4_K, Q4_K_R16, Q6_K, Q6_K_R16 = 12, 112, 14, 114
 R16 = {"Q4_K": (Q4_K, Q4_K_R16, 144), "Q6_K": (Q6_K, Q6_K_R16, 210), "Q3_K": (11, 111, 110),
+       "Q2_K": (10, 110, 84),
        "Q4_0": (2, 115, 18),
        "Q5_0": (6, 116, 22), "Q8_0": (8, 117, 34)}
 ALL_R16 = list(R16)
@@ -172,6 +176,29 @@ def test_repack_32_layout_by_hand(tname):
                 u |= ((hb >> (4 * i + j % 4).astype(np.uint64)) & np.uint64(1)).astype(np.int64) << 4
             u -= 16 if tname == "Q5_0" else 8
         np.testing.assert_allclose(d[i] * u, W[i], rtol=0, atol=1e-6)
+
+
+def test_repack_q2_k_layout_by_hand():
+    """Q2_K_R16, one group, one super-block: each value decoded where quant_blocks.h says it is,
+    against gguf's dequantizer."""
+    w = make_weights("Q2_K", 16, 256, seed=8).reshape(16, 84)
+    r16 = cb.repack(w.reshape(-1), 10, 16, 256)
+    W = dequant("Q2_K", w, 256)                                     # [16, 256]
+    np.testing.assert_array_equal(r16[0:32].view(np.uint16), w[:, 80:82].copy().view(np.uint16)[:, 0])
+    np.testing.assert_array_equal(r16[32:64].view(np.uint16), w[:, 82:84].copy().view(np.uint16)[:, 0])
+    d = r16[0:32].view(np.float16).astype(np.float64)
+    dmin = r16[32:64].view(np.float16).astype(np.float64)
+    sc = r16[64:320].reshape(16, 16).astype(np.int64)               # [group, row]
+    q = r16[320:].reshape(2, 8, 16, 4)                              # [h, c, row, byte]
+    l = np.arange(32)
+    for i in range(16):
+        for h in range(2):
+            for s_ in range(4):
+                code = ((q[h, l // 4, i, l % 4] >> (2 * s_)) & 3).astype(np.float64)
+                g = 8 * h + 2 * s_ + l // 16
+                v = 128 * h + 32 * s_ + l
+                np.testing.assert_allclose(d[i] * (sc[g, i] & 15) * code - dmin[i] * (sc[g, i] >> 4),
+                                           W[i, v], rtol=0, atol=1e-6)
 
 
 def test_repack_q3_k_layout_by_hand():
@@ -318,7 +345,8 @@ def test_bad_repack_inputs():
 @needs_ext
 @pytest.mark.parametrize("arch,preset,quant", [("qwen3moe", "tiny", "Q4_K_M"), ("llama", "tiny", "Q4_K_M"),
                                                ("deepseek2", "tiny-lite", "Q4_K_M"),
-                                               ("qwen3moe", "tiny", "Q3_K_M")])
+                                               ("qwen3moe", "tiny", "Q3_K_M"),
+                                               ("qwen3moe", "tiny", "Q2_K")])
 def test_model_repacked_equals_plain(arch, preset, quant, monkeypatch):
     """Repacked at load vs the mapped blocks (repack="off"), the fused decode step on R16 weights
     included: greedy tokens equal, and the same distance from the exact float result (our runtime on
@@ -335,7 +363,7 @@ def test_model_repacked_equals_plain(arch, preset, quant, monkeypatch):
     a = hetero_moe.load(path, threads=2, n_ctx=128, repack=True, cache_type=ct)
     b = hetero_moe.load(path, threads=2, n_ctx=128, repack="off", cache_type=ct)
     ktypes = {l.ktype for l in _linears(a)}
-    want = 111 if quant == "Q3_K_M" else Q4_K_R16            # Q3_K_M: the experts are Q3_K
+    want = {"Q3_K_M": 111, "Q2_K": 110}.get(quant, Q4_K_R16)   # the experts' type of the file
     assert want in ktypes, f"nothing was repacked: kernel types {ktypes}"
     assert not {l.ktype for l in _linears(b)} & {want, Q4_K_R16}
     ids = a.tokenize("The quick brown fox jumps over the lazy dog. " * 6)
