@@ -85,9 +85,10 @@ def test_type_facts():
     assert cb.repacked_type(3) is None           # Q4_1: no interleaved layout
     assert cb.repack_pays(2) and cb.repack_pays(6) and not cb.repack_pays(3)
     # Q4_K_R16, Q6_K_R16 and Q8_0_R16 are converted at load only where the kernels have VNNI (their
-    # AVX2 prompt kernels are slower than the plain ones)
+    # AVX2 prompt kernels are slower than the plain ones); Q3_K_R16 and Q2_K_R16 as well
     vnni = cb.features()["variant"] == "avx512"
     assert cb.repack_pays(Q4_K) == vnni and cb.repack_pays(Q6_K) == vnni and cb.repack_pays(8) == vnni
+    assert cb.repack_pays(11) == vnni and cb.repack_pays(10) == vnni      # Q3_K, Q2_K likewise
 
 
 @needs_ext
