@@ -55,7 +55,7 @@ using F32ToF16Fn = void (*)(const float* x, uint16_t* h, size_t n);
 // out[r] = <w + r*ldw, x> over n floats, r < nr: float32 rows (a router's, a head's small matrix).
 using F32GemvFn = void (*)(const float* w, size_t ldw, int nr, int n, const float* x, float* out);
 
-constexpr int MAX_TYPE_ID = 128;  // ggml ids (BF16 is 30) and the internal repacked ones (T_Q2_K_R16 .. T_Q8_0_R16)
+constexpr int MAX_TYPE_ID = 128;  // ggml ids (BF16 is 30) and the internal repacked ones (T_Q2_K_R16 .. T_IQ4_XS_R16)
 
 struct KernelSet {
     const char* name;
@@ -89,6 +89,9 @@ void unpack_q3_k_r16(const uint8_t* src, int n_cols, int r0, int r1, uint8_t* ds
 // The same for Q2_K and Q2_K_R16 (84 bytes per row and super-block).
 void repack_q2_k_r16(const uint8_t* src, int n_cols, int r0, int r1, uint8_t* dst);
 void unpack_q2_k_r16(const uint8_t* src, int n_cols, int r0, int r1, uint8_t* dst);
+// The same for IQ4_XS and IQ4_XS_R16 (136 bytes per row and super-block).
+void repack_iq4_xs_r16(const uint8_t* src, int n_cols, int r0, int r1, uint8_t* dst);
+void unpack_iq4_xs_r16(const uint8_t* src, int n_cols, int r0, int r1, uint8_t* dst);
 // The same for Q4_0 / Q5_0 / Q8_0 (type: the plain one) and their _R16 layouts (the row bytes unchanged).
 void repack_32_r16(int type, const uint8_t* src, int n_cols, int r0, int r1, uint8_t* dst);
 void unpack_32_r16(int type, const uint8_t* src, int n_cols, int r0, int r1, uint8_t* dst);

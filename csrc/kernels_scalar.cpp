@@ -659,6 +659,37 @@ void gemm_q2_k_r16(const uint8_t* w, size_t rb, int nr, int n_cols, const uint8_
                     dot_q2_k_r16(w + r * rb, i, act + t * sizeof(BlockQ8_K), nb, nt * sizeof(BlockQ8_K));
 }
 
+// IQ4_XS_R16 (quant_blocks.h), row i of the group at g against one token's activation blocks.
+float dot_iq4_xs_r16(const uint8_t* g, int i, const uint8_t* a, int nb, size_t as) {
+    auto* x = reinterpret_cast<const BlockIQ4_XS_R16*>(g);
+    CStrided<BlockQ8_K> y{a, as};
+    float acc = 0.f;
+    for (int b = 0; b < nb; ++b) {
+        int sumi = 0;
+        for (int j = 0; j < 8; ++j) {
+            const int sc = (((x[b].sl[j / 2][i] >> (4 * (j % 2))) & 15) | (((x[b].sh[i] >> (2 * j)) & 3) << 4)) - 32;
+            int s = 0;
+            for (int l = 0; l < 16; ++l) {
+                const uint8_t q = x[b].qs[j][l / 4][i][l % 4];
+                s += IQ4_VALUES[q & 15] * y[b].qs[32 * j + l] + IQ4_VALUES[q >> 4] * y[b].qs[32 * j + 16 + l];
+            }
+            sumi += sc * s;
+        }
+        acc += half(x[b].d[i]) * y[b].d * (float)sumi;
+    }
+    return acc;
+}
+
+void gemm_iq4_xs_r16(const uint8_t* w, size_t rb, int nr, int n_cols, const uint8_t* act, int nt, float* out,
+                     size_t ldo) {
+    const int nb = n_cols / QK_K;
+    for (int t = 0; t < nt; ++t)
+        for (int r = 0; r + 16 <= nr; r += 16)
+            for (int i = 0; i < 16; ++i)
+                out[t * ldo + r + i] =
+                    dot_iq4_xs_r16(w + r * rb, i, act + t * sizeof(BlockQ8_K), nb, nt * sizeof(BlockQ8_K));
+}
+
 // The 32-value _R16 layouts (quant_blocks.h): code (u, before - OFF) of value j (< 32) of row i.
 template <int T> inline int code32(const uint8_t* blk, int i, int j);
 template <> inline int code32<T_Q8_0>(const uint8_t* blk, int i, int j) {
@@ -831,6 +862,7 @@ KernelSet make_scalar() {
     k.gemm[T_Q6_K_R16] = gemm_q6_k_r16;
     k.gemm[T_Q3_K_R16] = gemm_q3_k_r16;
     k.gemm[T_Q2_K_R16] = gemm_q2_k_r16;
+    k.gemm[T_IQ4_XS_R16] = gemm_iq4_xs_r16;
     k.gemm[T_Q4_0_R16] = gemm_32_r16<T_Q4_0>;
     k.gemm[T_Q5_0_R16] = gemm_32_r16<T_Q5_0>;
     k.gemm[T_Q8_0_R16] = gemm_32_r16<T_Q8_0>;
@@ -884,6 +916,7 @@ static const TypeInfo kTypes[] = {
     {T_Q6_K_R16, "Q6_K_R16", QK_K, (int)sizeof(BlockQ6_K_R16) / 16, ACT_Q8_K, 16},
     {T_Q3_K_R16, "Q3_K_R16", QK_K, (int)sizeof(BlockQ3_K_R16) / 16, ACT_Q8_K, 16},
     {T_Q2_K_R16, "Q2_K_R16", QK_K, (int)sizeof(BlockQ2_K_R16) / 16, ACT_Q8_K, 16},
+    {T_IQ4_XS_R16, "IQ4_XS_R16", QK_K, (int)sizeof(BlockIQ4_XS_R16) / 16, ACT_Q8_K, 16},
     {T_Q4_0_R16, "Q4_0_R16", QK32, (int)sizeof(BlockQ4_0_R16) / 16, ACT_Q8_0, 16},
     {T_Q5_0_R16, "Q5_0_R16", QK32, (int)sizeof(BlockQ5_0_R16) / 16, ACT_Q8_0, 16},
     {T_Q8_0_R16, "Q8_0_R16", QK32, (int)sizeof(BlockQ8_0_R16) / 16, ACT_Q8_0, 16},
@@ -1050,6 +1083,42 @@ void unpack_q2_k_r16(const uint8_t* src, int n_cols, int r0, int r1, uint8_t* ds
                 for (int k = 0; k < 16; ++k) x.scales[k] = g.sc[k][i];
                 for (int h = 0; h < 2; ++h)
                     for (int c = 0; c < 8; ++c) std::memcpy(x.qs + 32 * h + 4 * c, g.qs(h, c, i), 4);
+            }
+        }
+    }
+}
+
+void repack_iq4_xs_r16(const uint8_t* src, int n_cols, int r0, int r1, uint8_t* dst) {
+    const int nb = n_cols / QK_K;
+    const size_t rb = (size_t)nb * sizeof(BlockIQ4_XS);
+    for (int r = r0; r < r1; r += 16) {
+        auto* out = reinterpret_cast<BlockIQ4_XS_R16*>(dst + (size_t)r * rb);
+        for (int b = 0; b < nb; ++b) {
+            BlockIQ4_XS_R16& o = out[b];
+            for (int i = 0; i < 16; ++i) {
+                const BlockIQ4_XS& x = reinterpret_cast<const BlockIQ4_XS*>(src + (size_t)(r + i) * rb)[b];
+                o.d[i] = x.d, o.sh[i] = x.scales_h;
+                for (int k = 0; k < 4; ++k) o.sl[k][i] = x.scales_l[k];
+                for (int j = 0; j < 8; ++j)
+                    for (int c = 0; c < 4; ++c) std::memcpy(o.qs[j][c][i], x.qs + 16 * j + 4 * c, 4);
+            }
+        }
+    }
+}
+
+void unpack_iq4_xs_r16(const uint8_t* src, int n_cols, int r0, int r1, uint8_t* dst) {
+    const int nb = n_cols / QK_K;
+    const size_t rb = (size_t)nb * sizeof(BlockIQ4_XS);
+    for (int r = r0; r < r1; r += 16) {
+        auto* in = reinterpret_cast<const BlockIQ4_XS_R16*>(src + (size_t)r * rb);
+        for (int b = 0; b < nb; ++b) {
+            const BlockIQ4_XS_R16& g = in[b];
+            for (int i = 0; i < 16; ++i) {
+                BlockIQ4_XS& x = reinterpret_cast<BlockIQ4_XS*>(dst + (size_t)(r + i) * rb)[b];
+                x.d = g.d[i], x.scales_h = g.sh[i];
+                for (int k = 0; k < 4; ++k) x.scales_l[k] = g.sl[k][i];
+                for (int j = 0; j < 8; ++j)
+                    for (int c = 0; c < 4; ++c) std::memcpy(x.qs + 16 * j + 4 * c, g.qs[j][c][i], 4);
             }
         }
     }

@@ -54,6 +54,7 @@ int repacked_type(int from) {
         case T_Q4_0: return T_Q4_0_R16;
         case T_Q5_0: return T_Q5_0_R16;
         case T_Q8_0: return T_Q8_0_R16;
+        case T_IQ4_XS: return T_IQ4_XS_R16;
         default: return -1;
     }
 }
@@ -92,6 +93,7 @@ public:
         if (from == T_Q6_K) (unpack ? unpack_q6_k_r16 : repack_q6_k_r16)(src, n_cols, r0, r1, dst);
         else if (from == T_Q3_K) (unpack ? unpack_q3_k_r16 : repack_q3_k_r16)(src, n_cols, r0, r1, dst);
         else if (from == T_Q2_K) (unpack ? unpack_q2_k_r16 : repack_q2_k_r16)(src, n_cols, r0, r1, dst);
+        else if (from == T_IQ4_XS) (unpack ? unpack_iq4_xs_r16 : repack_iq4_xs_r16)(src, n_cols, r0, r1, dst);
         else if (from == T_Q4_K) (unpack ? unpack_q4_k_r16 : repack_q4_k_r16)(src, n_cols, r0, r1, dst);
         else (unpack ? unpack_32_r16 : repack_32_r16)(from, src, n_cols, r0, r1, dst);
     }

@@ -16,7 +16,7 @@ enum GgmlType : int {
     T_Q8_1 = 9, T_Q2_K = 10, T_Q3_K = 11, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14, T_Q8_K = 15,
     T_IQ4_NL = 20, T_IQ4_XS = 23, T_BF16 = 30,
     // Internal layouts made at load (never in a file; ids no ggml type uses): see the blocks below.
-    T_Q2_K_R16 = 110, T_Q3_K_R16 = 111, T_Q4_K_R16 = 112, T_Q6_K_R16 = 114, T_Q4_0_R16 = 115, T_Q5_0_R16 = 116, T_Q8_0_R16 = 117,
+    T_Q2_K_R16 = 110, T_Q3_K_R16 = 111, T_Q4_K_R16 = 112, T_Q6_K_R16 = 114, T_Q4_0_R16 = 115, T_Q5_0_R16 = 116, T_Q8_0_R16 = 117, T_IQ4_XS_R16 = 123,
 };
 
 // ---- weight blocks ----
@@ -101,6 +101,11 @@ struct BlockQ2_K_R16 {
     uint8_t* qs(int h, int c, int i) { return q[h][c][i]; }
     const uint8_t* qs(int h, int c, int i) const { return q[h][c][i]; }
 };
+// IQ4_XS_R16: one super-block of sixteen consecutive IQ4_XS rows, interleaved as Q4_K_R16 (int32 lane
+// i = row i): d[i], sh[i] = the row's scales_h, sl[k][i] = its scales_l[k]; qs[j][c][i][e] = byte
+// 16j+4c+e of its qs, whose low nibble indexes value 32j+4c+e and high nibble value 32j+16+4c+e;
+// x = d[i] * (scale_j - 32) * IQ4_VALUES[index], as IQ4_XS. 136 bytes per row and super-block.
+struct BlockIQ4_XS_R16 { uint16_t d[16], sh[16]; uint8_t sl[4][16]; uint8_t qs[8][4][16][4]; };
 // The 32-value types with sixteen rows interleaved: per block of 32 columns d[i] (row i), then the
 // codes as unsigned bytes u, value = u - OFF, 4 per row in each int32 lane. Q8_0_R16: qs[c][i][e] =
 // q + 128 of value 4c+e (OFF 128). Q4_0_R16: qs[c][i][e] = byte 4c+e of the row's qs (low nibble:
@@ -133,6 +138,7 @@ static_assert(sizeof(BlockQ4_K_R16) == 16 * 144, "Q4_K_R16 layout");
 static_assert(sizeof(BlockQ6_K_R16) == 16 * 210, "Q6_K_R16 layout");
 static_assert(sizeof(BlockQ3_K_R16) == 16 * 110, "Q3_K_R16 layout");
 static_assert(sizeof(BlockQ2_K_R16) == 16 * 84, "Q2_K_R16 layout");
+static_assert(sizeof(BlockIQ4_XS_R16) == 16 * 136, "IQ4_XS_R16 layout");
 static_assert(sizeof(BlockQ4_0_R16) == 16 * 18 && sizeof(BlockQ5_0_R16) == 16 * 22 && sizeof(BlockQ8_0_R16) == 16 * 34,
               "32-value R16 layouts");
 static_assert(sizeof(BlockQ8_K) == 324, "Q8_K layout");

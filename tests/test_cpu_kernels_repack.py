@@ -1,4 +1,4 @@
-"""Row-interleaved weights (Q2_K, Q3_K, Q4_K, Q6_K, Q4_0, Q5_0, Q8_0 -> their _R16 forms, csrc/quant_blocks.h),
+"""Row-interleaved weights (Q2_K, Q3_K, Q4_K, Q6_K, IQ4_XS, Q4_0, Q5_0, Q8_0 -> their _R16 forms, csrc/quant_blocks.h),
 converted at load.
 
 The layout is checked three ways: repack then unpack gives back every byte (a transcription of
@@ -18,6 +18,7 @@ from hetero_moe import cpu_backend as cb
 
 from .conftest import tiny_model
 from . import test_cpu_kernels as _k
+from . import test_cpu_kernels_iq4 as _iq4
 from . import test_cpu_kernels_lowbit as _lowbit
 from .test_cpu_kernels import ACC_TOL, MOE_TOL, Q8_DOT_TOL, gaussian, moe_inputs, moe_reference
 
@@ -25,22 +26,26 @@ from .test_cpu_kernels import ACC_TOL, MOE_TOL, Q8_DOT_TOL, gaussian, moe_inputs
 LOWBIT = ("Q2_K", "Q3_K")
 
 
-# Q2_K and Q3_K weights come from the low-bit tests' maker (random quant bytes: every code, hmask bit and
+# Q2_K and Q3_K weights come from the low-bit tests' maker (IQ4_XS from the IQ4 tests') (random quant bytes: every code, hmask bit and
 # 6-bit scale pattern occurs) and gguf's dequantizer; its activations are Q8_K blocks, as Q6_K's
+def _maker(name):
+    return _lowbit if name in LOWBIT else _iq4 if name == "IQ4_XS" else _k
+
+
 def make_weights(name, n_rows, n_cols, seed=0):
-    return (_lowbit if name in LOWBIT else _k).make_weights(name, n_rows, n_cols, seed)
+    return _maker(name).make_weights(name, n_rows, n_cols, seed)
 
 
 def dequant(name, w, n_cols):
-    return (_lowbit if name in LOWBIT else _k).dequant(name, w, n_cols)
+    return _maker(name).dequant(name, w, n_cols)
 
 
 def dequant_act(name, q, n_cols):
-    return _k.dequant_act("Q6_K" if name in LOWBIT else name, q, n_cols)
+    return _k.dequant_act("Q6_K" if name in LOWBIT + ("IQ4_XS",) else name, q, n_cols)
 
 Q4_K, Q4_K_R16, Q6_K, Q6_K_R16 = 12, 112, 14, 114
 R16 = {"Q4_K": (Q4_K, Q4_K_R16, 144), "Q6_K": (Q6_K, Q6_K_R16, 210), "Q3_K": (11, 111, 110),
-       "Q2_K": (10, 110, 84),
+       "Q2_K": (10, 110, 84), "IQ4_XS": (23, 123, 136),
        "Q4_0": (2, 115, 18),
        "Q5_0": (6, 116, 22), "Q8_0": (8, 117, 34)}
 ALL_R16 = list(R16)
@@ -177,6 +182,28 @@ def test_repack_32_layout_by_hand(tname):
                 u |= ((hb >> (4 * i + j % 4).astype(np.uint64)) & np.uint64(1)).astype(np.int64) << 4
             u -= 16 if tname == "Q5_0" else 8
         np.testing.assert_allclose(d[i] * u, W[i], rtol=0, atol=1e-6)
+
+
+def test_repack_iq4_xs_layout_by_hand():
+    """IQ4_XS_R16, one group, one super-block: each value decoded where quant_blocks.h says it is,
+    against gguf's dequantizer."""
+    from gguf.quants import IQ4_NL as _nl
+    values = np.asarray(_nl.kvalues, dtype=np.float64)
+    w = make_weights("IQ4_XS", 16, 256, seed=9).reshape(16, 136)
+    r16 = cb.repack(w.reshape(-1), 23, 16, 256)
+    W = dequant("IQ4_XS", w, 256)                                   # [16, 256]
+    np.testing.assert_array_equal(r16[0:32].view(np.uint16), w[:, 0:2].copy().view(np.uint16)[:, 0])
+    d = r16[0:32].view(np.float16).astype(np.float64)
+    sh = r16[32:64].view(np.uint16).astype(np.int64)                # [row]
+    sl = r16[64:128].reshape(4, 16).astype(np.int64)                # [k, row]
+    q = r16[128:].reshape(8, 4, 16, 4)                              # [j, c, row, byte]
+    l = np.arange(16)
+    for i in range(16):
+        for j in range(8):
+            sc = (((sl[j // 2, i] >> (4 * (j % 2))) & 15) | (((sh[i] >> (2 * j)) & 3) << 4)) - 32
+            b = q[j, l // 4, i, l % 4]
+            np.testing.assert_allclose(d[i] * sc * values[b & 15], W[i, 32 * j + l], rtol=0, atol=1e-6)
+            np.testing.assert_allclose(d[i] * sc * values[b >> 4], W[i, 32 * j + 16 + l], rtol=0, atol=1e-6)
 
 
 def test_repack_q2_k_layout_by_hand():
@@ -347,7 +374,8 @@ def test_bad_repack_inputs():
 @pytest.mark.parametrize("arch,preset,quant", [("qwen3moe", "tiny", "Q4_K_M"), ("llama", "tiny", "Q4_K_M"),
                                                ("deepseek2", "tiny-lite", "Q4_K_M"),
                                                ("qwen3moe", "tiny", "Q3_K_M"),
-                                               ("qwen3moe", "tiny", "Q2_K")])
+                                               ("qwen3moe", "tiny", "Q2_K"),
+                                               ("qwen3moe", "tiny", "IQ4_XS")])
 def test_model_repacked_equals_plain(arch, preset, quant, monkeypatch):
     """Repacked at load vs the mapped blocks (repack="off"), the fused decode step on R16 weights
     included: greedy tokens equal, and the same distance from the exact float result (our runtime on
@@ -364,7 +392,7 @@ def test_model_repacked_equals_plain(arch, preset, quant, monkeypatch):
     a = hetero_moe.load(path, threads=2, n_ctx=128, repack=True, cache_type=ct)
     b = hetero_moe.load(path, threads=2, n_ctx=128, repack="off", cache_type=ct)
     ktypes = {l.ktype for l in _linears(a)}
-    want = {"Q3_K_M": 111, "Q2_K": 110}.get(quant, Q4_K_R16)   # the experts' type of the file
+    want = {"Q3_K_M": 111, "Q2_K": 110, "IQ4_XS": 123}.get(quant, Q4_K_R16)   # the experts' type
     assert want in ktypes, f"nothing was repacked: kernel types {ktypes}"
     assert not {l.ktype for l in _linears(b)} & {want, Q4_K_R16}
     ids = a.tokenize("The quick brown fox jumps over the lazy dog. " * 6)
