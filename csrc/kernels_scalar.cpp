@@ -705,7 +705,10 @@ template <> inline int code32<T_Q5_0>(const uint8_t* blk, int i, int j) {
     const int hb = (int)(x->hb[(j % 16) / 4][j / 16] >> (4 * i + j % 4)) & 1;
     return (j < 16 ? q & 15 : q >> 4) | hb << 4;
 }
-template <int T> constexpr int OFF32 = T == T_Q8_0 ? 128 : T == T_Q5_0 ? 16 : 8;
+template <> inline int code32<T_IQ4_NL>(const uint8_t* blk, int i, int j) {  // IQ4_VALUES + 128
+    return IQ4_VALUES[code32<T_Q4_0>(blk, i, j)] + 128;
+}
+template <int T> constexpr int OFF32 = T == T_Q8_0 || T == T_IQ4_NL ? 128 : T == T_Q5_0 ? 16 : 8;
 template <int T> constexpr size_t R16_BYTES = T == T_Q8_0 ? sizeof(BlockQ8_0_R16)
                                              : T == T_Q5_0 ? sizeof(BlockQ5_0_R16) : sizeof(BlockQ4_0_R16);
 
@@ -866,6 +869,7 @@ KernelSet make_scalar() {
     k.gemm[T_Q4_0_R16] = gemm_32_r16<T_Q4_0>;
     k.gemm[T_Q5_0_R16] = gemm_32_r16<T_Q5_0>;
     k.gemm[T_Q8_0_R16] = gemm_32_r16<T_Q8_0>;
+    k.gemm[T_IQ4_NL_R16] = gemm_32_r16<T_IQ4_NL>;
     return k;
 }
 
@@ -917,6 +921,7 @@ static const TypeInfo kTypes[] = {
     {T_Q3_K_R16, "Q3_K_R16", QK_K, (int)sizeof(BlockQ3_K_R16) / 16, ACT_Q8_K, 16},
     {T_Q2_K_R16, "Q2_K_R16", QK_K, (int)sizeof(BlockQ2_K_R16) / 16, ACT_Q8_K, 16},
     {T_IQ4_XS_R16, "IQ4_XS_R16", QK_K, (int)sizeof(BlockIQ4_XS_R16) / 16, ACT_Q8_K, 16},
+    {T_IQ4_NL_R16, "IQ4_NL_R16", QK32, (int)sizeof(BlockQ4_0_R16) / 16, ACT_Q8_0, 16},
     {T_Q4_0_R16, "Q4_0_R16", QK32, (int)sizeof(BlockQ4_0_R16) / 16, ACT_Q8_0, 16},
     {T_Q5_0_R16, "Q5_0_R16", QK32, (int)sizeof(BlockQ5_0_R16) / 16, ACT_Q8_0, 16},
     {T_Q8_0_R16, "Q8_0_R16", QK32, (int)sizeof(BlockQ8_0_R16) / 16, ACT_Q8_0, 16},
@@ -1142,7 +1147,7 @@ void repack_32_r16(int type, const uint8_t* src, int n_cols, int r0, int r1, uin
                         u ^= 0x80808080u;
                         std::memcpy(q->qs[c][i], &u, 4);
                     }
-                } else if (type == T_Q4_0) {
+                } else if (type == T_Q4_0 || type == T_IQ4_NL) {  // the same block and layout
                     auto* q = reinterpret_cast<BlockQ4_0_R16*>(o);
                     for (int c = 0; c < 4; ++c) std::memcpy(q->qs[c][i], x + 2 + 4 * c, 4);
                 } else {
@@ -1173,7 +1178,7 @@ void unpack_32_r16(int type, const uint8_t* src, int n_cols, int r0, int r1, uin
                 if (type == T_Q8_0) {
                     auto* q = reinterpret_cast<const BlockQ8_0_R16*>(o);
                     for (int j = 0; j < 32; ++j) x[2 + j] = (uint8_t)(q->qs[j / 4][i][j % 4] ^ 0x80);
-                } else if (type == T_Q4_0) {
+                } else if (type == T_Q4_0 || type == T_IQ4_NL) {
                     auto* q = reinterpret_cast<const BlockQ4_0_R16*>(o);
                     for (int j = 0; j < 16; ++j) x[2 + j] = q->qs[j / 4][i][j % 4];
                 } else {

@@ -55,6 +55,7 @@ int repacked_type(int from) {
         case T_Q5_0: return T_Q5_0_R16;
         case T_Q8_0: return T_Q8_0_R16;
         case T_IQ4_XS: return T_IQ4_XS_R16;
+        case T_IQ4_NL: return T_IQ4_NL_R16;
         default: return -1;
     }
 }

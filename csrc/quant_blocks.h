@@ -16,7 +16,7 @@ enum GgmlType : int {
     T_Q8_1 = 9, T_Q2_K = 10, T_Q3_K = 11, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14, T_Q8_K = 15,
     T_IQ4_NL = 20, T_IQ4_XS = 23, T_BF16 = 30,
     // Internal layouts made at load (never in a file; ids no ggml type uses): see the blocks below.
-    T_Q2_K_R16 = 110, T_Q3_K_R16 = 111, T_Q4_K_R16 = 112, T_Q6_K_R16 = 114, T_Q4_0_R16 = 115, T_Q5_0_R16 = 116, T_Q8_0_R16 = 117, T_IQ4_XS_R16 = 123,
+    T_Q2_K_R16 = 110, T_Q3_K_R16 = 111, T_Q4_K_R16 = 112, T_Q6_K_R16 = 114, T_Q4_0_R16 = 115, T_Q5_0_R16 = 116, T_Q8_0_R16 = 117, T_IQ4_NL_R16 = 120, T_IQ4_XS_R16 = 123,
 };
 
 // ---- weight blocks ----
@@ -111,6 +111,8 @@ struct BlockIQ4_XS_R16 { uint16_t d[16], sh[16]; uint8_t sl[4][16]; uint8_t qs[8
 // q + 128 of value 4c+e (OFF 128). Q4_0_R16: qs[c][i][e] = byte 4c+e of the row's qs (low nibble:
 // value 4c+e, high nibble: value 16+4c+e; OFF 8). Q5_0_R16: as Q4_0_R16 (OFF 16), the fifth bits in
 // hb[c][h]: bit 4i+e = that of value 16h+4c+e of row i (the byte order of a code vector).
+// IQ4_NL_R16: Q4_0_R16's layout (the same bytes: d[16], then qs[c][i][e] = byte 4c+e of row i), each
+// nibble an index into IQ4_VALUES.
 struct BlockQ4_0_R16 { uint16_t d[16]; uint8_t qs[4][16][4]; };
 struct BlockQ5_0_R16 { uint16_t d[16]; uint64_t hb[4][2]; uint8_t qs[4][16][4]; };
 struct BlockQ8_0_R16 { uint16_t d[16]; uint8_t qs[8][16][4]; };

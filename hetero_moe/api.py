@@ -591,7 +591,8 @@ def load(path: str | os.PathLike, threads: int | None = None, *, n_ctx: int | No
         cpu_kernels: "auto" (C++ quantized kernels when built) or "torch" (reference path).
         repack: "auto" (default; HETERO_MOE_REPACK sets another), "on"/True or "off"/False:
             convert the CPU's weights that the C++ kernels have a 16-row interleaved layout for
-            (Q4_0, Q5_0; Q3_K, Q4_K, Q6_K and Q8_0 where the kernels have VNNI) to it at load (same bytes; the copy replaces the mapped
+            (Q4_0, Q5_0; Q2_K, Q3_K, Q4_K, Q6_K, Q8_0, IQ4_NL and IQ4_XS where the kernels
+            have VNNI) to it at load (same bytes; the copy replaces the mapped
             pages, so memory stays ~the file size). Prompts run ~1.7x and decode ~1.35x faster
             (a3b preset, Zen 4) for ~1 s per GB at load (2 threads). "auto" repacks when the C++
             kernels run and the copies fit in the memory available now with room to spare

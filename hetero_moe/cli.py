@@ -22,7 +22,7 @@ def _add_model_opts(ap: argparse.ArgumentParser) -> None:
                     help="CPU matmul path: C++ quantized kernels (auto) or torch reference")
     ap.add_argument("--repack", choices=["auto", "on", "off"], nargs="?", const="on",
                     default=None,
-                    help="convert Q3_K/Q4_K/Q6_K/Q4_0/Q5_0/Q8_0 weights to the kernels' 16-row "
+                    help="convert Q2_K/Q3_K/Q4_K/Q6_K/Q4_0/Q5_0/Q8_0/IQ4_NL/IQ4_XS weights to the kernels' 16-row "
                          "interleaved layouts at load (same bytes, ~1 GB/s on 2 threads): prompts "
                          "~1.7x and decode ~1.35x faster (a3b preset, Zen 4). auto (default): when "
                          "the copies fit the memory available (HETERO_MOE_REPACK sets another "

@@ -303,7 +303,7 @@ def dequantize_rows(rows: np.ndarray, ggml_type: int, n_cols: int) -> torch.Tens
 
 
 def repacked_type(ggml_type: int) -> int | None:
-    """The row-interleaved layout the kernels have for ggml_type (Q3_K, Q4_K, Q6_K, Q4_0, Q5_0, Q8_0 ->
+    """The row-interleaved layout the kernels have for ggml_type (Q2_K, Q3_K, Q4_K, Q6_K, Q4_0, Q5_0, Q8_0, IQ4_NL, IQ4_XS ->
     their _R16 forms), or None."""
     if not available():
         return None
@@ -313,7 +313,7 @@ def repacked_type(ggml_type: int) -> int | None:
 
 def repack_pays(ggml_type: int) -> bool:
     """Whether load(repack=True) converts ggml_type with the active kernel variant (Q4_0, Q5_0
-    always; Q3_K, Q4_K, Q6_K and Q8_0 where the kernels have VNNI: their AVX2 _R16 prompt kernels are
+    always; Q2_K, Q3_K, Q4_K, Q6_K, Q8_0, IQ4_NL and IQ4_XS where the kernels have VNNI: their AVX2 _R16 prompt kernels are
     slower than the plain ones)."""
     if not available():
         return False

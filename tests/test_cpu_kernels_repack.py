@@ -1,4 +1,4 @@
-"""Row-interleaved weights (Q2_K, Q3_K, Q4_K, Q6_K, IQ4_XS, Q4_0, Q5_0, Q8_0 -> their _R16 forms, csrc/quant_blocks.h),
+"""Row-interleaved weights (Q2_K, Q3_K, Q4_K, Q6_K, IQ4_XS, IQ4_NL, Q4_0, Q5_0, Q8_0 -> their _R16 forms, csrc/quant_blocks.h),
 converted at load.
 
 The layout is checked three ways: repack then unpack gives back every byte (a transcription of
@@ -26,10 +26,10 @@ from .test_cpu_kernels import ACC_TOL, MOE_TOL, Q8_DOT_TOL, gaussian, moe_inputs
 LOWBIT = ("Q2_K", "Q3_K")
 
 
-# Q2_K and Q3_K weights come from the low-bit tests' maker (IQ4_XS from the IQ4 tests') (random quant bytes: every code, hmask bit and
+# Q2_K and Q3_K weights come from the low-bit tests' maker (IQ4_XS, IQ4_NL from the IQ4 tests') (random quant bytes: every code, hmask bit and
 # 6-bit scale pattern occurs) and gguf's dequantizer; its activations are Q8_K blocks, as Q6_K's
 def _maker(name):
-    return _lowbit if name in LOWBIT else _iq4 if name == "IQ4_XS" else _k
+    return _lowbit if name in LOWBIT else _iq4 if name.startswith("IQ4") else _k
 
 
 def make_weights(name, n_rows, n_cols, seed=0):
@@ -41,11 +41,13 @@ def dequant(name, w, n_cols):
 
 
 def dequant_act(name, q, n_cols):
-    return _k.dequant_act("Q6_K" if name in LOWBIT + ("IQ4_XS",) else name, q, n_cols)
+    # the activation blocks of the type's kind: Q8_K (as Q6_K's) or Q8_0 (as Q4_0's)
+    return _k.dequant_act({"IQ4_NL": "Q4_0"}.get(name, "Q6_K" if name in LOWBIT + ("IQ4_XS",) else name),
+                          q, n_cols)
 
 Q4_K, Q4_K_R16, Q6_K, Q6_K_R16 = 12, 112, 14, 114
 R16 = {"Q4_K": (Q4_K, Q4_K_R16, 144), "Q6_K": (Q6_K, Q6_K_R16, 210), "Q3_K": (11, 111, 110),
-       "Q2_K": (10, 110, 84), "IQ4_XS": (23, 123, 136),
+       "Q2_K": (10, 110, 84), "IQ4_XS": (23, 123, 136), "IQ4_NL": (20, 120, 18),
        "Q4_0": (2, 115, 18),
        "Q5_0": (6, 116, 22), "Q8_0": (8, 117, 34)}
 ALL_R16 = list(R16)
@@ -204,6 +206,12 @@ def test_repack_iq4_xs_layout_by_hand():
             b = q[j, l // 4, i, l % 4]
             np.testing.assert_allclose(d[i] * sc * values[b & 15], W[i, 32 * j + l], rtol=0, atol=1e-6)
             np.testing.assert_allclose(d[i] * sc * values[b >> 4], W[i, 32 * j + 16 + l], rtol=0, atol=1e-6)
+
+
+def test_repack_iq4_nl_is_q4_0_layout():
+    """IQ4_NL blocks are Q4_0's bytes (d, 16 index bytes): IQ4_NL_R16 is Q4_0_R16's layout."""
+    w = make_weights("IQ4_NL", 32, 256, seed=10).reshape(-1)
+    np.testing.assert_array_equal(cb.repack(w, 20, 32, 256), cb.repack(w, 2, 32, 256))
 
 
 def test_repack_q2_k_layout_by_hand():
@@ -375,7 +383,8 @@ def test_bad_repack_inputs():
                                                ("deepseek2", "tiny-lite", "Q4_K_M"),
                                                ("qwen3moe", "tiny", "Q3_K_M"),
                                                ("qwen3moe", "tiny", "Q2_K"),
-                                               ("qwen3moe", "tiny", "IQ4_XS")])
+                                               ("qwen3moe", "tiny", "IQ4_XS"),
+                                               ("qwen3moe", "tiny", "IQ4_NL")])
 def test_model_repacked_equals_plain(arch, preset, quant, monkeypatch):
     """Repacked at load vs the mapped blocks (repack="off"), the fused decode step on R16 weights
     included: greedy tokens equal, and the same distance from the exact float result (our runtime on
@@ -392,7 +401,7 @@ def test_model_repacked_equals_plain(arch, preset, quant, monkeypatch):
     a = hetero_moe.load(path, threads=2, n_ctx=128, repack=True, cache_type=ct)
     b = hetero_moe.load(path, threads=2, n_ctx=128, repack="off", cache_type=ct)
     ktypes = {l.ktype for l in _linears(a)}
-    want = {"Q3_K_M": 111, "Q2_K": 110, "IQ4_XS": 123}.get(quant, Q4_K_R16)   # the experts' type
+    want = {"Q3_K_M": 111, "Q2_K": 110, "IQ4_XS": 123, "IQ4_NL": 120}.get(quant, Q4_K_R16)  # experts
     assert want in ktypes, f"nothing was repacked: kernel types {ktypes}"
     assert not {l.ktype for l in _linears(b)} & {want, Q4_K_R16}
     ids = a.tokenize("The quick brown fox jumps over the lazy dog. " * 6)

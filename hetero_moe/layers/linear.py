@@ -39,7 +39,7 @@ def float_tensor(t: TensorInfo) -> torch.Tensor:
 class KernelOptions:
     """Which CPU matmul path to use: "auto" (C++ kernels when built), "torch" (dequantize + matmul).
 
-    repack: weights the C++ kernels have a row-interleaved layout for (Q4_0, Q5_0; Q3_K, Q4_K, Q6_K
+    repack: weights the C++ kernels have a row-interleaved layout for (Q4_0, Q5_0; Q2_K, Q3_K, Q4_K, Q6_K, IQ4_NL, IQ4_XS
     and Q8_0 with VNNI) are
     converted to it at load (sixteen rows share each activation load); the copy replaces the mapped pages
     (`release(tensor_name)` drops them from this process). Off by default (see api.load).
