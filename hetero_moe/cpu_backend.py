@@ -312,7 +312,7 @@ def repacked_type(ggml_type: int) -> int | None:
 
 
 def repack_pays(ggml_type: int) -> bool:
-    """Whether load(repack=True) converts ggml_type with the active kernel variant (Q4_0, Q5_0
+    """Whether load(repack="on"/"auto") converts ggml_type with the active kernel variant (Q4_0, Q5_0
     always; Q2_K, Q3_K, Q4_K, Q6_K, Q8_0, IQ4_NL and IQ4_XS where the kernels have VNNI: their AVX2 _R16 prompt kernels are
     slower than the plain ones)."""
     if not available():

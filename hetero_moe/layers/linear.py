@@ -39,10 +39,10 @@ def float_tensor(t: TensorInfo) -> torch.Tensor:
 class KernelOptions:
     """Which CPU matmul path to use: "auto" (C++ kernels when built), "torch" (dequantize + matmul).
 
-    repack: weights the C++ kernels have a row-interleaved layout for (Q4_0, Q5_0; Q2_K, Q3_K, Q4_K, Q6_K, IQ4_NL, IQ4_XS
-    and Q8_0 with VNNI) are
-    converted to it at load (sixteen rows share each activation load); the copy replaces the mapped pages
-    (`release(tensor_name)` drops them from this process). Off by default (see api.load).
+    repack: weights the C++ kernels have a row-interleaved layout for (Q4_0, Q5_0; Q2_K, Q3_K,
+    Q4_K, Q6_K, Q8_0, IQ4_NL and IQ4_XS with VNNI) are converted to it at load (sixteen rows share
+    each activation load); the copy replaces the mapped pages (`release(tensor_name)` drops them
+    from this process). load() decides (repack="auto").
     """
     cpu_kernels: str = "auto"
     act_quant: bool = True   # torch path: quantize activations like the CPU kernels do
